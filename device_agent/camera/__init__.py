@@ -1,0 +1,1 @@
+"""Camera backends, the frame ring buffer, frame choice, quality checks and encoding."""

@@ -1,0 +1,158 @@
+"""The agent's one configuration object, read from TOML and validated at start.
+
+Every error names the field (``uplink.port``) and what was expected, so a technician can fix
+a config file without reading code. Unknown keys are errors too: a misspelt threshold must
+never silently fall back to its default on a medical device.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import fields
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+DEFAULT_CONFIG_PATH = Path("/etc/device-agent/config.toml")
+
+
+class ConfigError(ValueError):
+    """The configuration is missing, unreadable or invalid; the message names the field."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+Port = Annotated[int, Field(ge=1, le=65535)]
+Pin = Annotated[int, Field(ge=0, le=53)]
+
+
+class DeviceConfig(_Section):
+    id: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")]
+    state_dir: Path = Path("/var/lib/device-agent")
+
+
+class CameraConfig(_Section):
+    backend: Literal["sim", "picamera2"] = "sim"
+    width: Annotated[int, Field(ge=64, le=8192)] = 1014
+    height: Annotated[int, Field(ge=64, le=8192)] = 760
+    fps: Annotated[float, Field(gt=0, le=120)] = 10.0
+    # Frames kept for zero-shutter-lag choice, and the window around a press they come from.
+    ring_seconds: Annotated[float, Field(gt=0, le=5)] = 0.6
+    window_before: Annotated[float, Field(ge=0, le=2)] = 0.3
+    window_after: Annotated[float, Field(ge=0, le=1)] = 0.1
+    jpeg_quality: Annotated[int, Field(ge=50, le=100)] = 95
+    frame_timeout: Annotated[float, Field(gt=0, le=30)] = 2.0
+
+
+class SimConfig(_Section):
+    seed: int = 1
+    # Defect of the simulated scene at start; the demo and tests change it per press.
+    defect: str | None = None
+    severity: Annotated[float, Field(ge=0)] = 1.0
+
+
+class PinsConfig(_Section):
+    """BCM pin numbers of the board."""
+
+    button: Pin = 17
+    status_led: Pin = 27
+    ring_polarised: Pin = 12
+    ring_plain: Pin = 13
+    # "mock" = gpiozero's MockFactory (the simulator board); "" = gpiozero's default.
+    pin_factory: Literal["", "mock", "lgpio", "rpigpio", "pigpio", "native"] = ""
+
+
+class ButtonConfig(_Section):
+    bounce_time: Annotated[float, Field(ge=0, le=0.5)] = 0.02
+    hold_time: Annotated[float, Field(gt=0, le=10)] = 1.5
+    double_press_window: Annotated[float, Field(ge=0, le=2)] = 0.4
+    override_window: Annotated[float, Field(gt=0, le=120)] = 15.0
+
+
+class OutboxConfig(_Section):
+    quota_mb: Annotated[float, Field(gt=0)] = 512.0
+
+
+class UplinkConfig(_Section):
+    host: str = "127.0.0.1"
+    port: Port = 1883
+    protocol: Literal["mqtt5", "mqtt311"] = "mqtt5"
+    topic_prefix: Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]+(/[A-Za-z0-9_-]+)*$")] = "derm/v1"
+    chunk_size: Annotated[int, Field(ge=1024, le=256 * 1024 * 1024)] = 64 * 1024
+    keepalive: Annotated[int, Field(ge=5, le=3600)] = 30
+    ack_timeout: Annotated[float, Field(gt=0, le=3600)] = 30.0
+    retry_min: Annotated[float, Field(gt=0, le=600)] = 0.5
+    retry_max: Annotated[float, Field(gt=0, le=3600)] = 60.0
+    heartbeat_interval: Annotated[float, Field(gt=0, le=3600)] = 60.0
+
+
+class LoggingConfig(_Section):
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+
+class Config(_Section):
+    device: DeviceConfig
+    camera: CameraConfig = CameraConfig()
+    sim: SimConfig = SimConfig()
+    pins: PinsConfig = PinsConfig()
+    button: ButtonConfig = ButtonConfig()
+    quality: dict[str, float] = {}
+    outbox: OutboxConfig = OutboxConfig()
+    uplink: UplinkConfig = UplinkConfig()
+    logging: LoggingConfig = LoggingConfig()
+
+    @field_validator("quality")
+    @classmethod
+    def _known_thresholds(cls, value: dict[str, float]) -> dict[str, float]:
+        from device_agent.camera.quality import Thresholds
+
+        known = {f.name for f in fields(Thresholds)}
+        unknown = sorted(set(value) - known)
+        if unknown:
+            raise ValueError(
+                f"unknown threshold(s) {', '.join(unknown)}; expected some of: "
+                + ", ".join(sorted(known))
+            )
+        return value
+
+    def thresholds(self):  # -> device_agent.camera.quality.Thresholds
+        from device_agent.camera.quality import Thresholds
+
+        return Thresholds(**self.quality)
+
+    @property
+    def outbox_dir(self) -> Path:
+        return self.device.state_dir / "outbox"
+
+
+def _describe(error: ValidationError) -> str:
+    lines = []
+    for err in error.errors():
+        where = ".".join(str(part) for part in err["loc"]) or "(top level)"
+        got = err.get("input")
+        got_text = "" if isinstance(got, dict) else f" (got {got!r})"
+        lines.append(f"{where}: {err['msg']}{got_text}")
+    return "; ".join(lines)
+
+
+def parse_config(data: dict, source: str = "<config>") -> Config:
+    try:
+        return Config.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(f"{source}: {_describe(err)}") from None
+
+
+def load_config(path: Path) -> Config:
+    """Read and validate a TOML config file; raise ConfigError naming the bad field."""
+    try:
+        text = path.read_bytes()
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot read config: {err.strerror}") from None
+    try:
+        data = tomllib.loads(text.decode("utf-8"))
+    except (UnicodeDecodeError, tomllib.TOMLDecodeError) as err:
+        raise ConfigError(f"{path}: not valid TOML: {err}") from None
+    return parse_config(data, str(path))
