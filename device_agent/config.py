@@ -40,7 +40,7 @@ class CameraConfig(_Section):
     height: Annotated[int, Field(ge=64, le=8192)] = 760
     fps: Annotated[float, Field(gt=0, le=120)] = 10.0
     # Frames kept for zero-shutter-lag choice, and the window around a press they come from.
-    ring_seconds: Annotated[float, Field(gt=0, le=5)] = 0.6
+    ring_seconds: Annotated[float, Field(gt=0, le=5)] = 1.0
     window_before: Annotated[float, Field(ge=0, le=2)] = 0.3
     window_after: Annotated[float, Field(ge=0, le=1)] = 0.1
     jpeg_quality: Annotated[int, Field(ge=50, le=100)] = 95
@@ -72,6 +72,11 @@ class ButtonConfig(_Section):
     override_window: Annotated[float, Field(gt=0, le=120)] = 15.0
 
 
+class IlluminationConfig(_Section):
+    mode: Literal["polarised", "non_polarised"] = "polarised"
+    brightness: Annotated[float, Field(ge=0, le=1)] = 0.8
+
+
 class OutboxConfig(_Section):
     quota_mb: Annotated[float, Field(gt=0)] = 512.0
 
@@ -99,6 +104,7 @@ class Config(_Section):
     sim: SimConfig = SimConfig()
     pins: PinsConfig = PinsConfig()
     button: ButtonConfig = ButtonConfig()
+    illumination: IlluminationConfig = IlluminationConfig()
     quality: dict[str, float] = {}
     outbox: OutboxConfig = OutboxConfig()
     uplink: UplinkConfig = UplinkConfig()

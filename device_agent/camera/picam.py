@@ -1,0 +1,102 @@
+"""Camera backend for the Raspberry Pi cameras, through picamera2.
+
+picamera2 needs libcamera and only installs on Raspberry Pi OS, so it is imported when a
+camera is opened, never at module import. Tests run this backend against a faithful fake of
+exactly the Picamera2 calls used here (tests/fake_picamera2.py), passed in as ``factory``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+from device_agent.camera.base import Camera, CameraError, Frame, FrameTimeout
+
+
+def _import_picamera2() -> Callable[[int], Any]:
+    try:
+        from picamera2 import Picamera2
+    except ImportError as err:
+        raise CameraError(
+            "camera.backend = 'picamera2' needs the picamera2 package, which installs on "
+            "Raspberry Pi OS only (apt install python3-picamera2, or pip install "
+            "'device-agent[pi]'); use camera.backend = 'sim' elsewhere"
+        ) from err
+    return Picamera2
+
+
+class PicameraCamera(Camera):
+    """Streams the main output of a Pi camera (IMX477 HQ, IMX708 Camera Module 3, ...)."""
+
+    def __init__(
+        self,
+        width: int,
+        height: int,
+        fps: float,
+        camera_num: int = 0,
+        factory: Callable[[int], Any] | None = None,
+    ) -> None:
+        self._size = (width, height)
+        self._fps = fps
+        self._camera_num = camera_num
+        self._factory = factory
+        self._cam: Any = None
+        self._sequence = 0
+
+    def start(self) -> None:
+        factory = self._factory or _import_picamera2()
+        try:
+            cam = factory(self._camera_num)
+        except (RuntimeError, IndexError, OSError) as err:
+            raise CameraError(f"cannot open camera {self._camera_num}: {err}") from err
+        self.model = str(cam.camera_properties.get("Model", "unknown"))
+        # RGB888 is BGR in memory: exactly what OpenCV expects, no conversion per frame.
+        config = cam.create_video_configuration(
+            main={"size": self._size, "format": "RGB888"},
+            buffer_count=4,
+            controls={"FrameRate": self._fps},
+        )
+        cam.configure(config)
+        cam.start()
+        self._cam = cam
+
+    def _camera(self) -> Any:
+        if self._cam is None:
+            raise CameraError("camera is not started")
+        return self._cam
+
+    def next_frame(self, timeout: float) -> Frame:
+        cam = self._camera()
+        try:
+            request = cam.capture_request(wait=timeout)
+        except TimeoutError as err:
+            # A timed-out job stays queued inside picamera2; flush it so the next call is clean.
+            cam.cancel_all_and_flush()
+            raise FrameTimeout(f"no frame from the camera within {timeout:.1f} s") from err
+        try:
+            image = request.make_array("main")
+            metadata = request.get_metadata()
+        finally:
+            request.release()
+        self._sequence += 1
+        # SensorTimestamp is CLOCK_MONOTONIC in ns, the clock time.monotonic() reads on Linux.
+        stamp_ns = metadata.get("SensorTimestamp")
+        timestamp = stamp_ns / 1e9 if stamp_ns else time.monotonic()
+        return Frame(image=image, timestamp=timestamp, sequence=self._sequence, metadata=metadata)
+
+    def autofocus(self, timeout: float) -> bool:
+        cam = self._camera()
+        if "AfMode" not in cam.camera_controls:
+            return False  # fixed-focus camera (HQ camera): focus is set on the lens
+        try:
+            return bool(cam.autofocus_cycle(wait=timeout))
+        except TimeoutError:
+            cam.cancel_all_and_flush()
+            return False
+
+    def close(self) -> None:
+        cam, self._cam = self._cam, None
+        if cam is not None:
+            cam.stop()
+            cam.close()

@@ -1,0 +1,132 @@
+"""What the clinician sees: the status LED's patterns and the LED ring's illumination.
+
+The status LED has one *standing* pattern (ready, offline, storage full, fault) and plays
+*transient* patterns over it (accepted, retake, overridden, capturing). One named thread
+plays them; a new signal interrupts whatever is playing at once, so feedback is never
+queued behind an old blink. docs/operations.md carries the same table for people.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import queue
+import threading
+from dataclasses import dataclass
+
+from gpiozero import LED, PWMLED
+from gpiozero.pins import Factory
+
+from device_agent.logs import log_event
+
+log = logging.getLogger(__name__)
+
+
+class Signal(enum.Enum):
+    READY = "ready"
+    CAPTURING = "capturing"
+    ACCEPTED = "accepted"
+    RETAKE = "retake"
+    OVERRIDDEN = "overridden"
+    STORAGE_FULL = "storage_full"
+    OFFLINE = "offline"
+    FAULT = "fault"
+
+
+@dataclass(frozen=True)
+class Pattern:
+    #: (led on?, seconds) steps; a standing pattern repeats them, a transient one plays once.
+    #: Transients start dark so that every blink shows against a steady "ready".
+    steps: tuple[tuple[bool, float], ...]
+    standing: bool
+
+
+PATTERNS: dict[Signal, Pattern] = {
+    Signal.READY: Pattern(((True, 1.0),), standing=True),
+    Signal.OFFLINE: Pattern(((True, 1.0), (False, 1.0)), standing=True),
+    Signal.STORAGE_FULL: Pattern(((True, 0.1), (False, 0.9)), standing=True),
+    Signal.FAULT: Pattern(((True, 0.05), (False, 0.05)), standing=True),
+    Signal.CAPTURING: Pattern(((False, 5.0),), standing=False),
+    Signal.ACCEPTED: Pattern(((False, 0.15), (True, 1.0), (False, 0.15)), standing=False),
+    Signal.RETAKE: Pattern(((False, 0.1), (True, 0.1)) * 5, standing=False),
+    Signal.OVERRIDDEN: Pattern(((False, 0.3), (True, 0.3)) * 2, standing=False),
+}
+
+
+class Lights:
+    """Status LED and the two-channel LED ring, on gpiozero devices."""
+
+    def __init__(
+        self,
+        status_pin: int,
+        ring_polarised_pin: int,
+        ring_plain_pin: int,
+        *,
+        pin_factory: Factory | None = None,
+    ) -> None:
+        self._status = LED(status_pin, pin_factory=pin_factory)
+        self._ring = {
+            "polarised": PWMLED(ring_polarised_pin, pin_factory=pin_factory),
+            "non_polarised": PWMLED(ring_plain_pin, pin_factory=pin_factory),
+        }
+        self._signals: queue.Queue[Signal | None] = queue.Queue()
+        self._standing = Signal.READY
+        self._thread = threading.Thread(target=self._play, name="feedback", daemon=True)
+        self._thread.start()
+
+    # -- status LED ---------------------------------------------------------------------
+    def show(self, signal: Signal) -> None:
+        """Show a signal now; a standing one also becomes the pattern to return to."""
+        self._signals.put(signal)
+
+    @property
+    def standing(self) -> Signal:
+        return self._standing
+
+    def _play(self) -> None:
+        current = PATTERNS[self._standing]
+        step = 0
+        while True:
+            on, seconds = current.steps[step]
+            self._status.value = on
+            try:
+                signal = self._signals.get(timeout=seconds)
+            except queue.Empty:
+                step += 1
+                if step == len(current.steps):
+                    step = 0
+                    current = PATTERNS[self._standing]
+                continue
+            if signal is None:
+                return
+            pattern = PATTERNS[signal]
+            if pattern.standing:
+                if signal is not self._standing:
+                    log_event(log, "feedback.standing", signal=signal.value)
+                self._standing = signal
+            current, step = pattern, 0
+
+    # -- LED ring -----------------------------------------------------------------------
+    def illuminate(self, mode: str, brightness: float) -> None:
+        """Light the ring in one mode ("polarised" / "non_polarised"); the other goes dark."""
+        if mode not in self._ring:
+            raise ValueError(
+                f"unknown illumination mode {mode!r}; expected one of {list(self._ring)}"
+            )
+        if not 0.0 <= brightness <= 1.0:
+            raise ValueError(f"brightness must be within 0..1, got {brightness}")
+        for name, led in self._ring.items():
+            led.value = brightness if name == mode else 0.0
+
+    def dark(self) -> None:
+        for led in self._ring.values():
+            led.value = 0.0
+
+    def close(self, timeout: float = 2.0) -> None:
+        self._signals.put(None)
+        self._thread.join(timeout)
+        self.dark()
+        self._status.off()
+        self._status.close()
+        for led in self._ring.values():
+            led.close()

@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Installs the system packages the demo and the tests need, only when they are missing:
+# Mosquitto (the real broker the tests start on a free loopback port) and Python's venv.
+# Uses apt, through sudo when not root. Touches no broker configuration: the tests and the
+# demo write their own config into a temporary folder and never use the system service.
+set -euo pipefail
+
+need=()
+if ! command -v mosquitto >/dev/null 2>&1 && [ ! -x /usr/sbin/mosquitto ]; then
+    need+=(mosquitto)
+fi
+py=${PYTHON:-python3}
+if ! "$py" -c 'import ensurepip, venv' >/dev/null 2>&1; then
+    ver=$("$py" -c 'import sys; print(f"{sys.version_info[0]}.{sys.version_info[1]}")')
+    need+=("python${ver}-venv")
+fi
+[ ${#need[@]} -eq 0 ] && exit 0
+
+if [ "$(id -u)" -eq 0 ]; then sudo=""; else sudo="sudo"; fi
+echo "installing system packages: ${need[*]}"
+export DEBIAN_FRONTEND=noninteractive
+$sudo apt-get update -qq
+$sudo apt-get install -y -qq --no-install-recommends "${need[@]}"
+# Debian starts the packaged broker on port 1883; nothing here needs it.
