@@ -1,0 +1,536 @@
+"""The device's MQTT uplink: drains the outbox to the clinic gateway (docs/protocol.md).
+
+Why it is built this way:
+
+- paho persists nothing, and a broker PUBACK only means the broker has the message. The
+  outbox is the persistence; an entry is removed only when the gateway answers ``committed``
+  (it verified and stored the whole capture). A crash anywhere simply means the capture is
+  sent again, and the gateway's idempotency on capture id turns that into one capture.
+- Resume: each transfer starts with a manifest; the gateway answers with the chunks it lacks
+  (a bitmap), so after a reconnect or a restart only those are sent.
+- Threads: paho's network thread (``loop_start``: connects in the background and reconnects
+  forever), ``uplink-sender`` (one transfer at a time, FIFO) and ``uplink-heartbeat``. They
+  meet on one Condition; every wait has a timeout and nobody polls.
+- Backoff with jitter: paho's own reconnect backoff has no jitter, so before each of its
+  waits (on_disconnect / on_connect_fail) we set the next delay ourselves.
+- paho callbacks never raise: an exception there would stop its network loop.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import logging
+import random
+import shutil
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
+
+from device_agent.config import UplinkConfig
+from device_agent.logs import log_event
+from device_agent.uplink import bundle
+from device_agent.uplink.outbox import CorruptEntry, Outbox, OutboxEntry
+from device_agent.uplink.protocol import (
+    MAX_CHUNKS,
+    Ack,
+    Final,
+    Manifest,
+    ProtocolError,
+    Topics,
+    chunk_count_for,
+    chunk_slice,
+    encode_chunk,
+    max_chunk_size,
+    parse_ack_topic,
+    status_payload,
+)
+
+log = logging.getLogger(__name__)
+
+#: Our own cap on chunks in flight; the broker's Receive Maximum can lower it.
+DEFAULT_WINDOW = 16
+#: Rounds of "final -> still incomplete" without progress before we back off.
+MAX_STALLED_ROUNDS = 3
+_THERMAL = Path("/sys/class/thermal/thermal_zone0/temp")
+
+
+class _Aborted(Exception):
+    """The current transfer attempt cannot go on (disconnect, stop); it resumes later."""
+
+
+@dataclass
+class _Transfer:
+    entry: OutboxEntry
+    data: bytes
+    sha256: bytes
+    chunk_size: int
+    chunk_count: int
+
+    @property
+    def manifest(self) -> Manifest:
+        return Manifest(capture_id=self.entry.capture_id, size=len(self.data),
+                        chunk_size=self.chunk_size, chunk_count=self.chunk_count,
+                        sha256=self.sha256.hex(), content_type=bundle.CONTENT_TYPE)
+
+
+def backoff_delay(attempt: int, lo: float, hi: float, rng: random.Random) -> float:
+    """Exponential backoff with "equal jitter": half fixed, half random, capped at ``hi``.
+
+    The random half spreads a fleet that lost the broker at the same moment; the fixed half
+    keeps the delay from collapsing to zero.
+    """
+    cap = min(hi, lo * (2 ** min(attempt, 30)))
+    return cap / 2 + rng.uniform(0, cap / 2)
+
+
+class Uplink:
+    def __init__(self, config: UplinkConfig, device_id: str, outbox: Outbox,
+                 software_version: str, *, window: int = DEFAULT_WINDOW,
+                 connect_timeout: float = 5.0) -> None:
+        self.config = config
+        self.device_id = device_id
+        self.outbox = outbox
+        self.software_version = software_version
+        self.topics = Topics(config.topic_prefix, device_id)
+        self._mqtt5 = config.protocol == "mqtt5"
+        self._window_cap = max(1, window)
+        self._rng = random.Random()
+
+        self._cond = threading.Condition()
+        self._stop = threading.Event()
+        self._connected = False  # CONNACK success seen, not yet disconnected
+        self._subscribed = False  # ack subscription granted on this connection
+        self._generation = 0  # bumps on every connect: in-flight state of older ones is void
+        self._max_packet: int | None = None
+        self._receive_max = 65535
+        self._acks: dict[str, Ack] = {}
+        self._inflight: set[int] = set()
+        self._early: OrderedDict[int, bool] = OrderedDict()  # PUBACKs seen before registration
+        self._refused: set[int] = set()
+        self._busy = False
+        self._kick = False
+        self._req = 0
+        self._reconnects = 0
+        self.last_error = ""
+
+        self._client = self._make_client(connect_timeout)
+        self._sender: threading.Thread | None = None
+        self._heartbeat: threading.Thread | None = None
+
+    # ------------------------------------------------------------------------- set-up
+
+    def _make_client(self, connect_timeout: float) -> mqtt.Client:
+        client_id = f"derm-{self.device_id}"
+        if self._mqtt5:
+            client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id,
+                                 protocol=mqtt.MQTTv5)
+        else:
+            client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id,
+                                 protocol=mqtt.MQTTv311, clean_session=True)
+        client.connect_timeout = connect_timeout
+        # paho must never hold more than our window: the outbox is the queue, not paho.
+        client.max_inflight_messages_set(self._window_cap + 4)
+        client.max_queued_messages_set(self._window_cap * 4 + 16)
+        client.reconnect_delay_set(self.config.retry_min, self.config.retry_min)
+        will_props = None
+        if self._mqtt5:
+            will_props = Properties(PacketTypes.WILLMESSAGE)
+            will_props.ContentType = "application/json"
+        client.will_set(self.topics.status,
+                        status_payload("offline", self.device_id, reason="connection lost",
+                                       software_version=self.software_version),
+                        qos=1, retain=True, properties=will_props)
+        client.on_connect = self._on_connect
+        client.on_connect_fail = self._on_connect_fail
+        client.on_disconnect = self._on_disconnect
+        client.on_subscribe = self._on_subscribe
+        client.on_message = self._on_message
+        client.on_publish = self._on_publish
+        return client
+
+    def start(self) -> None:
+        """Connect in the background; reconnects forever. A broker down now is fine."""
+        if self._sender is not None:
+            return
+        kwargs: dict[str, Any] = {}
+        if self._mqtt5:
+            props = Properties(PacketTypes.CONNECT)
+            # No broker-side session: the outbox is the persistence, and each transfer
+            # re-asks the gateway what it holds, so nothing is lost with the session.
+            props.SessionExpiryInterval = 0
+            kwargs = {"clean_start": True, "properties": props}
+        self._client.connect_async(self.config.host, self.config.port,
+                                   keepalive=self.config.keepalive, **kwargs)
+        self._client.loop_start()
+        self._sender = threading.Thread(target=self._sender_main,
+                                        name=f"uplink-sender-{self.device_id}", daemon=True)
+        self._heartbeat = threading.Thread(target=self._heartbeat_main,
+                                           name=f"uplink-heartbeat-{self.device_id}", daemon=True)
+        self._sender.start()
+        self._heartbeat.start()
+        log_event(log, "uplink.started", host=self.config.host, port=self.config.port,
+                  protocol=self.config.protocol, device_id=self.device_id)
+
+    def notify(self) -> None:
+        """A new entry is in the outbox."""
+        with self._cond:
+            self._kick = True
+            self._cond.notify_all()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Stop sending, say "offline" (retained), disconnect, join the threads."""
+        self._stop.set()
+        with self._cond:
+            self._cond.notify_all()
+        deadline = time.monotonic() + timeout
+        for thread in (self._sender, self._heartbeat):
+            if thread is not None:
+                thread.join(max(0.1, deadline - time.monotonic()))
+        if self.online:
+            info = self._publish(self.topics.status,
+                                 status_payload("offline", self.device_id, reason="stopped",
+                                                software_version=self.software_version),
+                                 retain=True)
+            if info is not None and info.rc == MQTTErrorCode.MQTT_ERR_SUCCESS:
+                # If the connection went meanwhile, the Last Will says "offline" instead.
+                with contextlib.suppress(RuntimeError, ValueError):
+                    info.wait_for_publish(timeout=max(0.1, min(1.0, deadline - time.monotonic())))
+        self._client.disconnect()
+        # Bounded: paho's thread leaves within ~1 s of a reconnect wait or connect_timeout.
+        self._client.loop_stop()
+        self._sender = self._heartbeat = None
+        log_event(log, "uplink.stopped", device_id=self.device_id)
+
+    @property
+    def online(self) -> bool:
+        with self._cond:
+            return self._connected and self._subscribed
+
+    def wait_idle(self, timeout: float) -> bool:
+        """True once the outbox is empty and nothing is in flight."""
+        with self._cond:
+            return self._cond.wait_for(lambda: self.outbox.depth() == 0 and not self._busy,
+                                       timeout)
+
+    # ------------------------------------------------------------------------- paho callbacks
+
+    def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any,
+                    reason_code: ReasonCode, properties: Properties | None) -> None:
+        if reason_code.is_failure:
+            self.last_error = f"connect refused: {reason_code}"
+            log_event(log, "uplink.connect_refused", level=logging.WARNING,
+                      reason=str(reason_code))
+            return
+        max_packet = getattr(properties, "MaximumPacketSize", None) if properties else None
+        receive_max = getattr(properties, "ReceiveMaximum", None) if properties else None
+        with self._cond:
+            self._connected = True
+            self._subscribed = False
+            self._generation += 1
+            self._max_packet = max_packet
+            self._receive_max = receive_max or 65535
+            self._inflight.clear()
+            self._early.clear()
+            self._refused.clear()
+            self._reconnects = 0
+        # Subscriptions do not survive a clean start: renew them on every connect.
+        result, _mid = client.subscribe(self.topics.ack_filter, qos=1)
+        if result != MQTTErrorCode.MQTT_ERR_SUCCESS:
+            log_event(log, "uplink.subscribe_failed", level=logging.WARNING, rc=str(result))
+        log_event(log, "uplink.connected", host=self.config.host, port=self.config.port,
+                  protocol=self.config.protocol, max_packet=max_packet, receive_max=receive_max)
+
+    def _on_subscribe(self, client: mqtt.Client, userdata: Any, mid: int,
+                      reason_codes: list[ReasonCode], properties: Properties | None) -> None:
+        failed = [str(rc) for rc in reason_codes if rc.is_failure]
+        if failed:
+            # E.g. an ACL denies our ack topic: without acks nothing can ever be delivered.
+            self.last_error = f"ack subscription refused: {', '.join(failed)}"
+            log_event(log, "uplink.subscribe_refused", level=logging.ERROR, reasons=failed)
+            return
+        with self._cond:
+            self._subscribed = True
+            self._cond.notify_all()
+        self._publish_status()
+
+    def _on_connect_fail(self, client: mqtt.Client, userdata: Any) -> None:
+        self._schedule_reconnect("connect failed")
+
+    def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any,
+                       reason_code: ReasonCode, properties: Properties | None) -> None:
+        with self._cond:
+            was = self._connected
+            self._connected = False
+            self._subscribed = False
+            self._inflight.clear()
+            self._cond.notify_all()
+        if was:
+            level = logging.INFO if self._stop.is_set() else logging.WARNING
+            log_event(log, "uplink.disconnected", level=level, reason=str(reason_code))
+        if not self._stop.is_set():
+            self._schedule_reconnect(str(reason_code))
+
+    def _schedule_reconnect(self, why: str) -> None:
+        delay = backoff_delay(self._reconnects, self.config.retry_min, self.config.retry_max,
+                              self._rng)
+        self._reconnects += 1
+        # paho waits min_delay after a failure when its own delay was reset; we set both
+        # bounds to our jittered value so its next wait is exactly ours.
+        self._client.reconnect_delay_set(delay, delay)
+        log_event(log, "uplink.reconnect_scheduled", level=logging.DEBUG, delay=round(delay, 3),
+                  reason=why)
+
+    def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
+        try:
+            capture_id = parse_ack_topic(self.config.topic_prefix, self.device_id, message.topic)
+            ack = Ack.decode(message.payload)
+            if ack.capture_id != capture_id:
+                raise ProtocolError("bad_message", "ack capture id differs from its topic")
+        except ProtocolError as err:
+            log_event(log, "uplink.bad_ack", level=logging.WARNING, topic=message.topic,
+                      reason=err.reason, detail=err.detail)
+            return
+        with self._cond:
+            self._acks[capture_id] = ack
+            self._cond.notify_all()
+
+    def _on_publish(self, client: mqtt.Client, userdata: Any, mid: int,
+                    reason_code: ReasonCode, properties: Properties | None) -> None:
+        refused = reason_code.is_failure
+        if refused:
+            # E.g. not authorised or quota exceeded: the message was not accepted.
+            log_event(log, "uplink.publish_refused", level=logging.WARNING, mid=mid,
+                      reason=str(reason_code))
+        with self._cond:
+            if mid in self._inflight:
+                self._inflight.discard(mid)
+                if refused:
+                    self._refused.add(mid)
+            else:
+                self._early[mid] = refused
+                while len(self._early) > 1024:
+                    self._early.popitem(last=False)
+            self._cond.notify_all()
+
+    # ------------------------------------------------------------------------- publishing
+
+    def _publish(self, topic: str, payload: bytes, *, retain: bool = False,
+                 kind: str = "", correlation: bytes | None = None) -> mqtt.MQTTMessageInfo | None:
+        props = None
+        if self._mqtt5:
+            props = Properties(PacketTypes.PUBLISH)
+            if kind:
+                props.UserProperty = [("v", "1"), ("kind", kind)]
+                # Stale chunks are worthless once the device has moved on; let the broker
+                # drop them rather than flood a gateway that comes back after days.
+                props.MessageExpiryInterval = int(max(60, self.config.ack_timeout * 10))
+            if correlation is not None:
+                props.CorrelationData = correlation
+        info = self._client.publish(topic, payload, qos=1, retain=retain, properties=props)
+        if info.rc not in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_NO_CONN):
+            log_event(log, "uplink.publish_failed", level=logging.WARNING, rc=str(info.rc))
+            return None
+        with self._cond:
+            if info.mid in self._early:
+                if self._early.pop(info.mid):
+                    self._refused.add(info.mid)
+            else:
+                self._inflight.add(info.mid)
+        return info
+
+    def _publish_status(self) -> None:
+        self._publish(self.topics.status, status_payload("online", self.device_id,
+                                                          **self.health()), retain=True)
+
+    def health(self) -> dict[str, Any]:
+        """The heartbeat's figures: no patient data, only counts and device health."""
+        oldest = self.outbox.oldest_created()
+        try:
+            disk_free = shutil.disk_usage(self.outbox.root).free
+        except OSError:
+            disk_free = None
+        try:
+            temperature = int(_THERMAL.read_text().strip()) / 1000.0
+        except (OSError, ValueError):
+            temperature = None
+        return {
+            "ts": datetime.now(UTC).isoformat(timespec="seconds"),
+            "software_version": self.software_version,
+            "outbox_depth": self.outbox.depth(),
+            "outbox_bytes": self.outbox.used_bytes(),
+            "oldest_pending_age_s": round(time.time() - oldest, 1) if oldest else None,
+            "disk_free_bytes": disk_free,
+            "temperature_c": temperature,
+            "last_error": self.last_error,
+        }
+
+    # ------------------------------------------------------------------------- threads
+
+    def _heartbeat_main(self) -> None:
+        while not self._stop.wait(self.config.heartbeat_interval):
+            if self.online:
+                self._publish_status()
+
+    def _sender_main(self) -> None:
+        while not self._stop.is_set():
+            with self._cond:
+                ready = self._cond.wait_for(
+                    lambda: self._stop.is_set()
+                    or (self._connected and self._subscribed and self.outbox.depth() > 0),
+                    timeout=self.config.heartbeat_interval)
+                self._kick = False
+                if not ready or self._stop.is_set():
+                    continue
+                self._busy = True
+            try:
+                pending = self.outbox.pending()
+                if pending:
+                    self._send_entry(pending[0])
+            finally:
+                with self._cond:
+                    self._busy = False
+                    self._cond.notify_all()
+
+    def _wait(self, predicate: Any, timeout: float, generation: int) -> bool:
+        """Wait for ``predicate`` (called under the lock); raise _Aborted on stop/disconnect."""
+        with self._cond:
+            ok = self._cond.wait_for(
+                lambda: predicate() or self._stop.is_set() or self._generation != generation
+                or not self._connected, timeout)
+            if self._stop.is_set() or self._generation != generation or not self._connected:
+                raise _Aborted()
+            return bool(ok)
+
+    def _backoff(self, attempt: int, generation: int) -> None:
+        delay = backoff_delay(attempt, self.config.retry_min, self.config.retry_max, self._rng)
+        self._wait(lambda: False, delay, generation)
+
+    def _next_req(self) -> int:
+        self._req += 1
+        return self._req
+
+    # ------------------------------------------------------------------------- one transfer
+
+    def _send_entry(self, entry: OutboxEntry) -> None:
+        try:
+            data = self.outbox.read(entry)
+        except CorruptEntry as err:
+            # The outbox already quarantined it and logged; the next entry goes next.
+            self.last_error = f"corrupt outbox entry {entry.capture_id}"
+            log_event(log, "uplink.skipped_corrupt", level=logging.WARNING,
+                      capture_id=entry.capture_id, detail=str(err))
+            return
+        except FileNotFoundError:
+            return
+        with self._cond:
+            generation = self._generation
+            max_packet = self._max_packet
+        try:
+            chunk_size = max_chunk_size(self.config.chunk_size, max_packet,
+                                        len(self.topics.up(entry.capture_id, "chunk")))
+        except ProtocolError as err:
+            self.last_error = err.detail
+            log_event(log, "uplink.packet_too_small", level=logging.ERROR, detail=err.detail)
+            self._wait(lambda: False, self.config.retry_max, generation)
+            return
+        if chunk_count_for(len(data), chunk_size) > MAX_CHUNKS:
+            # Too large for this chunk size: bigger chunks if the broker allows, else refuse.
+            chunk_size = -(-len(data) // MAX_CHUNKS)
+            if max_packet and chunk_size > max_chunk_size(10**12, max_packet, 0):
+                self.outbox.quarantine(entry.capture_id, "too large for the broker's packet cap")
+                return
+        transfer = _Transfer(entry, data, hashlib.sha256(data).digest(), chunk_size,
+                             chunk_count_for(len(data), chunk_size))
+        try:
+            self._run_transfer(transfer, generation)
+        except _Aborted:
+            return  # disconnected or stopping: the sender loop resumes after reconnect
+
+    def _run_transfer(self, t: _Transfer, generation: int) -> None:
+        capture_id = t.entry.capture_id
+        attempt = 0
+        while True:
+            req = self._next_req()
+            with self._cond:
+                self._acks.pop(capture_id, None)
+            manifest = dataclasses.replace(t.manifest, req=req)
+            self._publish(self.topics.up(capture_id, "manifest"), manifest.encode(),
+                          kind="manifest", correlation=f"{capture_id}:{req}".encode())
+            ack = self._wait_ack(capture_id, req, generation)
+            stalled = 0
+            best = t.chunk_count + 1
+            while ack is not None and ack.state == "incomplete":
+                if ack.chunk_count != t.chunk_count:
+                    ack = None  # answers a different transfer of this capture: start over
+                    break
+                if len(ack.missing) >= best:
+                    stalled += 1
+                    if stalled >= MAX_STALLED_ROUNDS:
+                        ack = None
+                        break
+                best = min(best, len(ack.missing))
+                self._send_chunks(t, ack.missing, generation)
+                req = self._next_req()
+                final = Final(capture_id, t.sha256.hex(), t.chunk_count, req)
+                self._publish(self.topics.up(capture_id, "final"), final.encode(), kind="final",
+                              correlation=f"{capture_id}:{req}".encode())
+                ack = self._wait_ack(capture_id, req, generation)
+            if ack is not None and ack.state == "committed":
+                if ack.sha256 and ack.sha256 != t.sha256.hex():
+                    # Same capture id, other content: never overwrite, never drop silently.
+                    self.last_error = f"gateway holds other content for {capture_id}"
+                    log_event(log, "uplink.conflict", level=logging.ERROR,
+                              capture_id=capture_id)
+                    self.outbox.quarantine(capture_id, "gateway holds other content")
+                    return
+                self.outbox.remove(capture_id)
+                log_event(log, "capture.delivered", capture_id=capture_id, size=len(t.data),
+                          chunk_size=t.chunk_size, chunks=t.chunk_count)
+                return
+            if ack is not None and ack.state == "rejected":
+                self.last_error = f"gateway rejected {capture_id}: {ack.reason}"
+                log_event(log, "uplink.rejected", level=logging.ERROR, capture_id=capture_id,
+                          reason=ack.reason)
+                self.outbox.quarantine(capture_id, f"rejected by gateway: {ack.reason}")
+                return
+            # No answer, a transient "retry" or no progress: back off, then start again.
+            why = "ack timeout" if ack is None else f"gateway: {ack.state} {ack.reason}"
+            log_event(log, "uplink.retry", level=logging.INFO, capture_id=capture_id,
+                      attempt=attempt, reason=why)
+            self._backoff(attempt, generation)
+            attempt += 1
+
+    def _wait_ack(self, capture_id: str, req: int, generation: int) -> Ack | None:
+        def answered() -> bool:
+            ack = self._acks.get(capture_id)
+            # A verdict (committed/rejected) holds whenever it comes; the others only answer
+            # the request they name.
+            return ack is not None and (ack.state in ("committed", "rejected") or ack.req == req)
+
+        if not self._wait(answered, self.config.ack_timeout, generation):
+            return None
+        with self._cond:
+            return self._acks.pop(capture_id)
+
+    def _send_chunks(self, t: _Transfer, missing: tuple[int, ...], generation: int) -> None:
+        topic = self.topics.up(t.entry.capture_id, "chunk")
+        window = max(1, min(self._window_cap, self._receive_max - 2))
+        for index in missing:
+            if not self._wait(lambda: len(self._inflight) < window, self.config.ack_timeout,
+                              generation):
+                raise _Aborted()  # no PUBACK for a whole ack_timeout: the link is stuck
+            payload = encode_chunk(t.sha256, t.chunk_size, index,
+                                   chunk_slice(t.data, t.chunk_size, index))
+            self._publish(topic, payload, kind="chunk")

@@ -1,0 +1,314 @@
+"""Durable store-and-forward outbox: one file per capture, crash-safe at every instant.
+
+An accepted capture is promised to the clinician, so it must survive a crash at any moment,
+a power cut, a reboot and a broker outage of days. Each entry is written to a temp file,
+fsynced, renamed into place and the directory fsynced; a crash therefore leaves either a
+complete entry or a stray temp file (removed at the next start, it was never reported
+written). Every entry carries its own length and SHA-256 so a torn or bit-rotten file is
+detected on read, moved to ``quarantine/`` and reported, and never blocks the entries behind
+it. An entry leaves only through :meth:`Outbox.remove`, which the uplink calls after the
+gateway's application-level acknowledgement.
+
+On-disk layout under ``root``::
+
+    <seq:012d>.<capture_id>.entry   the entries; seq gives FIFO order across restarts
+    tmp/                            writes in progress (cleared at start)
+    quarantine/                     corrupt entries and captures the gateway rejected
+
+Entry file format (all integers big-endian)::
+
+    magic     4  b"DOB1"
+    created   8  float64, wall-clock UTC epoch seconds of the put
+    size      8  u64, payload length
+    sha256   32  SHA-256 of the payload
+    id_len    2  u16, length of the UTF-8 capture id
+    id        id_len
+    payload   size
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import logging
+import os
+import re
+import struct
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from device_agent.logs import log_event
+
+log = logging.getLogger(__name__)
+
+MAGIC = b"DOB1"
+_HEAD = struct.Struct(">4sdQ32sH")
+_SUFFIX = ".entry"
+_NAME_RE = re.compile(r"^(\d{12})\.(.+)\.entry$")
+#: Capture ids travel in topic names and file names: no "/", "+", "#", no leading dot.
+CAPTURE_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+
+
+class StorageFull(OSError):
+    """A new capture was refused: the outbox quota (or the disk) is full. Nothing was dropped."""
+
+
+class CorruptEntry(ValueError):
+    """An outbox entry failed its integrity check and was moved to quarantine."""
+
+
+@dataclass(frozen=True)
+class OutboxEntry:
+    """One pending capture. ``size`` is the payload length; ``created`` a UTC epoch."""
+
+    capture_id: str
+    path: Path
+    size: int
+    created: float
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def validate_capture_id(capture_id: str) -> str:
+    if not isinstance(capture_id, str) or not CAPTURE_ID_RE.match(capture_id):
+        raise ValueError(
+            f"capture id {capture_id!r}: expected 1-128 characters of A-Z a-z 0-9 _ . -, "
+            "starting with a letter or digit"
+        )
+    return capture_id
+
+
+class Outbox:
+    """FIFO of captures on disk, bounded by ``quota_bytes`` (file sizes, headers included).
+
+    Thread-safe: the agent puts from its capture thread while the uplink reads and removes.
+    """
+
+    def __init__(self, root: Path, quota_bytes: int) -> None:
+        if quota_bytes <= 0:
+            raise ValueError(f"quota_bytes must be positive (got {quota_bytes})")
+        self.root = Path(root)
+        self.quota_bytes = int(quota_bytes)
+        self._tmp = self.root / "tmp"
+        self._quarantine = self.root / "quarantine"
+        self._lock = threading.RLock()
+        self._entries: dict[str, OutboxEntry] = {}
+        self._seq: dict[str, int] = {}
+        self._disk: dict[str, int] = {}
+        self._next_seq = 1
+        for d in (self.root, self._tmp, self._quarantine):
+            d.mkdir(parents=True, exist_ok=True)
+        self._recover()
+
+    # ----------------------------------------------------------------------------- start
+
+    def _recover(self) -> None:
+        # A temp file is a write that never returned: the capture was never reported written.
+        for stray in self._tmp.iterdir():
+            stray.unlink(missing_ok=True)
+        found: list[tuple[int, str, Path]] = []
+        for path in self.root.iterdir():
+            m = _NAME_RE.match(path.name)
+            if not m or not path.is_file():
+                continue
+            found.append((int(m.group(1)), m.group(2), path))
+        found.sort()
+        for seq, capture_id, path in found:
+            self._next_seq = max(self._next_seq, seq + 1)
+            try:
+                entry = self._read_header(path, capture_id)
+            except CorruptEntry as err:
+                self._move_to_quarantine(path, capture_id, str(err))
+                continue
+            if capture_id in self._entries:
+                # Only possible if two puts raced across a crash; the older one wins.
+                self._move_to_quarantine(path, capture_id, "duplicate capture id")
+                continue
+            self._register(entry, seq, path.stat().st_size)
+
+    def _register(self, entry: OutboxEntry, seq: int, disk_size: int) -> None:
+        self._entries[entry.capture_id] = entry
+        self._seq[entry.capture_id] = seq
+        self._disk[entry.capture_id] = disk_size
+
+    @staticmethod
+    def _read_header(path: Path, capture_id: str) -> OutboxEntry:
+        try:
+            with path.open("rb") as f:
+                head = f.read(_HEAD.size)
+                if len(head) < _HEAD.size:
+                    raise CorruptEntry(f"{path.name}: truncated header")
+                magic, created, size, _digest, id_len = _HEAD.unpack(head)
+                raw_id = f.read(id_len)
+            total = path.stat().st_size
+        except OSError as err:
+            raise CorruptEntry(f"{path.name}: unreadable: {err.strerror}") from None
+        if magic != MAGIC:
+            raise CorruptEntry(f"{path.name}: bad magic")
+        if raw_id != capture_id.encode():
+            raise CorruptEntry(f"{path.name}: capture id does not match the file name")
+        if total != _HEAD.size + id_len + size:
+            expected = _HEAD.size + id_len + size
+            raise CorruptEntry(f"{path.name}: length {total} != header's {expected}")
+        return OutboxEntry(capture_id, path, size, created)
+
+    # ----------------------------------------------------------------------------- API
+
+    def put(self, capture_id: str, payload: bytes) -> OutboxEntry:
+        """Store a capture durably; return only once it survives a crash.
+
+        Idempotent: a capture id already pending returns the stored entry unchanged.
+        Raises StorageFull when the quota or the disk is full (old entries are kept).
+        """
+        validate_capture_id(capture_id)
+        raw_id = capture_id.encode()
+        head = _HEAD.pack(MAGIC, time.time(), len(payload), hashlib.sha256(payload).digest(),
+                          len(raw_id))
+        disk_size = len(head) + len(raw_id) + len(payload)
+        with self._lock:
+            existing = self._entries.get(capture_id)
+            if existing is not None:
+                return existing
+            used = sum(self._disk.values())
+            if used + disk_size > self.quota_bytes:
+                log_event(log, "outbox.full", level=logging.WARNING, capture_id=capture_id,
+                          used_bytes=used, quota_bytes=self.quota_bytes, needed_bytes=disk_size)
+                raise StorageFull(errno.ENOSPC, f"outbox quota reached ({used} of "
+                                  f"{self.quota_bytes} bytes used, {disk_size} needed)")
+            seq = self._next_seq
+            self._next_seq += 1
+            final = self.root / f"{seq:012d}.{capture_id}{_SUFFIX}"
+            tmp = self._tmp / (final.name + ".tmp")
+            try:
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                try:
+                    view = memoryview(head + raw_id + payload)
+                    while view:
+                        view = view[os.write(fd, view):]
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+                os.rename(tmp, final)
+                _fsync_dir(self.root)
+            except OSError as err:
+                tmp.unlink(missing_ok=True)
+                if err.errno in (errno.ENOSPC, errno.EDQUOT):
+                    log_event(log, "outbox.full", level=logging.WARNING, capture_id=capture_id,
+                              error=err.strerror)
+                    raise StorageFull(err.errno, f"disk full: {err.strerror}") from None
+                raise
+            entry = OutboxEntry(capture_id, final, len(payload), _HEAD.unpack(head)[1])
+            self._register(entry, seq, disk_size)
+            return entry
+
+    def pending(self) -> list[OutboxEntry]:
+        """Entries oldest first."""
+        with self._lock:
+            return sorted(self._entries.values(), key=lambda e: self._seq[e.capture_id])
+
+    def get(self, capture_id: str) -> OutboxEntry | None:
+        with self._lock:
+            return self._entries.get(capture_id)
+
+    def read(self, entry: OutboxEntry) -> bytes:
+        """Return the payload after checking length and SHA-256.
+
+        A corrupt entry is quarantined (event ``outbox.quarantined``) and CorruptEntry raised;
+        FileNotFoundError if the entry was removed meanwhile.
+        """
+        try:
+            data = entry.path.read_bytes()
+        except FileNotFoundError:
+            raise
+        except OSError as err:
+            self._quarantine_entry(entry.capture_id, f"unreadable: {err.strerror}")
+            raise CorruptEntry(f"{entry.capture_id}: unreadable: {err.strerror}") from None
+        problem = self._check(data, entry.capture_id)
+        if problem:
+            self._quarantine_entry(entry.capture_id, problem)
+            raise CorruptEntry(f"{entry.capture_id}: {problem}")
+        id_len = _HEAD.unpack_from(data)[4]
+        return data[_HEAD.size + id_len:]
+
+    @staticmethod
+    def _check(data: bytes, capture_id: str) -> str | None:
+        if len(data) < _HEAD.size:
+            return "truncated header"
+        magic, _created, size, digest, id_len = _HEAD.unpack_from(data)
+        if magic != MAGIC:
+            return "bad magic"
+        if data[_HEAD.size:_HEAD.size + id_len] != capture_id.encode():
+            return "capture id mismatch"
+        payload = data[_HEAD.size + id_len:]
+        if len(payload) != size:
+            return f"payload length {len(payload)} != {size}"
+        if hashlib.sha256(payload).digest() != digest:
+            return "sha256 mismatch"
+        return None
+
+    def remove(self, capture_id: str) -> None:
+        """Delete a delivered entry durably. Unknown ids are ignored (idempotent)."""
+        with self._lock:
+            entry = self._entries.pop(capture_id, None)
+            self._seq.pop(capture_id, None)
+            self._disk.pop(capture_id, None)
+            if entry is None:
+                return
+            entry.path.unlink(missing_ok=True)
+            _fsync_dir(self.root)
+
+    def quarantine(self, capture_id: str, reason: str) -> None:
+        """Move an entry aside (kept on disk, out of the queue), e.g. rejected by the gateway."""
+        self._quarantine_entry(capture_id, reason)
+
+    def depth(self) -> int:
+        with self._lock:
+            return len(self._entries)
+
+    def used_bytes(self) -> int:
+        with self._lock:
+            return sum(self._disk.values())
+
+    def oldest_created(self) -> float | None:
+        """Wall-clock time of the oldest pending entry (for the heartbeat's age figure)."""
+        with self._lock:
+            return min((e.created for e in self._entries.values()), default=None)
+
+    def quarantined(self) -> list[Path]:
+        return sorted(p for p in self._quarantine.iterdir() if p.is_file())
+
+    # ----------------------------------------------------------------------------- quarantine
+
+    def _quarantine_entry(self, capture_id: str, reason: str) -> None:
+        with self._lock:
+            entry = self._entries.pop(capture_id, None)
+            self._seq.pop(capture_id, None)
+            self._disk.pop(capture_id, None)
+            if entry is not None:
+                self._move_to_quarantine(entry.path, capture_id, reason)
+
+    def _move_to_quarantine(self, path: Path, capture_id: str, reason: str) -> None:
+        target = self._quarantine / path.name
+        n = 1
+        while target.exists():
+            target = self._quarantine / f"{path.name}.{n}"
+            n += 1
+        try:
+            os.rename(path, target)
+            _fsync_dir(self.root)
+            _fsync_dir(self._quarantine)
+        except OSError as err:
+            # Cannot move it: leave it where it is; it is already out of the queue in memory.
+            log_event(log, "outbox.quarantine_failed", level=logging.ERROR,
+                      capture_id=capture_id, reason=reason, error=err.strerror)
+            return
+        log_event(log, "outbox.quarantined", level=logging.ERROR, capture_id=capture_id,
+                  reason=reason, path=str(target))

@@ -1,0 +1,423 @@
+"""The clinic's reference receiver (docs/protocol.md, the "gateway" side).
+
+It subscribes to every device's uploads (an MQTT 5 shared subscription, so several receivers
+can share the load), stages chunks on disk so a restarted gateway resumes where it was,
+verifies the SHA-256 of the whole transfer, unpacks the bundle and stores
+``<store>/<device>/<capture>.jpg`` and ``<capture>.json`` (the metadata) atomically. Only
+then does it answer ``committed``. Duplicates and replays answer ``committed`` again and
+store nothing twice.
+
+Layout under ``store_dir``::
+
+    <device>/<capture>.jpg, <capture>.json     stored captures
+    .gateway/staging/<device>/<capture>/       manifest.json + c<index> chunk files
+    .gateway/ledger/<device>/<capture>.json    transfer sha256 etc. of committed captures
+
+Receivers that share a group must share ``store_dir`` (e.g. a network volume): a shared
+subscription hands each message to any one of them. All writes are temp + rename, and the
+commit is a hard link that fails if the image already exists, so concurrent receivers
+still store one copy.
+
+Run: ``python -m sim.gateway --host 127.0.0.1 --port 1883 --store DIR``
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import shutil
+import signal
+import sys
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
+
+from device_agent.logs import add_json_handler, log_event
+from device_agent.uplink import bundle
+from device_agent.uplink.protocol import (
+    Ack,
+    Final,
+    Manifest,
+    ProtocolError,
+    Topics,
+    decode_chunk,
+    parse_up_topic,
+    up_filter,
+)
+
+log = logging.getLogger("sim.gateway")
+
+DEFAULT_MAX_SIZE = 512 * 1024 * 1024
+ACCEPTED_CONTENT_TYPES = (bundle.CONTENT_TYPE,)
+
+
+@dataclass(frozen=True)
+class _Staged:
+    manifest: Manifest
+    directory: Path
+
+
+def _write_atomic(path: Path, data: bytes, *, durable: bool) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    with tmp.open("wb") as f:
+        f.write(data)
+        if durable:
+            f.flush()
+            os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class Gateway:
+    def __init__(self, host: str, port: int, store_dir: Path, topic_prefix: str = "derm/v1",
+                 protocol: str = "mqtt5", group: str = "gateways",
+                 max_size: int = DEFAULT_MAX_SIZE) -> None:
+        if protocol not in ("mqtt5", "mqtt311"):
+            raise ValueError(f"protocol must be 'mqtt5' or 'mqtt311' (got {protocol!r})")
+        self.host = host
+        self.port = port
+        self.store_dir = Path(store_dir)
+        self.prefix = topic_prefix
+        self.protocol = protocol
+        self.group = group
+        self.max_size = max_size
+        self._staging = self.store_dir / ".gateway" / "staging"
+        self._ledger = self.store_dir / ".gateway" / "ledger"
+        self._ready = threading.Event()
+        self._mqtt5 = protocol == "mqtt5"
+        self._client = self._make_client()
+        self.stored_count = 0
+
+    def _make_client(self) -> mqtt.Client:
+        client_id = f"gateway-{os.getpid()}-{id(self):x}"
+        if self._mqtt5:
+            client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id,
+                                 protocol=mqtt.MQTTv5)
+        else:
+            client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id,
+                                 protocol=mqtt.MQTTv311, clean_session=True)
+        client.reconnect_delay_set(0.2, 5.0)
+        client.connect_timeout = 5.0
+        client.on_connect = self._on_connect
+        client.on_subscribe = self._on_subscribe
+        client.on_disconnect = self._on_disconnect
+        client.on_message = self._on_message
+        return client
+
+    @property
+    def subscription(self) -> str:
+        base = up_filter(self.prefix)
+        return f"$share/{self.group}/{base}" if self._mqtt5 else base
+
+    def start(self, ready_timeout: float = 5.0) -> None:
+        """Connect in the background; waits up to ``ready_timeout`` for the subscription so a
+        device started right after finds it listening (it does not fail if the broker is
+        down: it keeps reconnecting)."""
+        for d in (self.store_dir, self._staging, self._ledger):
+            d.mkdir(parents=True, exist_ok=True)
+        kwargs: dict[str, Any] = {"clean_start": True} if self._mqtt5 else {}
+        self._client.connect_async(self.host, self.port, keepalive=30, **kwargs)
+        self._client.loop_start()
+        if not self._ready.wait(ready_timeout):
+            log_event(log, "gateway.not_ready", level=logging.WARNING, host=self.host,
+                      port=self.port)
+
+    def wait_ready(self, timeout: float) -> bool:
+        return self._ready.wait(timeout)
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self._client.disconnect()
+        self._client.loop_stop()
+        self._ready.clear()
+
+    def __enter__(self) -> Gateway:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # ------------------------------------------------------------------------- paho callbacks
+
+    def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any,
+                    reason_code: ReasonCode, properties: Properties | None) -> None:
+        if reason_code.is_failure:
+            log_event(log, "gateway.connect_refused", level=logging.WARNING,
+                      reason=str(reason_code))
+            return
+        client.subscribe(self.subscription, qos=1)
+        log_event(log, "gateway.connected", host=self.host, port=self.port,
+                  subscription=self.subscription)
+
+    def _on_subscribe(self, client: mqtt.Client, userdata: Any, mid: int,
+                      reason_codes: list[ReasonCode], properties: Properties | None) -> None:
+        failed = [str(rc) for rc in reason_codes if rc.is_failure]
+        if failed:
+            log_event(log, "gateway.subscribe_refused", level=logging.ERROR, reasons=failed)
+            return
+        self._ready.set()
+
+    def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any,
+                       reason_code: ReasonCode, properties: Properties | None) -> None:
+        self._ready.clear()
+        log_event(log, "gateway.disconnected", level=logging.INFO, reason=str(reason_code))
+
+    def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
+        # Exceptions must not escape: paho would stop its network loop.
+        try:
+            device_id, capture_id, kind = parse_up_topic(self.prefix, message.topic)
+        except ProtocolError as err:
+            log_event(log, "gateway.bad_topic", level=logging.WARNING, topic=message.topic,
+                      detail=err.detail)
+            return
+        correlation = None
+        if message.properties is not None:
+            correlation = getattr(message.properties, "CorrelationData", None)
+        try:
+            if kind == "manifest":
+                ack = self._handle_manifest(device_id, capture_id, Manifest.decode(message.payload))
+            elif kind == "chunk":
+                self._handle_chunk(device_id, capture_id, message.payload)
+                return
+            else:
+                ack = self._handle_final(device_id, capture_id, Final.decode(message.payload))
+        except ProtocolError as err:
+            log_event(log, "gateway.bad_message", level=logging.WARNING, device_id=device_id,
+                      capture_id=capture_id, kind=kind, reason=err.reason, detail=err.detail)
+            if kind == "chunk":
+                return
+            ack = Ack(capture_id, "rejected", req=_req_of(message.payload), reason=err.reason)
+        except OSError as err:
+            # Our disk, not the device's fault: tell it to come back later.
+            log_event(log, "gateway.storage_error", level=logging.ERROR, device_id=device_id,
+                      capture_id=capture_id, error=str(err))
+            ack = Ack(capture_id, "retry", req=_req_of(message.payload), reason="storage_error")
+        self._send_ack(device_id, ack, correlation)
+
+    def _send_ack(self, device_id: str, ack: Ack, correlation: bytes | None) -> None:
+        props = None
+        if self._mqtt5:
+            props = Properties(PacketTypes.PUBLISH)
+            props.MessageExpiryInterval = 600
+            if correlation:
+                props.CorrelationData = correlation
+        info = self._client.publish(Topics(self.prefix, device_id).ack(ack.capture_id),
+                                    ack.encode(), qos=1, properties=props)
+        if info.rc not in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_NO_CONN):
+            log_event(log, "gateway.ack_failed", level=logging.WARNING,
+                      capture_id=ack.capture_id, rc=str(info.rc))
+
+    # ------------------------------------------------------------------------- the protocol
+
+    def _image_path(self, device_id: str, capture_id: str) -> Path:
+        return self.store_dir / device_id / f"{capture_id}.jpg"
+
+    def _ledger_path(self, device_id: str, capture_id: str) -> Path:
+        return self._ledger / device_id / f"{capture_id}.json"
+
+    def _committed(self, device_id: str, capture_id: str) -> dict[str, Any] | None:
+        """The ledger record if this capture is already stored (the image is the commit)."""
+        if not self._image_path(device_id, capture_id).exists():
+            return None
+        try:
+            return json.loads(self._ledger_path(device_id, capture_id).read_text("utf-8"))
+        except (OSError, ValueError):
+            return {}
+
+    def _staged(self, device_id: str, capture_id: str) -> _Staged | None:
+        directory = self._staging / device_id / capture_id
+        try:
+            manifest = Manifest.decode((directory / "manifest.json").read_bytes())
+        except (OSError, ProtocolError):
+            return None
+        return _Staged(manifest, directory)
+
+    @staticmethod
+    def _missing(staged: _Staged) -> list[int]:
+        present = {p.name for p in staged.directory.iterdir() if p.name.startswith("c")}
+        return [i for i in range(staged.manifest.chunk_count) if f"c{i}" not in present]
+
+    def _handle_manifest(self, device_id: str, capture_id: str, m: Manifest) -> Ack:
+        if m.capture_id != capture_id:
+            raise ProtocolError("bad_message", "manifest capture id differs from its topic")
+        done = self._committed(device_id, capture_id)
+        if done is not None:
+            return self._duplicate_ack(capture_id, m.sha256, m.req, done)
+        if m.size > self.max_size:
+            return Ack(capture_id, "rejected", req=m.req, reason="too_large")
+        if m.content_type not in ACCEPTED_CONTENT_TYPES:
+            return Ack(capture_id, "rejected", req=m.req, reason="unsupported_content_type")
+        staged = self._staged(device_id, capture_id)
+        same = staged is not None and (staged.manifest.sha256, staged.manifest.size,
+                                       staged.manifest.chunk_size) == (m.sha256, m.size,
+                                                                       m.chunk_size)
+        if staged is None or not same:
+            # A new transfer (or one with another chunk size after a reconnect to a broker
+            # with a smaller packet cap): chunks staged for the old one cannot be reused.
+            directory = self._staging / device_id / capture_id
+            shutil.rmtree(directory, ignore_errors=True)
+            directory.mkdir(parents=True, exist_ok=True)
+            _write_atomic(directory / "manifest.json", dataclasses.replace(m, req=0).encode(),
+                          durable=False)
+            staged = _Staged(m, directory)
+        missing = self._missing(staged)
+        log_event(log, "gateway.manifest", device_id=device_id, capture_id=capture_id,
+                  size=m.size, chunks=m.chunk_count, missing=len(missing), resumed=same)
+        return Ack(capture_id, "incomplete", req=m.req, missing=tuple(missing),
+                   chunk_count=m.chunk_count)
+
+    def _duplicate_ack(self, capture_id: str, sha256: str, req: int,
+                       done: dict[str, Any]) -> Ack:
+        stored_sha = done.get("transfer_sha256", "")
+        if stored_sha and stored_sha != sha256:
+            log_event(log, "gateway.conflict", level=logging.ERROR, capture_id=capture_id)
+            return Ack(capture_id, "rejected", req=req, reason="conflict", sha256=stored_sha)
+        log_event(log, "gateway.duplicate", capture_id=capture_id)
+        return Ack(capture_id, "committed", req=req, sha256=stored_sha)
+
+    def _handle_chunk(self, device_id: str, capture_id: str, payload: bytes) -> None:
+        chunk = decode_chunk(payload)
+        staged = self._staged(device_id, capture_id)
+        if staged is None:
+            return  # stale: a chunk of a transfer we never saw or already committed
+        m = staged.manifest
+        if chunk.sha256.hex() != m.sha256 or chunk.chunk_size != m.chunk_size:
+            return  # a chunk of an earlier transfer of the same capture
+        if not 0 <= chunk.index < m.chunk_count:
+            raise ProtocolError("bad_chunk", f"index {chunk.index} >= {m.chunk_count}")
+        expected = min(m.chunk_size, m.size - chunk.index * m.chunk_size)
+        if len(chunk.data) != expected:
+            raise ProtocolError("bad_chunk", f"chunk {chunk.index} has {len(chunk.data)} "
+                                f"bytes, expected {expected}")
+        path = staged.directory / f"c{chunk.index}"
+        if not path.exists():
+            # No fsync: a chunk lost in a power cut fails the SHA-256 and is simply re-sent.
+            _write_atomic(path, chunk.data, durable=False)
+
+    def _handle_final(self, device_id: str, capture_id: str, f: Final) -> Ack:
+        if f.capture_id != capture_id:
+            raise ProtocolError("bad_message", "final capture id differs from its topic")
+        done = self._committed(device_id, capture_id)
+        if done is not None:
+            return self._duplicate_ack(capture_id, f.sha256, f.req, done)
+        staged = self._staged(device_id, capture_id)
+        if staged is None or staged.manifest.sha256 != f.sha256:
+            # We hold no matching manifest (lost staging, or a replayed final): start over.
+            return Ack(capture_id, "retry", req=f.req, reason="no_manifest")
+        m = staged.manifest
+        missing = self._missing(staged)
+        if missing:
+            return Ack(capture_id, "incomplete", req=f.req, missing=tuple(missing),
+                       chunk_count=m.chunk_count)
+        digest = hashlib.sha256()
+        parts = []
+        for i in range(m.chunk_count):
+            part = (staged.directory / f"c{i}").read_bytes()
+            digest.update(part)
+            parts.append(part)
+        data = b"".join(parts)
+        if digest.hexdigest() != m.sha256 or len(data) != m.size:
+            log_event(log, "gateway.sha256_mismatch", level=logging.WARNING,
+                      device_id=device_id, capture_id=capture_id)
+            for p in staged.directory.glob("c*"):
+                p.unlink(missing_ok=True)
+            return Ack(capture_id, "incomplete", req=f.req, missing=tuple(range(m.chunk_count)),
+                       chunk_count=m.chunk_count, reason="sha256_mismatch")
+        try:
+            metadata, image = bundle.unpack(data)
+        except bundle.BundleError as err:
+            log_event(log, "gateway.bad_bundle", level=logging.ERROR, device_id=device_id,
+                      capture_id=capture_id, detail=str(err))
+            shutil.rmtree(staged.directory, ignore_errors=True)
+            return Ack(capture_id, "rejected", req=f.req, reason="bad_bundle")
+        self._store(device_id, capture_id, m, metadata, image)
+        shutil.rmtree(staged.directory, ignore_errors=True)
+        return Ack(capture_id, "committed", req=f.req, sha256=m.sha256)
+
+    def _store(self, device_id: str, capture_id: str, m: Manifest, metadata: dict,
+               image: bytes) -> None:
+        device_dir = self.store_dir / device_id
+        device_dir.mkdir(parents=True, exist_ok=True)
+        ledger_dir = self._ledger / device_id
+        ledger_dir.mkdir(parents=True, exist_ok=True)
+        image_path = self._image_path(device_id, capture_id)
+        image_sha = hashlib.sha256(image).hexdigest()
+        _write_atomic(device_dir / f"{capture_id}.json",
+                      json.dumps(metadata, indent=2, sort_keys=True, ensure_ascii=False)
+                      .encode("utf-8"), durable=True)
+        _write_atomic(self._ledger_path(device_id, capture_id), json.dumps({
+            "capture_id": capture_id, "device_id": device_id, "transfer_sha256": m.sha256,
+            "size": m.size, "image_sha256": image_sha, "image": image_path.name,
+        }).encode(), durable=True)
+        _fsync_dir(ledger_dir)
+        tmp = device_dir / f".{capture_id}.jpg.{os.getpid()}.tmp"
+        _write_atomic(tmp, image, durable=True)
+        try:
+            # The commit point: a link never replaces, so a second receiver (or a replay)
+            # racing us finds the image there and stores nothing.
+            os.link(tmp, image_path)
+        except FileExistsError:
+            tmp.unlink(missing_ok=True)
+            return
+        tmp.unlink(missing_ok=True)
+        _fsync_dir(device_dir)
+        self.stored_count += 1
+        log_event(log, "capture.stored", capture_id=capture_id, device_id=device_id,
+                  path=str(image_path.resolve()), sha256=image_sha, size=len(image))
+
+
+def _req_of(payload: bytes) -> int:
+    """Best effort: echo the request number of a message we could not fully parse."""
+    try:
+        req = json.loads(payload).get("req", 0)
+    except (ValueError, AttributeError, UnicodeDecodeError):
+        return 0
+    return req if type(req) is int and req >= 0 else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m sim.gateway",
+                                     description="Reference clinic gateway receiver.")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=1883)
+    parser.add_argument("--store", type=Path, required=True, help="directory for stored images")
+    parser.add_argument("--prefix", default="derm/v1", help="topic prefix")
+    parser.add_argument("--protocol", choices=("mqtt5", "mqtt311"), default="mqtt5")
+    parser.add_argument("--group", default="gateways", help="shared subscription group")
+    parser.add_argument("--log", type=Path, help="also write JSON log events to this file")
+    args = parser.parse_args(argv)
+
+    add_json_handler("sim.gateway", stream=sys.stdout)
+    if args.log:
+        add_json_handler("sim.gateway", path=args.log)
+    done = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: done.set())
+    gateway = Gateway(args.host, args.port, args.store, args.prefix, args.protocol, args.group)
+    gateway.start()
+    while not done.wait(3600):
+        pass
+    gateway.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

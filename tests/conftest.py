@@ -1,0 +1,65 @@
+"""Shared fixtures: a real, private Mosquitto on a free loopback port, and a log-event watcher."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from sim.broker import MosquittoBroker
+
+
+@pytest.fixture
+def broker(tmp_path: Path) -> Iterator[MosquittoBroker]:
+    """A fresh Mosquitto per test (MQTT 5 and 3.1.1 on one listener), stopped afterwards."""
+    with MosquittoBroker(tmp_path / "broker") as b:
+        yield b
+
+
+class EventLog(logging.Handler):
+    """Collects structured log events (``log_event``) and lets a test wait for one."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.records: list[dict[str, Any]] = []
+        self._cond = threading.Condition()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if hasattr(record, "event"):
+            with self._cond:
+                self.records.append(dict(record.__dict__))
+                self._cond.notify_all()
+
+    def named(self, event: str, **match: Any) -> list[dict[str, Any]]:
+        with self._cond:
+            return [r for r in self.records if r["event"] == event
+                    and all(r.get(k) == v for k, v in match.items())]
+
+    def wait_for(self, event: str, timeout: float = 20.0, count: int = 1,
+                 **match: Any) -> list[dict[str, Any]]:
+        """Block until ``count`` matching events were logged; fail the test on timeout."""
+        with self._cond:
+            ok = self._cond.wait_for(lambda: len(self.named(event, **match)) >= count, timeout)
+        if not ok:
+            pytest.fail(f"no {event} {match or ''} within {timeout}s; "
+                        f"saw {[r['event'] for r in self.records]}")
+        return self.named(event, **match)
+
+
+@pytest.fixture
+def events() -> Iterator[EventLog]:
+    """Every event of the agent's and the gateway's loggers during the test."""
+    handler = EventLog()
+    loggers = [logging.getLogger(n) for n in ("device_agent", "sim")]
+    saved = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.addHandler(handler)
+        lg.setLevel(logging.DEBUG)
+    yield handler
+    for lg, level in zip(loggers, saved, strict=True):
+        lg.removeHandler(handler)
+        lg.setLevel(level)

@@ -1,0 +1,242 @@
+"""The reference gateway, driven message by message the way a third-party device would."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import queue
+from collections.abc import Iterator
+from pathlib import Path
+
+import paho.mqtt.client as mqtt
+import pytest
+from paho.mqtt.enums import CallbackAPIVersion
+
+from device_agent.uplink import bundle
+from device_agent.uplink.protocol import (
+    PROTOCOL_VERSION,
+    Ack,
+    Final,
+    Manifest,
+    Topics,
+    chunk_count_for,
+    encode_chunk,
+)
+from sim.broker import MosquittoBroker
+from sim.gateway import Gateway
+
+DEVICE = "dev-gw"
+CHUNK = 1024
+
+
+class RawDevice:
+    """A minimal device speaking the protocol by hand, to probe every gateway answer."""
+
+    def __init__(self, broker: MosquittoBroker, device_id: str = DEVICE) -> None:
+        self.topics = Topics("derm/v1", device_id)
+        self.acks: queue.Queue[Ack] = queue.Queue()
+        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+        self.client.on_message = lambda c, u, msg: self.acks.put(Ack.decode(msg.payload))
+        self.client.connect(broker.host, broker.port)
+        self.client.loop_start()
+        self.client.subscribe(self.topics.ack_filter, qos=1)
+        # A round trip on our own connection proves the subscription is in place.
+        self.client.publish("derm/v1/ping", b"", qos=1).wait_for_publish(5)
+
+    def send(self, capture_id: str, kind: str, payload: bytes) -> None:
+        info = self.client.publish(self.topics.up(capture_id, kind), payload, qos=1)
+        info.wait_for_publish(5)
+
+    def ack(self, timeout: float = 10.0) -> Ack:
+        return self.acks.get(timeout=timeout)
+
+    def manifest(self, capture_id: str, data: bytes, req: int = 1) -> Ack:
+        m = Manifest(capture_id, len(data), CHUNK, chunk_count_for(len(data), CHUNK),
+                     hashlib.sha256(data).hexdigest(), bundle.CONTENT_TYPE, req)
+        self.send(capture_id, "manifest", m.encode())
+        return self.ack()
+
+    def chunks(self, capture_id: str, data: bytes, indices: list[int] | None = None) -> None:
+        sha = hashlib.sha256(data).digest()
+        count = chunk_count_for(len(data), CHUNK)
+        for i in range(count) if indices is None else indices:
+            self.send(capture_id, "chunk",
+                      encode_chunk(sha, CHUNK, i, data[i * CHUNK:(i + 1) * CHUNK]))
+
+    def final(self, capture_id: str, data: bytes, req: int = 2) -> Ack:
+        f = Final(capture_id, hashlib.sha256(data).hexdigest(),
+                  chunk_count_for(len(data), CHUNK), req)
+        self.send(capture_id, "final", f.encode())
+        return self.ack()
+
+    def transfer(self, capture_id: str, data: bytes) -> Ack:
+        self.manifest(capture_id, data)
+        self.chunks(capture_id, data)
+        return self.final(capture_id, data)
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Path:
+    return tmp_path / "store"
+
+
+@pytest.fixture
+def gateway(broker: MosquittoBroker, store: Path) -> Iterator[Gateway]:
+    with Gateway(broker.host, broker.port, store) as gw:
+        assert gw.wait_ready(10)
+        yield gw
+
+
+@pytest.fixture
+def device(broker: MosquittoBroker) -> Iterator[RawDevice]:
+    dev = RawDevice(broker)
+    yield dev
+    dev.close()
+
+
+def payload(n: int = 5000) -> tuple[dict, bytes, bytes]:
+    meta = {"capture_id": "c", "kind": "dermoscopic"}
+    image = bytes(i % 251 for i in range(n))
+    return meta, image, bundle.pack(meta, image)
+
+
+def test_full_transfer_stores_image_and_metadata(gateway, device, store, events) -> None:
+    meta, image, data = payload()
+    first = device.manifest("c1", data)
+    assert first.state == "incomplete"
+    assert first.missing == tuple(range(chunk_count_for(len(data), CHUNK)))
+    device.chunks("c1", data)
+    final = device.final("c1", data, req=7)
+    assert (final.state, final.req) == ("committed", 7)
+    assert final.sha256 == hashlib.sha256(data).hexdigest()
+    assert (store / DEVICE / "c1.jpg").read_bytes() == image
+    assert json.loads((store / DEVICE / "c1.json").read_text()) == meta
+    (stored,) = events.named("capture.stored")
+    assert stored["capture_id"] == "c1"
+    assert stored["sha256"] == hashlib.sha256(Path(stored["path"]).read_bytes()).hexdigest()
+
+
+def test_final_lists_exactly_the_missing_chunks(gateway, device) -> None:
+    _, _, data = payload(6000)
+    device.manifest("c2", data)
+    device.chunks("c2", data, [0, 2, 4])
+    ack = device.final("c2", data)
+    assert ack.state == "incomplete"
+    assert ack.missing == tuple(i for i in range(ack.chunk_count) if i not in (0, 2, 4))
+    device.chunks("c2", data, list(ack.missing))
+    assert device.final("c2", data, req=3).state == "committed"
+
+
+def test_replay_of_a_whole_transfer_is_stored_once(gateway, device, store, events) -> None:
+    _, image, data = payload()
+    assert device.transfer("c3", data).state == "committed"
+    # Replay: the manifest alone already answers committed; chunks and final change nothing.
+    assert device.manifest("c3", data).state == "committed"
+    device.chunks("c3", data)
+    assert device.final("c3", data).state == "committed"
+    assert len(events.named("capture.stored")) == 1
+    assert sorted(p.name for p in (store / DEVICE).iterdir()) == ["c3.jpg", "c3.json"]
+    assert (store / DEVICE / "c3.jpg").read_bytes() == image
+
+
+def test_same_capture_id_with_other_content_is_rejected(gateway, device, store) -> None:
+    _, image, data = payload(3000)
+    assert device.transfer("c4", data).state == "committed"
+    other = bundle.pack({"other": True}, b"different")
+    ack = device.manifest("c4", other)
+    assert (ack.state, ack.reason) == ("rejected", "conflict")
+    assert (store / DEVICE / "c4.jpg").read_bytes() == image
+
+
+@pytest.mark.parametrize(
+    ("body", "reason"),
+    [
+        (b"not json", "bad_message"),
+        (json.dumps({"v": 99, "type": "manifest", "req": 4}).encode(), "unsupported_version"),
+        (json.dumps({"v": PROTOCOL_VERSION, "type": "manifest", "capture_id": "c5",
+                     "size": 10, "chunk_size": 4, "chunk_count": 9, "sha256": "0" * 64,
+                     "content_type": bundle.CONTENT_TYPE, "req": 4}).encode(), "bad_message"),
+    ],
+    ids=["not-json", "version", "wrong-count"],
+)
+def test_bad_manifest_is_rejected_with_a_reason(gateway, device, body, reason) -> None:
+    device.send("c5", "manifest", body)
+    ack = device.ack()
+    assert (ack.state, ack.reason) == ("rejected", reason)
+
+
+def test_unknown_content_type_is_rejected(gateway, device) -> None:
+    m = Manifest("c6", 10, CHUNK, 1, "0" * 64, "image/tiff", 1)
+    device.send("c6", "manifest", m.encode())
+    ack = device.ack()
+    assert (ack.state, ack.reason) == ("rejected", "unsupported_content_type")
+
+
+def test_payload_that_is_not_a_bundle_is_rejected(gateway, device, store) -> None:
+    ack = device.transfer("c7", b"\x00" * 3000)
+    assert (ack.state, ack.reason) == ("rejected", "bad_bundle")
+    assert not (store / DEVICE / "c7.jpg").exists()
+
+
+def test_corrupt_chunk_is_dropped_and_asked_for_again(gateway, device) -> None:
+    _, _, data = payload(3000)
+    device.manifest("c8", data)
+    device.chunks("c8", data, [1, 2])
+    sha = hashlib.sha256(data).digest()
+    bad = bytearray(encode_chunk(sha, CHUNK, 0, data[:CHUNK]))
+    bad[-1] ^= 0xFF  # the CRC catches it
+    device.send("c8", "chunk", bytes(bad))
+    ack = device.final("c8", data)
+    assert (ack.state, ack.missing) == ("incomplete", (0,))
+
+
+def test_final_without_manifest_asks_to_start_over(gateway, device) -> None:
+    _, _, data = payload(2000)
+    ack = device.final("c9", data)
+    assert (ack.state, ack.reason) == ("retry", "no_manifest")
+
+
+def test_restarted_gateway_resumes_from_its_staged_chunks(broker, device, store) -> None:
+    _, image, data = payload(8000)
+    count = chunk_count_for(len(data), CHUNK)
+    with Gateway(broker.host, broker.port, store) as gw:
+        assert gw.wait_ready(10)
+        device.manifest("c10", data)
+        device.chunks("c10", data, list(range(count // 2)))
+        ack = device.final("c10", data)  # a round trip: all chunks before it are staged
+        assert len(ack.missing) == count - count // 2
+    with Gateway(broker.host, broker.port, store) as gw:
+        assert gw.wait_ready(10)
+        ack = device.manifest("c10", data)
+        assert ack.missing == tuple(range(count // 2, count))
+        device.chunks("c10", data, list(ack.missing))
+        assert device.final("c10", data).state == "committed"
+    assert (store / DEVICE / "c10.jpg").read_bytes() == image
+
+
+def test_two_gateways_sharing_the_load_store_each_capture_once(broker, store, events) -> None:
+    with Gateway(broker.host, broker.port, store) as a, Gateway(broker.host, broker.port,
+                                                                store) as b:
+        assert a.wait_ready(10)
+        assert b.wait_ready(10)
+        dev = RawDevice(broker)
+        try:
+            for n in range(4):
+                _, _, data = payload(3000 + n)
+                ack = dev.transfer(f"s{n}", data)
+                # A shared subscription may deal the final to the receiver that has not yet
+                # written the last chunk: it answers incomplete, the device sends again.
+                for _ in range(5):
+                    if ack.state == "committed":
+                        break
+                    dev.chunks(f"s{n}", data, list(ack.missing))
+                    ack = dev.final(f"s{n}", data, req=10)
+                assert ack.state == "committed"
+        finally:
+            dev.close()
+    assert sorted(e["capture_id"] for e in events.named("capture.stored")) == [
+        "s0", "s1", "s2", "s3"]

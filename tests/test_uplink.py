@@ -1,0 +1,340 @@
+"""The device uplink end to end against a real Mosquitto and the reference gateway."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import queue
+import random
+import signal
+import subprocess
+import sys
+import textwrap
+from collections.abc import Iterator
+from pathlib import Path
+
+import paho.mqtt.client as mqtt
+import pytest
+from paho.mqtt.enums import CallbackAPIVersion
+
+from device_agent.config import UplinkConfig
+from device_agent.uplink import bundle
+from device_agent.uplink.client import Uplink, backoff_delay
+from device_agent.uplink.outbox import Outbox
+from device_agent.uplink.protocol import Manifest, Topics, chunk_count_for, encode_chunk
+from sim.broker import MosquittoBroker, free_port
+from sim.gateway import Gateway
+
+DEVICE = "dev-1"
+
+
+def uplink_config(broker: MosquittoBroker, **over: object) -> UplinkConfig:
+    values: dict[str, object] = dict(host=broker.host, port=broker.port, ack_timeout=2.0,
+                                     retry_min=0.1, retry_max=0.5, keepalive=5,
+                                     chunk_size=16 * 1024)
+    values.update(over)
+    return UplinkConfig(**values)
+
+
+def capture(n: int, size: int = 50_000) -> tuple[str, dict, bytes]:
+    image = random.Random(n).randbytes(size)
+    return f"cap-{n}", {"capture_id": f"cap-{n}", "device_id": DEVICE, "n": n}, image
+
+
+@pytest.fixture
+def outbox(tmp_path: Path) -> Outbox:
+    return Outbox(tmp_path / "outbox", 50 * 1024 * 1024)
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Path:
+    return tmp_path / "store"
+
+
+@pytest.fixture
+def gateway(broker: MosquittoBroker, store: Path) -> Iterator[Gateway]:
+    gw = Gateway(broker.host, broker.port, store)
+    gw.start()
+    assert gw.wait_ready(10)
+    yield gw
+    gw.stop()
+
+
+def make_uplink(broker: MosquittoBroker, outbox: Outbox, **over: object) -> Uplink:
+    return Uplink(uplink_config(broker, **over), DEVICE, outbox, "test-1.0")
+
+
+def put(outbox: Outbox, n: int, size: int = 50_000) -> tuple[str, dict, bytes]:
+    capture_id, meta, image = capture(n, size)
+    outbox.put(capture_id, bundle.pack(meta, image))
+    return capture_id, meta, image
+
+
+def assert_stored(store: Path, capture_id: str, meta: dict, image: bytes) -> None:
+    assert (store / DEVICE / f"{capture_id}.jpg").read_bytes() == image
+    assert json.loads((store / DEVICE / f"{capture_id}.json").read_text()) == meta
+
+
+def test_capture_is_delivered_end_to_end_and_removed_only_then(
+    broker, gateway, outbox, store, events
+) -> None:
+    items = [put(outbox, n, size=120_000) for n in range(3)]
+    up = make_uplink(broker, outbox)
+    up.start()
+    try:
+        assert up.wait_idle(30)
+    finally:
+        up.stop()
+    for capture_id, meta, image in items:
+        assert_stored(store, capture_id, meta, image)
+    assert outbox.depth() == 0
+    delivered = [e["capture_id"] for e in events.named("capture.delivered")]
+    assert delivered == [c for c, _, _ in items]  # FIFO
+    for stored in events.named("capture.stored"):
+        path = Path(stored["path"])
+        assert hashlib.sha256(path.read_bytes()).hexdigest() == stored["sha256"]
+
+
+def test_entry_stays_until_gateway_acks(broker, outbox, store, events) -> None:
+    capture_id, meta, image = put(outbox, 1)
+    up = make_uplink(broker, outbox)
+    up.start()
+    try:
+        # The broker PUBACKs the manifest, but no gateway answers: the entry must stay.
+        events.wait_for("uplink.retry", capture_id=capture_id)
+        assert [e.capture_id for e in outbox.pending()] == [capture_id]
+        with Gateway(broker.host, broker.port, store):
+            assert up.wait_idle(30)
+    finally:
+        up.stop()
+    assert_stored(store, capture_id, meta, image)
+    assert outbox.depth() == 0
+
+
+def test_broker_down_at_start_then_up(tmp_path, outbox, store, events) -> None:
+    broker = MosquittoBroker(tmp_path / "late-broker", port=free_port())
+    capture_id, meta, image = put(outbox, 2)
+    up = make_uplink(broker, outbox)
+    up.start()  # must not raise with the broker down
+    try:
+        events.wait_for("uplink.reconnect_scheduled", count=2)
+        assert not up.online
+        assert outbox.depth() == 1
+        broker.start()
+        with Gateway(broker.host, broker.port, store):
+            assert up.wait_idle(30)
+    finally:
+        up.stop()
+        broker.stop()
+    assert_stored(store, capture_id, meta, image)
+
+
+def test_broker_restart_mid_queue_loses_nothing(broker, gateway, outbox, store, events) -> None:
+    items = [put(outbox, n, size=200_000) for n in range(4)]
+    up = make_uplink(broker, outbox, chunk_size=4096)
+    up.start()
+    try:
+        events.wait_for("capture.delivered")
+        broker.restart()
+        assert up.wait_idle(40)
+    finally:
+        up.stop()
+    for capture_id, meta, image in items:
+        assert_stored(store, capture_id, meta, image)
+    assert len(events.named("capture.stored")) == 4
+
+
+def test_duplicate_after_lost_removal_is_stored_once(
+    broker, gateway, outbox, store, events
+) -> None:
+    capture_id, meta, image = put(outbox, 3)
+    up = make_uplink(broker, outbox)
+    up.start()
+    try:
+        assert up.wait_idle(30)
+        # As if the device crashed after the ack but before remove(): the same capture again.
+        put(outbox, 3)
+        up.notify()
+        events.wait_for("capture.delivered", count=2, capture_id=capture_id)
+        assert up.wait_idle(30)
+    finally:
+        up.stop()
+    assert len(events.named("capture.stored", capture_id=capture_id)) == 1
+    assert len(events.named("gateway.duplicate", capture_id=capture_id)) == 1
+    assert sorted(p.name for p in (store / DEVICE).iterdir()) == [
+        f"{capture_id}.jpg", f"{capture_id}.json"]
+    assert_stored(store, capture_id, meta, image)
+
+
+def test_corrupt_entry_is_quarantined_and_the_next_is_delivered(
+    broker, gateway, outbox, store, events
+) -> None:
+    bad = outbox.put("cap-bad", bundle.pack({}, b"x" * 10_000))
+    raw = bytearray(bad.path.read_bytes())
+    raw[-1] ^= 1
+    bad.path.write_bytes(bytes(raw))
+    capture_id, meta, image = put(outbox, 4)
+    up = make_uplink(broker, outbox)
+    up.start()
+    try:
+        assert up.wait_idle(30)
+    finally:
+        up.stop()
+    assert_stored(store, capture_id, meta, image)
+    assert events.named("outbox.quarantined", capture_id="cap-bad")
+    assert not (store / DEVICE / "cap-bad.jpg").exists()
+    assert len(outbox.quarantined()) == 1
+
+
+def test_mqtt311_end_to_end(broker, outbox, store) -> None:
+    capture_id, meta, image = put(outbox, 5, size=100_000)
+    up = make_uplink(broker, outbox, protocol="mqtt311")
+    with Gateway(broker.host, broker.port, store, protocol="mqtt311"):
+        up.start()
+        try:
+            assert up.wait_idle(30)
+        finally:
+            up.stop()
+    assert_stored(store, capture_id, meta, image)
+
+
+def test_chunks_fit_the_brokers_maximum_packet_size(tmp_path, outbox, store, events) -> None:
+    with MosquittoBroker(tmp_path / "small", extra_conf="max_packet_size 8192") as broker, \
+            Gateway(broker.host, broker.port, store) as gw:
+        assert gw.wait_ready(10)
+        capture_id, meta, image = put(outbox, 6, size=60_000)
+        up = make_uplink(broker, outbox, chunk_size=64 * 1024)
+        up.start()
+        try:
+            assert up.wait_idle(30)
+        finally:
+            up.stop()
+    assert_stored(store, capture_id, meta, image)
+    (delivered,) = events.named("capture.delivered")
+    assert delivered["chunk_size"] <= 8192 - 56
+
+
+def test_receive_maximum_is_respected(tmp_path, outbox, store, events) -> None:
+    with MosquittoBroker(tmp_path / "rm", extra_conf="max_inflight_messages 2") as broker, \
+            Gateway(broker.host, broker.port, store) as gw:
+        assert gw.wait_ready(10)
+        capture_id, meta, image = put(outbox, 7, size=100_000)
+        up = make_uplink(broker, outbox, chunk_size=2048)
+        up.start()
+        try:
+            assert up.wait_idle(30)
+        finally:
+            up.stop()
+    assert events.named("uplink.connected")[0]["receive_max"] == 2
+    assert_stored(store, capture_id, meta, image)
+
+
+def test_resume_sends_only_the_missing_chunks(broker, gateway, outbox, store, events) -> None:
+    capture_id, meta, image = capture(8, size=40_000)
+    data = bundle.pack(meta, image)
+    outbox.put(capture_id, data)
+    chunk_size = 4096
+    count = chunk_count_for(len(data), chunk_size)
+    sha = hashlib.sha256(data).digest()
+    topics = Topics("derm/v1", DEVICE)
+    # An earlier, interrupted attempt: manifest and the first half of the chunks got through.
+    raw = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+    raw.connect(broker.host, broker.port)
+    raw.loop_start()
+    try:
+        m = Manifest(capture_id, len(data), chunk_size, count, sha.hex(), bundle.CONTENT_TYPE)
+        raw.publish(topics.up(capture_id, "manifest"), m.encode(), qos=1).wait_for_publish(5)
+        events.wait_for("gateway.manifest", capture_id=capture_id)
+        for i in range(count // 2):
+            raw.publish(topics.up(capture_id, "chunk"),
+                        encode_chunk(sha, chunk_size, i, data[i * chunk_size:(i + 1) * chunk_size]),
+                        qos=1).wait_for_publish(5)
+    finally:
+        raw.disconnect()
+        raw.loop_stop()
+    up = make_uplink(broker, outbox, chunk_size=chunk_size)
+    up.start()
+    try:
+        assert up.wait_idle(30)
+    finally:
+        up.stop()
+    resumed = events.named("gateway.manifest", capture_id=capture_id)[-1]
+    assert resumed["resumed"] is True
+    assert resumed["missing"] == count - count // 2
+    assert_stored(store, capture_id, meta, image)
+
+
+def _status_watcher(broker: MosquittoBroker) -> tuple[mqtt.Client, queue.Queue]:
+    got: queue.Queue = queue.Queue()
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+    client.on_message = lambda c, u, msg: got.put((msg.retain, json.loads(msg.payload)))
+    client.connect(broker.host, broker.port)
+    client.subscribe(Topics("derm/v1", DEVICE).status, qos=1)
+    client.loop_start()
+    return client, got
+
+
+def _next_state(got: queue.Queue, state: str) -> dict:
+    while True:
+        _retain, status = got.get(timeout=20)
+        if status["state"] == state:
+            return status
+
+
+def test_retained_status_online_heartbeat_and_offline(broker, outbox) -> None:
+    put(outbox, 9)
+    up = make_uplink(broker, outbox, heartbeat_interval=0.2)
+    up.start()
+    watcher, got = _status_watcher(broker)
+    try:
+        online = _next_state(got, "online")
+        assert online["software_version"] == "test-1.0"
+        assert online["outbox_depth"] == 1  # no gateway: still pending
+        assert "disk_free_bytes" in online
+        assert "oldest_pending_age_s" in online
+        _next_state(got, "online")  # a heartbeat follows
+        up.stop()
+        assert _next_state(got, "offline")["reason"] == "stopped"
+    finally:
+        watcher.disconnect()
+        watcher.loop_stop()
+
+
+_AGENT = textwrap.dedent(
+    """
+    import sys, threading
+    from pathlib import Path
+    from device_agent.config import UplinkConfig
+    from device_agent.uplink.client import Uplink
+    from device_agent.uplink.outbox import Outbox
+    up = Uplink(UplinkConfig(host="127.0.0.1", port=int(sys.argv[1]), keepalive=5), "dev-1",
+                Outbox(Path(sys.argv[2]), 10**6), "test-1.0")
+    up.start()
+    threading.Event().wait()
+    """
+)
+
+
+def test_last_will_says_offline_when_the_device_dies(broker, tmp_path) -> None:
+    watcher, got = _status_watcher(broker)
+    proc = subprocess.Popen([sys.executable, "-c", _AGENT, str(broker.port),
+                             str(tmp_path / "ob")])
+    try:
+        _next_state(got, "online")
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
+        assert _next_state(got, "offline")["reason"] == "connection lost"
+    finally:
+        proc.kill()
+        proc.wait(timeout=10)
+        watcher.disconnect()
+        watcher.loop_stop()
+
+
+def test_backoff_grows_is_capped_and_jittered() -> None:
+    rng = random.Random(1)
+    delays = [backoff_delay(n, 0.5, 8.0, rng) for n in range(10)]
+    assert all(0.25 <= d <= 8.0 for d in delays)
+    assert delays[-1] >= 4.0  # capped at 8 with equal jitter: in [4, 8]
+    assert len({round(backoff_delay(5, 0.5, 8.0, rng), 6) for _ in range(20)}) > 1
