@@ -58,6 +58,8 @@ class MosquittoBroker:
             f"listener {self.port} {self.host}\n"
             "allow_anonymous true\n"
             "persistence false\n"
+            # Small control messages (acks) must not wait for Nagle + delayed ACK (~40 ms).
+            "set_tcp_nodelay true\n"
             f"log_dest file {self.log_path}\n"
             "log_type error\nlog_type warning\nlog_type notice\nlog_type information\n"
             "connection_messages true\n"

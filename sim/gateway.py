@@ -10,7 +10,7 @@ store nothing twice.
 Layout under ``store_dir``::
 
     <device>/<capture>.jpg, <capture>.json     stored captures
-    .gateway/staging/<device>/<capture>/       manifest.json + c<index> chunk files
+    .gateway/staging/<device>/<capture>/       manifest.json, data, received (see _Staging)
     .gateway/ledger/<device>/<capture>.json    transfer sha256 etc. of committed captures
 
 Receivers that share a group must share ``store_dir`` (e.g. a network volume): a shared
@@ -31,9 +31,10 @@ import logging
 import os
 import shutil
 import signal
+import struct
 import sys
 import threading
-from dataclasses import dataclass
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +46,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 
 from device_agent.logs import add_json_handler, log_event
 from device_agent.uplink import bundle
+from device_agent.uplink.client import tcp_nodelay
 from device_agent.uplink.protocol import (
     Ack,
     Final,
@@ -62,10 +64,113 @@ DEFAULT_MAX_SIZE = 512 * 1024 * 1024
 ACCEPTED_CONTENT_TYPES = (bundle.CONTENT_TYPE,)
 
 
-@dataclass(frozen=True)
-class _Staged:
-    manifest: Manifest
-    directory: Path
+_REC = struct.Struct(">I")
+#: Staged transfers whose files stay open between chunks (a small LRU, per receiver).
+_OPEN_STAGINGS = 32
+#: Transfers up to this size are also assembled in memory (see _Staging).
+_MEMORY_LIMIT = 16 * 1024 * 1024
+
+
+class _Staging:
+    """One transfer's chunks on disk, so a restarted receiver resumes where it was.
+
+    ``manifest.json``; ``data`` with chunk i at offset i * chunk_size; ``received``, an
+    append-only log of u32 chunk indices, each appended after its data is written. Appends
+    of 4 bytes are atomic, so receivers sharing the directory can log side by side. After a
+    power cut a logged chunk may hold zeros: the SHA-256 at the final catches that, and the
+    whole transfer is asked for again.
+    """
+
+    def __init__(self, directory: Path, manifest: Manifest) -> None:
+        self.directory = directory
+        self.manifest = manifest
+        self._data_fd: int | None = None
+        self._log_fd: int | None = None
+        self.seen: set[int] = self.received()
+        # Fast path: while chunks arrive in order (the usual case) keep them in memory and
+        # hash as they come, so the final needs no disk read and no second pass. What is
+        # verified is exactly what gets stored.
+        in_order = not self.seen and manifest.size <= _MEMORY_LIMIT
+        self._mem: list[bytes] | None = [] if in_order else None
+        self._hasher = hashlib.sha256()
+
+    @classmethod
+    def load(cls, directory: Path) -> _Staging | None:
+        try:
+            manifest = Manifest.decode((directory / "manifest.json").read_bytes())
+        except (OSError, ProtocolError):
+            return None
+        return cls(directory, manifest)
+
+    @classmethod
+    def create(cls, directory: Path, manifest: Manifest) -> _Staging:
+        shutil.rmtree(directory, ignore_errors=True)
+        directory.mkdir(parents=True, exist_ok=True)
+        _write_atomic(directory / "manifest.json", dataclasses.replace(manifest, req=0).encode(),
+                      durable=False)
+        return cls(directory, manifest)
+
+    def matches(self, sha256: str, size: int | None, chunk_size: int) -> bool:
+        m = self.manifest
+        return m.sha256 == sha256 and m.chunk_size == chunk_size and size in (None, m.size)
+
+    def write(self, index: int, data: bytes) -> None:
+        if index in self.seen:
+            return
+        if self._data_fd is None or self._log_fd is None:
+            self._data_fd = os.open(self.directory / "data", os.O_WRONLY | os.O_CREAT, 0o600)
+            self._log_fd = os.open(self.directory / "received",
+                                   os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        os.pwrite(self._data_fd, data, index * self.manifest.chunk_size)
+        os.write(self._log_fd, _REC.pack(index))
+        self.seen.add(index)
+        if self._mem is not None:
+            if index == len(self._mem):
+                self._mem.append(data)
+                self._hasher.update(data)
+            else:
+                self._mem = None  # out of order: fall back to the staged file
+
+    def assembled(self) -> tuple[bytes, str]:
+        """The whole payload and its SHA-256 (hex), once every chunk is staged."""
+        if self._mem is not None and len(self._mem) == self.manifest.chunk_count:
+            return b"".join(self._mem), self._hasher.hexdigest()
+        data = self.read_all()
+        return data, hashlib.sha256(data).hexdigest()
+
+    def received(self) -> set[int]:
+        """Authoritative (re-read from disk): other receivers may have added chunks."""
+        try:
+            raw = (self.directory / "received").read_bytes()
+        except FileNotFoundError:
+            return set()
+        whole = len(raw) - len(raw) % _REC.size  # a torn last record is ignored
+        return {i for (i,) in _REC.iter_unpack(raw[:whole]) if i < self.manifest.chunk_count}
+
+    def missing(self) -> list[int]:
+        have = self.received()
+        self.seen |= have
+        return [i for i in range(self.manifest.chunk_count) if i not in have]
+
+    def read_all(self) -> bytes:
+        try:
+            with (self.directory / "data").open("rb") as f:
+                return f.read(self.manifest.size)
+        except FileNotFoundError:
+            return b""
+
+    def forget_chunks(self) -> None:
+        self.close()
+        for name in ("data", "received"):
+            (self.directory / name).unlink(missing_ok=True)
+        self.seen = set()
+        self._mem, self._hasher = [], hashlib.sha256()
+
+    def close(self) -> None:
+        for fd in (self._data_fd, self._log_fd):
+            if fd is not None:
+                os.close(fd)
+        self._data_fd = self._log_fd = None
 
 
 def _write_atomic(path: Path, data: bytes, *, durable: bool) -> None:
@@ -105,6 +210,8 @@ class Gateway:
         self._mqtt5 = protocol == "mqtt5"
         self._client = self._make_client()
         self.stored_count = 0
+        # Touched only from paho's network thread (all callbacks run there).
+        self._open: OrderedDict[tuple[str, str], _Staging] = OrderedDict()
 
     def _make_client(self) -> mqtt.Client:
         client_id = f"gateway-{os.getpid()}-{id(self):x}"
@@ -116,6 +223,7 @@ class Gateway:
                                  protocol=mqtt.MQTTv311, clean_session=True)
         client.reconnect_delay_set(0.2, 5.0)
         client.connect_timeout = 5.0
+        client.on_socket_open = tcp_nodelay
         client.on_connect = self._on_connect
         client.on_subscribe = self._on_subscribe
         client.on_disconnect = self._on_disconnect
@@ -147,6 +255,8 @@ class Gateway:
         self._client.disconnect()
         self._client.loop_stop()
         self._ready.clear()
+        while self._open:
+            self._open.popitem()[1].close()
 
     def __enter__(self) -> Gateway:
         self.start()
@@ -242,18 +352,37 @@ class Gateway:
         except (OSError, ValueError):
             return {}
 
-    def _staged(self, device_id: str, capture_id: str) -> _Staged | None:
-        directory = self._staging / device_id / capture_id
-        try:
-            manifest = Manifest.decode((directory / "manifest.json").read_bytes())
-        except (OSError, ProtocolError):
-            return None
-        return _Staged(manifest, directory)
+    def _staging_dir(self, device_id: str, capture_id: str) -> Path:
+        return self._staging / device_id / capture_id
 
-    @staticmethod
-    def _missing(staged: _Staged) -> list[int]:
-        present = {p.name for p in staged.directory.iterdir() if p.name.startswith("c")}
-        return [i for i in range(staged.manifest.chunk_count) if f"c{i}" not in present]
+    def _staged(self, device_id: str, capture_id: str, fresh: bool = False) -> _Staging | None:
+        key = (device_id, capture_id)
+        staging = self._open.get(key)
+        if staging is not None and not fresh:
+            self._open.move_to_end(key)
+            return staging
+        if staging is not None:
+            staging.close()
+            del self._open[key]
+        staging = _Staging.load(self._staging_dir(device_id, capture_id))
+        if staging is not None:
+            self._keep_open(key, staging)
+        return staging
+
+    def _keep_open(self, key: tuple[str, str], staging: _Staging) -> None:
+        old = self._open.pop(key, None)
+        if old is not None and old is not staging:
+            old.close()
+        self._open[key] = staging
+        while len(self._open) > _OPEN_STAGINGS:
+            _key, oldest = self._open.popitem(last=False)
+            oldest.close()
+
+    def _drop_staging(self, device_id: str, capture_id: str) -> None:
+        staging = self._open.pop((device_id, capture_id), None)
+        if staging is not None:
+            staging.close()
+        shutil.rmtree(self._staging_dir(device_id, capture_id), ignore_errors=True)
 
     def _handle_manifest(self, device_id: str, capture_id: str, m: Manifest) -> Ack:
         if m.capture_id != capture_id:
@@ -265,20 +394,14 @@ class Gateway:
             return Ack(capture_id, "rejected", req=m.req, reason="too_large")
         if m.content_type not in ACCEPTED_CONTENT_TYPES:
             return Ack(capture_id, "rejected", req=m.req, reason="unsupported_content_type")
-        staged = self._staged(device_id, capture_id)
-        same = staged is not None and (staged.manifest.sha256, staged.manifest.size,
-                                       staged.manifest.chunk_size) == (m.sha256, m.size,
-                                                                       m.chunk_size)
+        staged = self._staged(device_id, capture_id, fresh=True)
+        same = staged is not None and staged.matches(m.sha256, m.size, m.chunk_size)
         if staged is None or not same:
             # A new transfer (or one with another chunk size after a reconnect to a broker
             # with a smaller packet cap): chunks staged for the old one cannot be reused.
-            directory = self._staging / device_id / capture_id
-            shutil.rmtree(directory, ignore_errors=True)
-            directory.mkdir(parents=True, exist_ok=True)
-            _write_atomic(directory / "manifest.json", dataclasses.replace(m, req=0).encode(),
-                          durable=False)
-            staged = _Staged(m, directory)
-        missing = self._missing(staged)
+            staged = _Staging.create(self._staging_dir(device_id, capture_id), m)
+            self._keep_open((device_id, capture_id), staged)
+        missing = staged.missing()
         log_event(log, "gateway.manifest", device_id=device_id, capture_id=capture_id,
                   size=m.size, chunks=m.chunk_count, missing=len(missing), resumed=same)
         return Ack(capture_id, "incomplete", req=m.req, missing=tuple(missing),
@@ -296,21 +419,20 @@ class Gateway:
     def _handle_chunk(self, device_id: str, capture_id: str, payload: bytes) -> None:
         chunk = decode_chunk(payload)
         staged = self._staged(device_id, capture_id)
-        if staged is None:
-            return  # stale: a chunk of a transfer we never saw or already committed
+        if staged is not None and not staged.matches(chunk.sha256.hex(), None, chunk.chunk_size):
+            # Another receiver of our group may have started a newer transfer: look again.
+            staged = self._staged(device_id, capture_id, fresh=True)
+        if staged is None or not staged.matches(chunk.sha256.hex(), None, chunk.chunk_size):
+            return  # stale: a chunk of an earlier or already committed transfer
         m = staged.manifest
-        if chunk.sha256.hex() != m.sha256 or chunk.chunk_size != m.chunk_size:
-            return  # a chunk of an earlier transfer of the same capture
         if not 0 <= chunk.index < m.chunk_count:
             raise ProtocolError("bad_chunk", f"index {chunk.index} >= {m.chunk_count}")
         expected = min(m.chunk_size, m.size - chunk.index * m.chunk_size)
         if len(chunk.data) != expected:
             raise ProtocolError("bad_chunk", f"chunk {chunk.index} has {len(chunk.data)} "
                                 f"bytes, expected {expected}")
-        path = staged.directory / f"c{chunk.index}"
-        if not path.exists():
-            # No fsync: a chunk lost in a power cut fails the SHA-256 and is simply re-sent.
-            _write_atomic(path, chunk.data, durable=False)
+        # No fsync: a chunk lost in a power cut fails the SHA-256 and is simply re-sent.
+        staged.write(chunk.index, chunk.data)
 
     def _handle_final(self, device_id: str, capture_id: str, f: Final) -> Ack:
         if f.capture_id != capture_id:
@@ -320,25 +442,20 @@ class Gateway:
             return self._duplicate_ack(capture_id, f.sha256, f.req, done)
         staged = self._staged(device_id, capture_id)
         if staged is None or staged.manifest.sha256 != f.sha256:
+            staged = self._staged(device_id, capture_id, fresh=True)
+        if staged is None or staged.manifest.sha256 != f.sha256:
             # We hold no matching manifest (lost staging, or a replayed final): start over.
             return Ack(capture_id, "retry", req=f.req, reason="no_manifest")
         m = staged.manifest
-        missing = self._missing(staged)
+        missing = staged.missing()
         if missing:
             return Ack(capture_id, "incomplete", req=f.req, missing=tuple(missing),
                        chunk_count=m.chunk_count)
-        digest = hashlib.sha256()
-        parts = []
-        for i in range(m.chunk_count):
-            part = (staged.directory / f"c{i}").read_bytes()
-            digest.update(part)
-            parts.append(part)
-        data = b"".join(parts)
-        if digest.hexdigest() != m.sha256 or len(data) != m.size:
+        data, digest = staged.assembled()
+        if len(data) != m.size or digest != m.sha256:
             log_event(log, "gateway.sha256_mismatch", level=logging.WARNING,
                       device_id=device_id, capture_id=capture_id)
-            for p in staged.directory.glob("c*"):
-                p.unlink(missing_ok=True)
+            staged.forget_chunks()
             return Ack(capture_id, "incomplete", req=f.req, missing=tuple(range(m.chunk_count)),
                        chunk_count=m.chunk_count, reason="sha256_mismatch")
         try:
@@ -346,10 +463,10 @@ class Gateway:
         except bundle.BundleError as err:
             log_event(log, "gateway.bad_bundle", level=logging.ERROR, device_id=device_id,
                       capture_id=capture_id, detail=str(err))
-            shutil.rmtree(staged.directory, ignore_errors=True)
+            self._drop_staging(device_id, capture_id)
             return Ack(capture_id, "rejected", req=f.req, reason="bad_bundle")
         self._store(device_id, capture_id, m, metadata, image)
-        shutil.rmtree(staged.directory, ignore_errors=True)
+        self._drop_staging(device_id, capture_id)
         return Ack(capture_id, "committed", req=f.req, sha256=m.sha256)
 
     def _store(self, device_id: str, capture_id: str, m: Manifest, metadata: dict,
@@ -363,11 +480,12 @@ class Gateway:
         _write_atomic(device_dir / f"{capture_id}.json",
                       json.dumps(metadata, indent=2, sort_keys=True, ensure_ascii=False)
                       .encode("utf-8"), durable=True)
+        # Not fsynced: the ledger only lets a duplicate with other content be told apart; if
+        # a power cut loses it, a duplicate is still answered "committed" (without sha256).
         _write_atomic(self._ledger_path(device_id, capture_id), json.dumps({
             "capture_id": capture_id, "device_id": device_id, "transfer_sha256": m.sha256,
             "size": m.size, "image_sha256": image_sha, "image": image_path.name,
-        }).encode(), durable=True)
-        _fsync_dir(ledger_dir)
+        }).encode(), durable=False)
         tmp = device_dir / f".{capture_id}.jpg.{os.getpid()}.tmp"
         _write_atomic(tmp, image, durable=True)
         try:

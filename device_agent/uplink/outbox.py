@@ -224,6 +224,11 @@ class Outbox:
         A corrupt entry is quarantined (event ``outbox.quarantined``) and CorruptEntry raised;
         FileNotFoundError if the entry was removed meanwhile.
         """
+        return self.read_verified(entry)[0]
+
+    def read_verified(self, entry: OutboxEntry) -> tuple[bytes, bytes]:
+        """Like :meth:`read`, and also the payload's (just verified) SHA-256 digest, so the
+        uplink need not hash a large capture a second time."""
         try:
             data = entry.path.read_bytes()
         except FileNotFoundError:
@@ -235,8 +240,8 @@ class Outbox:
         if problem:
             self._quarantine_entry(entry.capture_id, problem)
             raise CorruptEntry(f"{entry.capture_id}: {problem}")
-        id_len = _HEAD.unpack_from(data)[4]
-        return data[_HEAD.size + id_len:]
+        _magic, _created, _size, digest, id_len = _HEAD.unpack_from(data)
+        return data[_HEAD.size + id_len:], digest
 
     @staticmethod
     def _check(data: bytes, capture_id: str) -> str | None:
