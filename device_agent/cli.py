@@ -1,0 +1,131 @@
+"""The ``device-agent`` command."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+import threading
+from collections.abc import Sequence
+from importlib.metadata import entry_points
+from pathlib import Path
+
+from gpiozero.pins import Factory
+
+from device_agent import __version__
+from device_agent.config import DEFAULT_CONFIG_PATH, Config, ConfigError, load_config
+from device_agent.logs import add_json_handler, log_event
+
+log = logging.getLogger("device_agent.cli")
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_BAD_INPUT = 2
+
+
+def pin_factory(name: str) -> Factory | None:
+    """A gpiozero pin factory by name: "" = gpiozero's own choice, "mock" = MockFactory."""
+    if not name:
+        return None
+    if name == "mock":
+        from gpiozero.pins.mock import MockFactory, MockPWMPin
+
+        return MockFactory(pin_class=MockPWMPin)
+    # gpiozero registers its backends as entry points; this is how it chooses them itself.
+    return entry_points(group="gpiozero_pin_factories")[name].load()()
+
+
+def _run(args: argparse.Namespace) -> int:
+    from device_agent.agent import Agent
+    from device_agent.camera.backends import open_camera
+    from device_agent.uplink.client import Uplink
+    from device_agent.uplink.outbox import Outbox
+
+    config: Config = load_config(args.config)
+    add_json_handler("device_agent")
+    logging.getLogger("device_agent").setLevel(config.logging.level)
+    outbox = Outbox(config.outbox_dir, int(config.outbox.quota_mb * 1024 * 1024))
+    uplink = Uplink(config.uplink, config.device.id, outbox, __version__)
+    agent = Agent(config, open_camera(config.camera, config.sim), outbox, uplink,
+                  pin_factory=pin_factory(config.pins.pin_factory))
+    stop = threading.Event()
+
+    def on_signal(signum: int, _frame: object) -> None:
+        log_event(log, "agent.signal", signal=signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    uplink.start()
+    agent.start()
+    try:
+        agent.run(stop)
+    finally:
+        agent.close()
+        uplink.stop()
+    return EXIT_OK
+
+
+def _assess(args: argparse.Namespace) -> int:
+    from device_agent.camera.quality import ImageError, assess, load_image
+
+    thresholds = load_config(args.config).thresholds() if args.config else None
+    status = EXIT_OK
+    for path in args.images:
+        try:
+            image = load_image(path)
+        except ImageError as err:
+            print(f"device-agent assess: {err}", file=sys.stderr)
+            status = EXIT_BAD_INPUT
+            continue
+        report = assess(image, thresholds)
+        if args.json:
+            record = {"path": str(path), "verdict": report.verdict, "reasons": report.reasons,
+                      "scores": report.scores}
+            print(json.dumps(record), flush=True)
+        else:
+            why = f" ({', '.join(report.reasons)})" if report.reasons else ""
+            print(f"{path}: {report.verdict}{why}", flush=True)
+    return status
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from sim.demo import run_demo
+
+    return run_demo(args.out, args.captures, seed=args.seed)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="device-agent", description="Capture agent of the dermascope."
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    run = commands.add_parser("run", help="run the device service (systemd starts this)")
+    run.add_argument("--config", type=Path, default=DEFAULT_CONFIG_PATH)
+    run.set_defaults(func=_run)
+
+    assess = commands.add_parser("assess", help="run the quality checks on image files")
+    assess.add_argument("images", nargs="+", type=Path, metavar="IMAGE")
+    assess.add_argument("--json", action="store_true", help="one JSON object per image")
+    assess.add_argument("--config", type=Path, help="take the thresholds from this config")
+    assess.set_defaults(func=_assess)
+
+    demo = commands.add_parser("demo", help="the whole device end to end on the simulator")
+    demo.add_argument("--out", type=Path, default=Path("demo-out"))
+    demo.add_argument("--captures", type=int, default=8)
+    demo.add_argument("--seed", type=int, default=7)
+    demo.set_defaults(func=_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ConfigError as err:
+        print(f"device-agent: config error: {err}", file=sys.stderr)
+        return EXIT_BAD_INPUT

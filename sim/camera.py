@@ -1,0 +1,92 @@
+"""The simulated camera: synthetic dermoscopic frames, streamed at the configured rate.
+
+Frames come from :mod:`sim.scene`, deterministic per seed. Tests and the demo change the
+scene (a defect and its severity) between presses, and the simulated board asks for hand
+shake right after a press, as a real hand would cause, so frame choice has something to
+choose between.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import replace
+
+from device_agent.camera.base import Camera, CameraError, Frame, FrameTimeout
+from sim.scene import DEFECTS, SceneSpec, render
+
+
+class SimCamera(Camera):
+    model = "sim-imx477"
+
+    def __init__(
+        self,
+        width: int = 1014,
+        height: int = 760,
+        fps: float = 10.0,
+        seed: int = 1,
+        defect: str | None = None,
+        severity: float = 1.0,
+    ) -> None:
+        self._period = 1.0 / fps
+        self._lock = threading.Lock()
+        self._spec = SceneSpec(seed=seed, width=width, height=height)
+        self.set_scene(defect=defect, severity=severity)
+        self._shake: tuple[float, float, float] | None = None  # (start, end, length px)
+        self._closed = threading.Event()
+        self._started = False
+        self._next_due = 0.0
+        self._sequence = 0
+
+    def set_scene(
+        self, defect: str | None = None, severity: float = 1.0, seed: int | None = None
+    ) -> None:
+        """What the lens sees from the next frame on."""
+        if defect is not None and defect not in DEFECTS:
+            raise ValueError(f"unknown defect {defect!r}; expected one of {DEFECTS}")
+        with self._lock:
+            self._spec = replace(
+                self._spec,
+                defect=defect,
+                severity=severity,
+                seed=self._spec.seed if seed is None else seed,
+            )
+
+    def shake(self, duration: float = 0.3, length: float = 15.0) -> None:
+        """Blur the frames of the next ``duration`` seconds as a hand pressing a button does."""
+        now = time.monotonic()
+        with self._lock:
+            self._shake = (now, now + duration, length)
+
+    def start(self) -> None:
+        self._closed.clear()
+        self._started = True
+        self._next_due = time.monotonic()
+
+    def next_frame(self, timeout: float) -> Frame:
+        if not self._started:
+            raise CameraError("camera is not started")
+        wait = self._next_due - time.monotonic()
+        if wait > timeout:
+            raise FrameTimeout(f"no frame from the camera within {timeout:.1f} s")
+        # Wait out the frame period like a sensor does; close() interrupts the wait.
+        if wait > 0 and self._closed.wait(wait):
+            raise CameraError("camera closed")
+        now = time.monotonic()
+        self._next_due = max(self._next_due + self._period, now)
+        with self._lock:
+            spec, shake = self._spec, self._shake
+        length = shake[2] if shake and shake[0] <= now <= shake[1] else 0.0
+        self._sequence += 1
+        image = render(spec, frame_index=self._sequence, shake=length)
+        metadata = {
+            "SensorTimestamp": int(now * 1e9),
+            "ExposureTime": 8000,
+            "AnalogueGain": 1.0,
+            "FrameDuration": int(self._period * 1e6),
+        }
+        return Frame(image=image, timestamp=now, sequence=self._sequence, metadata=metadata)
+
+    def close(self) -> None:
+        self._closed.set()
+        self._started = False

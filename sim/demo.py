@@ -1,0 +1,160 @@
+"""``device-agent demo``: the whole device, end to end, on the simulator.
+
+A private Mosquitto on a free loopback port, the reference gateway, and a simulated device
+whose button is pressed with a mix of good and defective scenes. Every JSON log event lands
+in ``*.jsonl`` files under the output folder. The verdict of the run comes from those files
+and the gateway's stored images, not from the agent's own bookkeeping: it exits 0 only if
+every capture the agent reported accepted was stored at the gateway with the right SHA-256.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from device_agent.config import Config
+from device_agent.logs import add_json_handler
+from sim.broker import MosquittoBroker
+from sim.device import SimDevice, sim_config
+from sim.gateway import Gateway
+
+AGENT_LOG = "agent.jsonl"
+GATEWAY_LOG = "gateway.jsonl"
+
+# (scene defect, then hold to override a retake?) pressed in turn; pristine scenes between
+# defects so a person watching sees both verdicts.
+PLAN: tuple[tuple[str | None, bool], ...] = (
+    (None, False),
+    ("defocus", False),
+    (None, False),
+    ("glare", False),
+    ("underexposed", True),
+    (None, False),
+    ("motion", False),
+    ("overexposed", False),
+    (None, False),
+    ("off_centre", False),
+)
+
+
+@dataclass
+class Verification:
+    accepted: set[str]
+    delivered: set[str]
+    stored: dict[str, Path]
+    bad: list[str]
+
+    @property
+    def ok(self) -> bool:
+        return not self.bad and self.accepted <= set(self.stored)
+
+
+def demo_config(out: Path, port: int, seed: int) -> Config:
+    return sim_config(out / "device", port, "demo-0001", sim={"seed": seed})
+
+
+def _events(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
+
+
+def verify(out: Path) -> Verification:
+    """Check the run from its log files and the gateway's stored files alone."""
+    agent = _events(out / AGENT_LOG)
+    gateway = _events(out / GATEWAY_LOG)
+    accepted = {e["capture_id"] for e in agent if e.get("event") == "capture.accepted"}
+    delivered = {e["capture_id"] for e in agent if e.get("event") == "capture.delivered"}
+    stored: dict[str, Path] = {}
+    bad: list[str] = []
+    for event in gateway:
+        if event.get("event") != "capture.stored":
+            continue
+        path = Path(event["path"])
+        path = path if path.is_absolute() else out / path
+        if not path.is_file():
+            bad.append(f"{event['capture_id']}: stored file {path} is missing")
+        elif hashlib.sha256(path.read_bytes()).hexdigest() != event["sha256"]:
+            bad.append(f"{event['capture_id']}: {path} does not match its sha256")
+        else:
+            stored[event["capture_id"]] = path
+    for missing in sorted(accepted - set(stored)):
+        bad.append(f"{missing}: accepted on the device but never stored at the gateway")
+    return Verification(accepted, delivered, stored, bad)
+
+
+def _fresh(out: Path) -> None:
+    """Remove what an earlier demo left in ``out`` (only the demo's own files)."""
+    for name in (AGENT_LOG, GATEWAY_LOG):
+        (out / name).unlink(missing_ok=True)
+    for name in ("device", "gateway", "broker"):
+        shutil.rmtree(out / name, ignore_errors=True)
+
+
+def run_demo(out: Path, captures: int, seed: int = 7) -> int:
+    if captures < 1:
+        print("device-agent demo: --captures must be at least 1")
+        return 2
+    out = out.resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    _fresh(out)
+    handlers = [
+        add_json_handler("device_agent", path=out / AGENT_LOG),
+        add_json_handler("sim", path=out / GATEWAY_LOG),
+    ]
+    started = time.monotonic()
+    try:
+        with MosquittoBroker(out / "broker") as broker:
+            print(f"broker    Mosquitto on {broker.host}:{broker.port} (private, loopback)")
+            gateway = Gateway(broker.host, broker.port, out / "gateway")
+            gateway.start()
+            try:
+                _press_through(demo_config(out, broker.port, seed), captures, seed)
+            finally:
+                gateway.stop()
+    finally:
+        for handler in handlers:
+            for name in ("device_agent", "sim"):
+                logging.getLogger(name).removeHandler(handler)
+            handler.close()
+    result = verify(out)
+    seconds = time.monotonic() - started
+    print()
+    print(f"summary   {captures} presses, {len(result.accepted)} accepted, "
+          f"{len(result.delivered)} delivered, {len(result.stored)} stored and verified "
+          f"at the gateway, in {seconds:.1f} s")
+    print(f"files     images and sidecars under {out / 'gateway'}")
+    print(f"logs      {out / AGENT_LOG}, {out / GATEWAY_LOG}")
+    for problem in result.bad:
+        print(f"PROBLEM   {problem}")
+    print("result    " + ("OK: every accepted capture was stored and verified" if result.ok
+                          else "FAILED"))
+    return 0 if result.ok else 1
+
+
+def _press_through(config: Config, captures: int, seed: int) -> None:
+    with SimDevice(config) as device:
+        for i in range(captures):
+            defect, hold = PLAN[i % len(PLAN)]
+            device.show(defect, seed=seed + i)
+            outcome = device.press()
+            scene = defect or "good"
+            if outcome is None:
+                print(f"press {i + 1:2d}  scene {scene:13s} -> no verdict (timed out)")
+                continue
+            why = f" ({', '.join(outcome.reasons)})" if outcome.reasons else ""
+            print(f"press {i + 1:2d}  scene {scene:13s} -> {outcome.verdict}{why}"
+                  f"  [{outcome.capture_id[:8]}]")
+            if hold and outcome.verdict == "retake":
+                kept = device.hold()
+                if kept is not None:
+                    print(f"          hold (override)     -> {kept.verdict}, kept and "
+                          f"flagged overridden  [{kept.capture_id[:8]}]")
+        print("uplink    waiting for the gateway to acknowledge every capture ...")
+        if device.uplink is not None and not device.uplink.wait_idle(timeout=60.0):
+            print("uplink    not everything was acknowledged within 60 s")
