@@ -1,0 +1,49 @@
+"""Zero-shutter-lag frame choice."""
+
+from __future__ import annotations
+
+from device_agent.camera.base import Frame
+from device_agent.camera.select import choose_frame, frame_score
+from sim.scene import SceneSpec, render
+
+
+def _frame(seq: int, t: float, shake: float = 0.0, seed: int = 4) -> Frame:
+    return Frame(image=render(SceneSpec(seed=seed), seq, shake), timestamp=t, sequence=seq)
+
+
+def test_frame_score_falls_with_shake() -> None:
+    spec = SceneSpec(seed=4)
+    scores = [frame_score(render(spec, 0, s)) for s in (0.0, 4.0, 10.0, 20.0)]
+    assert scores == sorted(scores, reverse=True)
+
+
+def test_frame_score_falls_with_defocus() -> None:
+    sharp = frame_score(render(SceneSpec(seed=9)))
+    blurred = frame_score(render(SceneSpec(seed=9, defect="defocus")))
+    assert blurred < sharp
+
+
+def test_choose_prefers_steady_frame_before_press() -> None:
+    press = 100.0
+    frames = [
+        _frame(0, 99.7, 2.0),
+        _frame(1, 99.8, 0.0),  # steady, just before the press
+        _frame(2, 99.9, 1.0),
+        _frame(3, 100.0, 14.0),  # the press shakes the device
+        _frame(4, 100.1, 18.0),
+        _frame(5, 100.2, 8.0),
+    ]
+    chosen = choose_frame(frames, press, before=0.3, after=0.3)
+    assert chosen is not None
+    frame, offset = chosen
+    assert frame.sequence == 1
+    assert abs(offset - (-0.2)) < 1e-9
+
+
+def test_choose_respects_window() -> None:
+    frames = [_frame(0, 99.0, 0.0), _frame(1, 100.05, 15.0), _frame(2, 101.0, 0.0)]
+    chosen = choose_frame(frames, 100.0, before=0.1, after=0.1)
+    assert chosen is not None
+    assert chosen[0].sequence == 1
+    assert choose_frame(frames, 100.0, before=0.01, after=0.01) is None
+    assert choose_frame([], 100.0, before=1.0, after=1.0) is None
