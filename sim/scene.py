@@ -148,11 +148,13 @@ def _place_photo(
     photo: np.ndarray, h: int, w: int, radius: float, cx: float, cy: float
 ) -> np.ndarray:
     """The photograph centred on the lens field, covering it (centre crop, enlarged if small)."""
-    side = int(math.ceil(2 * radius)) + 4
+    side = math.ceil(2 * radius) + 4
     ph, pw = photo.shape[:2]
     if min(ph, pw) < side:
         f = side / min(ph, pw)
-        photo = cv2.resize(photo, (math.ceil(pw * f), math.ceil(ph * f)), interpolation=cv2.INTER_CUBIC)
+        photo = cv2.resize(
+            photo, (math.ceil(pw * f), math.ceil(ph * f)), interpolation=cv2.INTER_CUBIC
+        )
         ph, pw = photo.shape[:2]
     out = np.zeros((h, w, 3), np.float32)
     # Paste the photo so that its centre lands on the field centre; clip to the frame.

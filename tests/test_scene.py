@@ -80,9 +80,11 @@ def test_shake_blurs() -> None:
     spec = SceneSpec(seed=6)
     still = render(spec, 0).astype(np.float32)
     shaken = render(spec, 0, shake=20.0).astype(np.float32)
+
     # Blur lowers local contrast: the mean absolute horizontal+vertical difference drops.
     def detail(img: np.ndarray) -> float:
         return float(np.abs(np.diff(img, axis=0)).mean() + np.abs(np.diff(img, axis=1)).mean())
+
     assert detail(shaken) < detail(still)
     with pytest.raises(ValueError, match="shake"):
         render(spec, 0, shake=-1.0)

@@ -35,7 +35,9 @@ def frame_score(image: np.ndarray) -> float:
     factor = min(1.0, _SIZE / max(ch, cw))
     if factor < 1.0:
         crop = cv2.resize(
-            crop, (max(8, round(cw * factor)), max(8, round(ch * factor))), interpolation=cv2.INTER_AREA
+            crop,
+            (max(8, round(cw * factor)), max(8, round(ch * factor))),
+            interpolation=cv2.INTER_AREA,
         )
     gray = cv2.cvtColor(crop, cv2.COLOR_BGR2GRAY) if crop.ndim == 3 else crop
     # Away from the borders, where the filters would read the reflected edge.
