@@ -1,0 +1,101 @@
+"""A throwaway certificate authority for tests, the demo and a developer's bench.
+
+A clinic runs its own CA; this stands in for it so the tests can prove mutual TLS and the
+broker ACLs against a real Mosquitto. Nothing made here is for a real device.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import ipaddress
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+
+def _name(common_name: str) -> x509.Name:
+    return x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "Test clinic"),
+                      x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+
+
+def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
+    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                             serialization.NoEncryption())
+
+
+@dataclass(frozen=True)
+class Issued:
+    cert: Path
+    key: Path
+
+
+class TestCA:
+    """An EC P-256 CA that writes PEM files into ``folder``."""
+
+    __test__ = False  # not a pytest test class, whatever its name
+
+    def __init__(self, folder: Path, name: str = "Test clinic CA") -> None:
+        self.folder = folder
+        folder.mkdir(parents=True, exist_ok=True)
+        self.key = ec.generate_private_key(ec.SECP256R1())
+        now = dt.datetime.now(dt.UTC)
+        self.cert = (
+            x509.CertificateBuilder()
+            .subject_name(_name(name)).issuer_name(_name(name))
+            .public_key(self.key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - dt.timedelta(minutes=5))
+            .not_valid_after(now + dt.timedelta(days=30))
+            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+            .add_extension(x509.KeyUsage(False, False, False, False, False, True, True, False,
+                                         False), critical=True)
+            .sign(self.key, hashes.SHA256())
+        )
+        self.cert_path = folder / "ca.crt"
+        self.cert_path.write_bytes(self.cert.public_bytes(serialization.Encoding.PEM))
+
+    def sign_csr(self, csr: x509.CertificateSigningRequest, *, server: bool = False,
+                 days: float = 30, valid_from: dt.datetime | None = None) -> x509.Certificate:
+        start = valid_from or dt.datetime.now(dt.UTC) - dt.timedelta(minutes=5)
+        usage = ExtendedKeyUsageOID.SERVER_AUTH if server else ExtendedKeyUsageOID.CLIENT_AUTH
+        builder = (
+            x509.CertificateBuilder()
+            .subject_name(csr.subject).issuer_name(self.cert.subject)
+            .public_key(csr.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(start)
+            .not_valid_after(start + dt.timedelta(days=days))
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
+        )
+        if server:
+            builder = builder.add_extension(x509.SubjectAlternativeName([
+                x509.DNSName("localhost"),
+                x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
+                x509.IPAddress(ipaddress.ip_address("::1")),
+            ]), critical=False)
+        return builder.sign(self.key, hashes.SHA256())
+
+    def issue(self, common_name: str, *, server: bool = False, days: float = 30,
+              valid_from: dt.datetime | None = None) -> Issued:
+        """A key and certificate for ``common_name`` (a device id, "gateway", "broker")."""
+        key = ec.generate_private_key(ec.SECP256R1())
+        csr = (x509.CertificateSigningRequestBuilder().subject_name(_name(common_name))
+               .sign(key, hashes.SHA256()))
+        cert = self.sign_csr(csr, server=server, days=days, valid_from=valid_from)
+        stem = self.folder / common_name
+        key_path = stem.with_suffix(".key")
+        key_path.write_bytes(_key_pem(key))
+        key_path.chmod(0o600)
+        cert_path = stem.with_suffix(".crt")
+        cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        return Issued(cert_path, key_path)
+
+    def sign_csr_file(self, csr_path: Path, out: Path, **kwargs: object) -> Path:
+        csr = x509.load_pem_x509_csr(csr_path.read_bytes())
+        out.write_bytes(self.sign_csr(csr, **kwargs).public_bytes(serialization.Encoding.PEM))
+        return out
