@@ -91,6 +91,22 @@ def _assess(args: argparse.Namespace) -> int:
     return status
 
 
+def _provision(args: argparse.Namespace) -> int:
+    from device_agent.provision import ProvisionError, provision
+
+    try:
+        report = provision(args.config, args.device_id, args.broker, args.ca, args.clinic_key,
+                           cert_path=args.cert, rotate_key=args.rotate_key)
+    except ProvisionError as err:
+        print(f"device-agent provision: {err}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    for line in report.lines:
+        print(line)
+    print("ready     the device can connect" if report.ready
+          else "pending   waiting for the signed certificate")
+    return EXIT_OK
+
+
 def _demo(args: argparse.Namespace) -> int:
     from sim.demo import run_demo
 
@@ -113,6 +129,18 @@ def build_parser() -> argparse.ArgumentParser:
     assess.add_argument("--json", action="store_true", help="one JSON object per image")
     assess.add_argument("--config", type=Path, help="take the thresholds from this config")
     assess.set_defaults(func=_assess)
+
+    prov = commands.add_parser("provision", help="give the device its identity (technician)")
+    prov.add_argument("--device-id", required=True)
+    prov.add_argument("--broker", required=True, help="host, host:port or mqtts://host:port")
+    prov.add_argument("--ca", type=Path, required=True, help="the clinic CA certificate (PEM)")
+    prov.add_argument("--clinic-key", type=Path, required=True,
+                      help="the clinic's X25519 sealing public key (PEM)")
+    prov.add_argument("--cert", type=Path, help="the device certificate the clinic CA signed")
+    prov.add_argument("--rotate-key", action="store_true",
+                      help="replace the device key (needs a new certificate afterwards)")
+    prov.add_argument("--config", type=Path, default=DEFAULT_CONFIG_PATH)
+    prov.set_defaults(func=_provision)
 
     demo = commands.add_parser("demo", help="the whole device end to end on the simulator")
     demo.add_argument("--out", type=Path, default=Path("demo-out"))

@@ -92,6 +92,21 @@ class UplinkConfig(_Section):
     retry_min: Annotated[float, Field(gt=0, le=600)] = 0.5
     retry_max: Annotated[float, Field(gt=0, le=3600)] = 60.0
     heartbeat_interval: Annotated[float, Field(gt=0, le=3600)] = 60.0
+    # Mutual TLS: the clinic CA (verifies the broker), the device's certificate and key.
+    ca_file: Path | None = None
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    # Plain MQTT without TLS: for a developer's bench only; logged as a warning at every start.
+    insecure_dev_mode: bool = False
+
+    @property
+    def tls(self) -> bool:
+        return self.ca_file is not None
+
+
+class SecurityConfig(_Section):
+    # The clinic's X25519 public key (PEM): every capture is sealed to it before it is stored.
+    clinic_public_key: Path | None = None
 
 
 class LoggingConfig(_Section):
@@ -108,6 +123,7 @@ class Config(_Section):
     quality: dict[str, float] = {}
     outbox: OutboxConfig = OutboxConfig()
     uplink: UplinkConfig = UplinkConfig()
+    security: SecurityConfig = SecurityConfig()
     logging: LoggingConfig = LoggingConfig()
 
     @field_validator("quality")

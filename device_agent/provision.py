@@ -1,0 +1,251 @@
+"""``device-agent provision``: give a device its identity, as a technician does once.
+
+Repeatable without harm: a second run keeps the device key (unless told to rotate it),
+rewrites the CSR, installs a signed certificate when given one, and updates only the keys
+it owns in the config, keeping a technician's other settings and comments.
+
+What it writes (all in the config file's folder, /etc/device-agent on a device):
+
+    device.key   the device's private key (EC P-256), mode 0600; it never leaves the device
+    device.csr   the certificate request for the clinic CA (CN = device id)
+    device.crt   the signed certificate, once the clinic CA has signed the CSR
+    ca.crt       the clinic CA, which the device uses to verify the broker
+    clinic-seal.pub.pem   the clinic's X25519 key that every capture is sealed to
+    config.toml  mode 0600
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import re
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import tomlkit
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from device_agent.config import load_config
+from device_agent.uplink.seal import KeyFileError, load_public_key, public_key_pem
+
+DEVICE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
+RESERVED_IDS = {"gateway", "admin"}  # names the broker ACL gives other rights
+
+
+class ProvisionError(ValueError):
+    """A wrong input to provisioning; the message says which and why."""
+
+
+@dataclass
+class Report:
+    """What provisioning did, for the technician."""
+
+    lines: list[str] = field(default_factory=list)
+    ready: bool = False  # the device has everything it needs to connect
+
+    def say(self, line: str) -> None:
+        self.lines.append(line)
+
+
+def write_private(path: Path, data: bytes, mode: int = 0o600) -> None:
+    """Write atomically with ``mode`` from the first byte: the file is never readable by
+    others, not even for a moment, and a power cut leaves the old file or the new one."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        os.fchmod(fd, mode)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+def _load_cert(path: Path, what: str) -> x509.Certificate:
+    try:
+        return x509.load_pem_x509_certificate(path.read_bytes())
+    except OSError as err:
+        raise ProvisionError(f"{what} {path}: cannot read: {err.strerror}") from None
+    except ValueError as err:
+        raise ProvisionError(f"{what} {path}: not a PEM certificate ({err})") from None
+
+
+def _check_validity(cert: x509.Certificate, what: str, path: Path) -> None:
+    now = _now()
+    if cert.not_valid_after_utc < now:
+        raise ProvisionError(f"{what} {path}: expired on {cert.not_valid_after_utc:%Y-%m-%d}")
+    if cert.not_valid_before_utc > now:
+        raise ProvisionError(
+            f"{what} {path}: not valid before {cert.not_valid_before_utc:%Y-%m-%d %H:%M} UTC; "
+            "is the device clock right?")
+
+
+def load_ca(path: Path) -> x509.Certificate:
+    ca = _load_cert(path, "clinic CA")
+    try:
+        is_ca = ca.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+    except x509.ExtensionNotFound:
+        is_ca = False
+    if not is_ca:
+        raise ProvisionError(f"clinic CA {path}: this certificate is not a CA "
+                             "(no BasicConstraints CA:TRUE); give the CA that signs devices")
+    _check_validity(ca, "clinic CA", path)
+    return ca
+
+
+def _load_key(path: Path) -> ec.EllipticCurvePrivateKey:
+    try:
+        key = serialization.load_pem_private_key(path.read_bytes(), password=None)
+    except (ValueError, TypeError) as err:
+        raise ProvisionError(f"device key {path}: unreadable ({err}); "
+                             "provision again with --rotate-key to replace it") from None
+    if not isinstance(key, ec.EllipticCurvePrivateKey):
+        raise ProvisionError(f"device key {path}: not an EC key")
+    return key
+
+
+def ensure_key(path: Path, rotate: bool, report: Report) -> ec.EllipticCurvePrivateKey:
+    if path.exists() and not rotate:
+        if path.stat().st_mode & 0o077:
+            path.chmod(0o600)
+            report.say(f"fixed     {path} was readable by others; now mode 0600")
+        report.say(f"kept      device key {path} (use --rotate-key to replace it)")
+        return _load_key(path)
+    key = ec.generate_private_key(ec.SECP256R1())
+    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                            serialization.NoEncryption())
+    write_private(path, pem)
+    report.say(f"{'rotated' if rotate else 'created'}   device key {path} (mode 0600)")
+    return key
+
+
+def write_csr(key: ec.EllipticCurvePrivateKey, device_id: str, path: Path) -> None:
+    csr = (x509.CertificateSigningRequestBuilder()
+           .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, device_id)]))
+           .sign(key, hashes.SHA256()))
+    write_private(path, csr.public_bytes(serialization.Encoding.PEM), mode=0o644)
+
+
+def check_device_cert(cert_path: Path, key: ec.EllipticCurvePrivateKey, ca: x509.Certificate,
+                      device_id: str) -> x509.Certificate:
+    cert = _load_cert(cert_path, "device certificate")
+    der = serialization.PublicFormat.SubjectPublicKeyInfo
+    if (cert.public_key().public_bytes(serialization.Encoding.DER, der)
+            != key.public_key().public_bytes(serialization.Encoding.DER, der)):
+        raise ProvisionError(f"device certificate {cert_path}: it is for another key, not "
+                             "this device's; have the CA sign this device's device.csr")
+    try:
+        cert.verify_directly_issued_by(ca)
+    except (ValueError, TypeError, InvalidSignature):
+        raise ProvisionError(f"device certificate {cert_path}: not signed by the clinic CA "
+                             f"({ca.subject.rfc4514_string()})") from None
+    _check_validity(cert, "device certificate", cert_path)
+    names = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    if not names or names[0].value != device_id:
+        got = names[0].value if names else "none"
+        raise ProvisionError(f"device certificate {cert_path}: its CN is {got!r}, but the "
+                             f"device id is {device_id!r}; the broker ACL needs them equal")
+    return cert
+
+
+def parse_broker(text: str) -> tuple[str, int]:
+    """``host``, ``host:port`` or ``mqtts://host:port``; TLS port 8883 by default."""
+    match = re.fullmatch(r"(?:mqtts://)?(\[[0-9a-fA-F:]+\]|[A-Za-z0-9.-]+)(?::(\d{1,5}))?", text)
+    if not match:
+        raise ProvisionError(f"broker {text!r}: expected host, host:port or mqtts://host:port")
+    host, port = match.group(1).strip("[]"), int(match.group(2) or 8883)
+    if not 1 <= port <= 65535:
+        raise ProvisionError(f"broker {text!r}: port must be 1..65535")
+    return host, port
+
+
+def _update_config(path: Path, device_id: str, host: str, port: int, folder: Path) -> None:
+    doc = tomlkit.parse(path.read_text(encoding="utf-8")) if path.exists() else tomlkit.document()
+    values = {
+        "device": {"id": device_id},
+        "uplink": {"host": host, "port": port, "ca_file": str(folder / "ca.crt"),
+                   "cert_file": str(folder / "device.crt"), "key_file": str(folder / "device.key"),
+                   "insecure_dev_mode": False},
+        "security": {"clinic_public_key": str(folder / "clinic-seal.pub.pem")},
+    }
+    for section, keys in values.items():
+        table = doc.setdefault(section, tomlkit.table())
+        for key, value in keys.items():
+            table[key] = value
+    write_private(path, tomlkit.dumps(doc).encode("utf-8"))
+
+
+def provision(
+    config_path: Path,
+    device_id: str,
+    broker: str,
+    ca_path: Path,
+    clinic_key_path: Path,
+    cert_path: Path | None = None,
+    rotate_key: bool = False,
+) -> Report:
+    """Provision (or re-provision) the device; raise ProvisionError for any wrong input
+    before anything is written."""
+    report = Report()
+    if not DEVICE_ID.match(device_id) or device_id in RESERVED_IDS:
+        raise ProvisionError(f"device id {device_id!r}: use 1-64 letters, digits, '-' or '_', "
+                             f"starting with a letter or digit, and not {sorted(RESERVED_IDS)}")
+    host, port = parse_broker(broker)
+    ca = load_ca(ca_path)
+    try:
+        clinic_key = load_public_key(clinic_key_path)
+    except KeyFileError as err:
+        raise ProvisionError(f"clinic key: {err}") from None
+
+    folder = config_path.parent
+    folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+    key_path, csr_path, crt_path = folder / "device.key", folder / "device.csr", folder / "device.crt"
+    if cert_path is not None and rotate_key:
+        raise ProvisionError("--cert with --rotate-key: a new key needs a new certificate; "
+                             "rotate first, have device.csr signed, then install it with --cert")
+    if cert_path is not None:
+        if not key_path.exists():
+            raise ProvisionError("--cert: this device has no key yet; provision without "
+                                 "--cert first and have the clinic CA sign device.csr")
+        # Check the certificate against the key we keep before touching anything.
+        check_device_cert(cert_path, _load_key(key_path), ca, device_id)
+
+    key = ensure_key(key_path, rotate_key, report)
+    write_csr(key, device_id, csr_path)
+    report.say(f"wrote     {csr_path}: have the clinic CA sign it (CN={device_id})")
+    write_private(folder / "ca.crt", ca.public_bytes(serialization.Encoding.PEM), mode=0o644)
+    write_private(folder / "clinic-seal.pub.pem", public_key_pem(clinic_key), mode=0o644)
+    report.say(f"installed clinic CA and clinic sealing key in {folder}")
+
+    if rotate_key and crt_path.exists():
+        crt_path.replace(folder / "device.crt.old")
+        report.say("retired   device.crt (it belongs to the old key)")
+    if cert_path is not None:
+        cert = check_device_cert(cert_path, key, ca, device_id)
+        write_private(crt_path, cert.public_bytes(serialization.Encoding.PEM), mode=0o644)
+        report.say(f"installed {crt_path}, valid until {cert.not_valid_after_utc:%Y-%m-%d}")
+
+    _update_config(config_path, device_id, host, port, folder)
+    load_config(config_path)  # the written config must itself be valid
+    report.say(f"wrote     {config_path} (mode 0600) for broker {host}:{port}")
+    report.ready = crt_path.exists()
+    if not report.ready:
+        report.say("next      sign device.csr with the clinic CA, then run provision again "
+                   "with --cert device.crt")
+    return report
