@@ -215,7 +215,8 @@ def provision(
 
     folder = config_path.parent
     folder.mkdir(parents=True, exist_ok=True, mode=0o700)
-    key_path, csr_path, crt_path = folder / "device.key", folder / "device.csr", folder / "device.crt"
+    key_path, csr_path = folder / "device.key", folder / "device.csr"
+    crt_path = folder / "device.crt"
     if cert_path is not None and rotate_key:
         raise ProvisionError("--cert with --rotate-key: a new key needs a new certificate; "
                              "rotate first, have device.csr signed, then install it with --cert")

@@ -54,7 +54,8 @@ def test_first_run_makes_a_private_key_and_a_csr_then_the_cert_installs(tmp_path
     assert second.ready
     loaded = load_config(config)
     assert loaded.device.id == "derm-0042"
-    assert loaded.uplink.host == "broker.clinic.example" and loaded.uplink.port == 8883
+    assert loaded.uplink.host == "broker.clinic.example"
+    assert loaded.uplink.port == 8883
     assert loaded.uplink.cert_file == folder / "device.crt"
     assert loaded.security.clinic_public_key == folder / "clinic-seal.pub.pem"
 
@@ -67,7 +68,8 @@ def test_repeating_keeps_the_key_and_the_technicians_other_settings(tmp_path, cl
     run(config, clinic)
     assert (tmp_path / "device.key").read_bytes() == key
     text = config.read_text()
-    assert "# site notes" in text and "fps = 12.0  # slow sensor" in text
+    assert "# site notes" in text
+    assert "fps = 12.0  # slow sensor" in text
     assert load_config(config).device.id == "derm-0042"
 
 
@@ -79,7 +81,8 @@ def test_rotate_key_replaces_it_and_retires_the_old_certificate(tmp_path, clinic
     old_key = (tmp_path / "device.key").read_bytes()
     report = run(config, clinic, rotate_key=True)
     assert (tmp_path / "device.key").read_bytes() != old_key
-    assert not report.ready and (tmp_path / "device.crt.old").exists()
+    assert not report.ready
+    assert (tmp_path / "device.crt.old").exists()
     with pytest.raises(ProvisionError, match="for another key"):
         run(config, clinic, cert_path=signed)  # the old certificate no longer fits
 
