@@ -15,6 +15,7 @@ import queue
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -118,9 +119,15 @@ class Agent:
         log_event(log, "agent.started", device_id=self.config.device.id, version=__version__,
                   outbox_depth=self.outbox.depth())
 
-    def run(self, stop: threading.Event) -> None:
-        """Handle gestures until ``stop`` is set (SIGTERM, or the demo finishing)."""
+    def run(self, stop: threading.Event, tick: Callable[[], None] | None = None) -> None:
+        """Handle gestures until ``stop`` is set (SIGTERM, or the demo finishing).
+
+        ``tick`` runs at least every quarter second while the loop is alive: the service
+        pings systemd's watchdog from it, so a hung loop gets the agent restarted.
+        """
         while not stop.is_set():
+            if tick is not None:
+                tick()
             try:
                 gesture = self._gestures.get(timeout=0.25)
             except queue.Empty:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from gpiozero.pins import Factory
 
-from device_agent import __version__
+from device_agent import __version__, service
 from device_agent.config import DEFAULT_CONFIG_PATH, Config, ConfigError, load_config
 from device_agent.logs import add_json_handler, log_event
 
@@ -60,9 +60,11 @@ def _run(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGINT, on_signal)
     uplink.start()
     agent.start()
+    service.notify("READY=1")
     try:
-        agent.run(stop)
+        agent.run(stop, tick=service.Watchdog().ping)
     finally:
+        service.notify("STOPPING=1")
         agent.close()
         uplink.stop()
     return EXIT_OK

@@ -138,8 +138,8 @@ def test_storage_full_refuses_new_captures_and_keeps_old_ones(tmp_path):
             outcomes.append(device.press())
         kept = {o.capture_id for o in outcomes if o.verdict == "accept"}
         refused = [o for o in outcomes if o.verdict == "refused"]
-        assert kept
-        assert refused
+        assert kept, outcomes
+        assert refused, outcomes
         assert all(o.reasons == ("storage_full",) for o in refused)
         assert {e.capture_id for e in device.outbox.pending()} == kept
 

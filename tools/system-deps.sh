@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs the system packages the demo and the tests need, only when they are missing:
-# Mosquitto (the real broker the tests start on a free loopback port) and Python's venv.
+# Mosquitto (the real broker the tests start on a free loopback port), Python's venv, and
+# systemd-analyze (the unit-file checks).
 # Uses apt, through sudo when not root. Touches no broker configuration: the tests and the
 # demo write their own config into a temporary folder and never use the system service.
 set -euo pipefail
@@ -8,6 +9,10 @@ set -euo pipefail
 need=()
 if ! command -v mosquitto >/dev/null 2>&1 && [ ! -x /usr/sbin/mosquitto ]; then
     need+=(mosquitto)
+fi
+# systemd-analyze checks the unit file (minimal images may lack systemd).
+if ! command -v systemd-analyze >/dev/null 2>&1; then
+    need+=(systemd)
 fi
 py=${PYTHON:-python3}
 if ! "$py" -c 'import ensurepip, venv' >/dev/null 2>&1; then
