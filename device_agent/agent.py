@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import math
+import os
 import queue
 import threading
 import time
@@ -32,6 +33,7 @@ from device_agent.camera.select import choose_frame
 from device_agent.config import Config
 from device_agent.feedback.lights import Lights, Signal
 from device_agent.logs import log_event
+from device_agent.status import status_path, write_status
 from device_agent.uplink.bundle import pack
 from device_agent.uplink.outbox import Outbox, StorageFull
 
@@ -107,6 +109,8 @@ class Agent:
         self._camera_fault = False
         self._outcomes: list[CaptureOutcome] = []
         self.outcome_count = 0
+        self._last_outcome_at = 0.0
+        self._next_status = 0.0
         self._outcome_added = threading.Condition()
 
     # -- life cycle ---------------------------------------------------------------------
@@ -131,10 +135,12 @@ class Agent:
             try:
                 gesture = self._gestures.get(timeout=0.25)
             except queue.Empty:
-                self._update_standing()
-                continue
-            self.handle(gesture)
+                gesture = None
+            if gesture is not None:
+                self.handle(gesture)
             self._update_standing()
+            if time.monotonic() >= self._next_status:
+                self.publish_status()
 
     def close(self, timeout: float = 5.0) -> None:
         self._stop.set()
@@ -270,15 +276,57 @@ class Agent:
         if standing is not self.lights.standing:
             self.lights.show(standing)
 
+    # -- status for `device-agent status` and `doctor` ------------------------------------
+    def status(self) -> dict[str, Any]:
+        frames = self.ring.window(float("-inf"), float("inf"))
+        fps = ((len(frames) - 1) / (frames[-1].timestamp - frames[0].timestamp)
+               if len(frames) > 1 and frames[-1].timestamp > frames[0].timestamp else 0.0)
+        streaming = bool(frames) and time.monotonic() - frames[-1].timestamp < 2.0
+        last = self.last_outcome
+        return {
+            "updated_at": time.time(),
+            "pid": os.getpid(),
+            "device_id": self.config.device.id,
+            "version": __version__,
+            "illumination": self.illumination,
+            "signal": self.lights.standing.value,
+            "case_open": False,
+            "camera": {"model": self.camera.model, "streaming": streaming,
+                       "fps": round(fps, 2)},
+            "last_capture": None if last is None else {
+                "capture_id": last.capture_id, "verdict": last.verdict,
+                "reasons": list(last.reasons), "overridden": last.overridden,
+                "at": self._last_outcome_at},
+            "uplink_online": self.uplink.online if self.uplink is not None else False,
+            "outbox": {"depth": self.outbox.depth(), "used_bytes": self.outbox.used_bytes(),
+                       "quota_bytes": self.outbox.quota_bytes,
+                       "oldest_created": self.outbox.oldest_created(),
+                       "quarantined": len(self.outbox.quarantined())},
+        }
+
+    def publish_status(self) -> None:
+        """Rewrite the status file now (the run loop does it every second)."""
+        self._next_status = time.monotonic() + 1.0
+        try:
+            write_status(status_path(self.config.device.state_dir), self.status())
+        except OSError as err:
+            log_event(log, "status.write_failed", logging.WARNING, error=str(err))
+
     # -- observers ----------------------------------------------------------------------
     def _record(self, outcome: CaptureOutcome | None) -> CaptureOutcome | None:
         if outcome is not None:
             with self._outcome_added:
+                self._last_outcome_at = time.time()
                 self._outcomes.append(outcome)
                 self.outcome_count += 1
                 del self._outcomes[:-100]  # observers want recent ones; keep memory flat
                 self._outcome_added.notify_all()
         return outcome
+
+    @property
+    def last_outcome(self) -> CaptureOutcome | None:
+        with self._outcome_added:
+            return self._outcomes[-1] if self._outcomes else None
 
     def wait_outcome(self, index: int, timeout: float) -> CaptureOutcome | None:
         """Outcome number ``index`` (0-based, counting since start), or None on timeout."""

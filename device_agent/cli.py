@@ -109,6 +109,18 @@ def _provision(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _status(args: argparse.Namespace) -> int:
+    from device_agent.status import describe, is_live, read_status, status_path
+
+    config = load_config(args.config)
+    status = read_status(status_path(config.device.state_dir))
+    if args.json:
+        print(json.dumps({"running": is_live(status), "status": status}))
+    else:
+        print("\n".join(describe(status)))
+    return EXIT_OK if is_live(status) else EXIT_FAILED
+
+
 def _demo(args: argparse.Namespace) -> int:
     from sim.demo import run_demo
 
@@ -131,6 +143,11 @@ def build_parser() -> argparse.ArgumentParser:
     assess.add_argument("--json", action="store_true", help="one JSON object per image")
     assess.add_argument("--config", type=Path, help="take the thresholds from this config")
     assess.set_defaults(func=_assess)
+
+    status = commands.add_parser("status", help="what the device is doing now")
+    status.add_argument("--config", type=Path, default=DEFAULT_CONFIG_PATH)
+    status.add_argument("--json", action="store_true")
+    status.set_defaults(func=_status)
 
     prov = commands.add_parser("provision", help="give the device its identity (technician)")
     prov.add_argument("--device-id", required=True)

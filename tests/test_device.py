@@ -166,3 +166,34 @@ def test_the_service_stops_cleanly_on_sigterm(tmp_path, signum):
     assert proc.returncode == 0
     events = [json.loads(line)["event"] for line in rest.splitlines()]
     assert "agent.stopped" in events
+
+
+def test_status_tells_a_person_what_the_device_is_doing(tmp_path):
+    port = free_port()
+    config_path = tmp_path / "config.toml"
+    config_path.write_text(
+        f'[device]\nid = "{DEVICE}"\nstate_dir = "{tmp_path / "state"}"\n'
+        f'[camera]\nbackend = "sim"\n[pins]\npin_factory = "mock"\n'
+        f'[uplink]\nport = {port}\n'
+    )
+    status = [sys.executable, "-m", "device_agent", "status", "--config", str(config_path)]
+    before = subprocess.run(status, capture_output=True, text=True, timeout=60, check=False)
+    assert before.returncode == 1
+    assert "not running" in before.stdout
+
+    with SimDevice(sim_config(tmp_path / "state", port)) as device:
+        device.show(None)
+        outcome = device.press()
+        device.agent.publish_status()  # now, rather than within the second
+        now = subprocess.run(status, capture_output=True, text=True, timeout=60, check=False)
+        as_json = subprocess.run([*status, "--json"], capture_output=True, text=True,
+                                 timeout=60, check=False)
+    assert now.returncode == 0, now.stdout
+    assert "streaming at" in now.stdout
+    assert f"[{outcome.capture_id[:8]}]" in now.stdout
+    assert "1 waiting" in now.stdout
+    assert "OFFLINE" in now.stdout
+    record = json.loads(as_json.stdout)
+    assert record["running"] is True
+    assert record["status"]["outbox"]["depth"] == 1
+    assert record["status"]["last_capture"]["verdict"] == "accept"

@@ -1,0 +1,89 @@
+"""What the device is doing now: a small JSON file the running agent keeps up to date.
+
+``device-agent status`` and ``device-agent doctor`` read it, so they can answer while the
+service holds the camera and the pins. It carries figures and identifiers only, never
+patient data. Written atomically (temp + rename): a reader never sees half a file. Not
+fsynced: it is rewritten every second and worthless after a power cut.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+STATUS_FILE = "status.json"
+#: A status file older than this means the agent is not running (it rewrites it every second).
+STALE_AFTER = 10.0
+
+
+def status_path(state_dir: Path) -> Path:
+    return state_dir / STATUS_FILE
+
+
+def write_status(path: Path, status: dict[str, Any]) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(status, sort_keys=True), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def read_status(path: Path) -> dict[str, Any] | None:
+    """The last status the agent wrote, or None if there is none (or it is unreadable)."""
+    try:
+        status = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return status if isinstance(status, dict) else None
+
+
+def is_live(status: dict[str, Any] | None, now: float | None = None) -> bool:
+    if not status or not isinstance(status.get("updated_at"), int | float):
+        return False
+    return (now or time.time()) - status["updated_at"] <= STALE_AFTER
+
+
+def _age(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    for unit, size in (("d", 86400), ("h", 3600), ("min", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.1f} {unit}"
+    return f"{seconds:.0f} s"
+
+
+def describe(status: dict[str, Any] | None, now: float | None = None) -> list[str]:
+    """Lines for a person."""
+    now = now or time.time()
+    if status is None:
+        return ["agent     not running (no status yet: has it ever started?)"]
+    if not is_live(status, now):
+        lines = [f"agent     NOT RUNNING (last seen {_age(now - status['updated_at'])} ago)"]
+    else:
+        lines = [f"agent     running, version {status.get('version')}, "
+                 f"device {status.get('device_id')}"]
+    camera = status.get("camera", {})
+    lines.append(f"camera    {camera.get('model')}, "
+                 + (f"streaming at {camera.get('fps', 0):.1f} fps" if camera.get("streaming")
+                    else "NOT streaming"))
+    lines.append(f"light     {status.get('illumination')}; LED shows {status.get('signal')}")
+    lines.append("case      " + ("open" if status.get("case_open") else "none (captures are "
+                                                                          "kept unassigned)"))
+    last = status.get("last_capture")
+    if last:
+        why = f" ({', '.join(last['reasons'])})" if last.get("reasons") else ""
+        flag = ", overridden" if last.get("overridden") else ""
+        lines.append(f"last      {last['verdict']}{why}{flag}, "
+                     f"{_age(now - last['at'])} ago [{last['capture_id'][:8]}]")
+    else:
+        lines.append("last      no capture since start")
+    outbox = status.get("outbox", {})
+    oldest = outbox.get("oldest_created")
+    lines.append(
+        f"outbox    {outbox.get('depth', 0)} waiting "
+        f"({outbox.get('used_bytes', 0) / 1e6:.1f} of {outbox.get('quota_bytes', 0) / 1e6:.0f} MB)"
+        f", oldest {_age(now - oldest) if oldest else '-'}, "
+        f"{outbox.get('quarantined', 0)} quarantined")
+    lines.append("uplink    " + ("online" if status.get("uplink_online") else "OFFLINE"))
+    return lines
