@@ -1,7 +1,10 @@
-"""A private Mosquitto for tests and the demo.
+"""A private Mosquitto for tests and the demo (and an MQTT 3.1.1-only amqtt broker).
 
 No root and no system config: it writes its own ``mosquitto.conf`` into ``workdir`` with one
 listener on 127.0.0.1, persistence off and its log in ``workdir/mosquitto.log``.
+
+:class:`AmqttBroker` has the same interface and runs amqtt (pip ``amqtt``), a broker that
+speaks only MQTT 3.1.1, to prove the uplink's fallback.
 """
 
 from __future__ import annotations
@@ -9,6 +12,7 @@ from __future__ import annotations
 import shutil
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 from types import TracebackType
@@ -67,21 +71,23 @@ class MosquittoBroker:
             encoding="utf-8",
         )
 
+    def _command(self) -> list[str]:
+        return [find_mosquitto(), "-c", str(self.conf_path)]
+
     def start(self, timeout: float = 10.0) -> None:
         if self.running:
             return
-        exe = find_mosquitto()
+        command = self._command()
         self._write_conf()
         self._proc = subprocess.Popen(
-            [exe, "-c", str(self.conf_path)],
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+            command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
         )
         deadline = time.monotonic() + timeout
         while True:
             if self._proc.poll() is not None:
                 err = self._proc.stderr.read().decode(errors="replace") if self._proc.stderr else ""
                 self._proc = None
-                raise BrokerError(f"mosquitto exited at start: {err.strip()} "
+                raise BrokerError(f"{command[0]} exited at start: {err.strip()[-2000:]} "
                                   f"(see {self.log_path})")
             try:
                 with socket.create_connection((self.host, self.port), timeout=0.5):
@@ -90,7 +96,7 @@ class MosquittoBroker:
                 # Polling is the only way to see a listener appear; the wait is bounded.
                 if time.monotonic() > deadline:
                     self.stop()
-                    raise BrokerError(f"mosquitto did not accept connections on "
+                    raise BrokerError(f"{command[0]} did not accept connections on "
                                       f"{self.host}:{self.port} within {timeout}s") from None
                 time.sleep(0.05)
 
@@ -132,3 +138,30 @@ class MosquittoBroker:
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
         self.stop()
+
+
+class AmqttBroker(MosquittoBroker):
+    """amqtt on loopback: an MQTT 3.1.1-only broker (it refuses MQTT 5 CONNECTs)."""
+
+    def __init__(self, workdir: Path, port: int | None = None, extra_conf: str = "") -> None:
+        super().__init__(workdir, port, extra_conf)
+        self.conf_path = self.workdir / "amqtt.yaml"
+        self.log_path = self.workdir / "amqtt.log"
+
+    def _write_conf(self) -> None:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.conf_path.write_text(
+            "listeners:\n  default:\n    type: tcp\n"
+            f"    bind: {self.host}:{self.port}\n"
+            "plugins:\n  amqtt.plugins.authentication.AnonymousAuthPlugin:\n"
+            "    allow_anonymous: true\n"
+            f"{self.extra_conf}\n",
+            encoding="utf-8",
+        )
+
+    def _command(self) -> list[str]:
+        script = Path(sys.executable).parent / "amqtt"
+        exe = str(script) if script.is_file() else shutil.which("amqtt")
+        if not exe:
+            raise BrokerError("amqtt not found: pip install amqtt")
+        return [exe, "-c", str(self.conf_path)]

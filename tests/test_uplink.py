@@ -23,7 +23,7 @@ from device_agent.uplink import bundle
 from device_agent.uplink.client import Uplink, backoff_delay
 from device_agent.uplink.outbox import Outbox
 from device_agent.uplink.protocol import Manifest, Topics, chunk_count_for, encode_chunk
-from sim.broker import MosquittoBroker, free_port
+from sim.broker import AmqttBroker, MosquittoBroker, free_port
 from sim.gateway import Gateway
 
 DEVICE = "dev-1"
@@ -196,6 +196,24 @@ def test_mqtt311_end_to_end(broker, outbox, store) -> None:
             assert up.wait_idle(30)
         finally:
             up.stop()
+    assert_stored(store, capture_id, meta, image)
+
+
+def test_falls_back_to_mqtt311_when_the_broker_refuses_mqtt5(
+    tmp_path, outbox, store, events
+) -> None:
+    pytest.importorskip("amqtt", reason="amqtt (an MQTT 3.1.1-only broker) is not installed")
+    capture_id, meta, image = put(outbox, 10, size=80_000)
+    with AmqttBroker(tmp_path / "amqtt") as broker, \
+            Gateway(broker.host, broker.port, store, protocol="mqtt311") as gw:
+        assert gw.wait_ready(10)
+        up = make_uplink(broker, outbox)  # configured for MQTT 5
+        up.start()
+        try:
+            assert up.wait_idle(30)
+        finally:
+            up.stop()
+    assert events.named("uplink.protocol_fallback")
     assert_stored(store, capture_id, meta, image)
 
 

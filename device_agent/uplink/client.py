@@ -63,6 +63,8 @@ log = logging.getLogger(__name__)
 DEFAULT_WINDOW = 16
 #: Rounds of "final -> still incomplete" without progress before we back off.
 MAX_STALLED_ROUNDS = 3
+#: CONNACK reason "Unsupported Protocol Version" (paho maps a 3.1.1 broker's refusal to it).
+_UNSUPPORTED_PROTOCOL_VERSION = 0x84
 _THERMAL = Path("/sys/class/thermal/thermal_zone0/temp")
 
 
@@ -127,9 +129,11 @@ class Uplink:
         self._early: OrderedDict[int, bool] = OrderedDict()  # PUBACKs seen before registration
         self._refused: set[int] = set()
         self._busy = False
-        self._kick = False
         self._req = 0
         self._reconnects = 0
+        self._want_fallback = False
+        self._socket_opened: float | None = None
+        self._silent_connects = 0
         self.last_error = ""
 
         self._client = self._make_client(connect_timeout)
@@ -151,15 +155,13 @@ class Uplink:
         client.max_inflight_messages_set(self._window_cap + 4)
         client.max_queued_messages_set(self._window_cap * 4 + 16)
         client.reconnect_delay_set(self.config.retry_min, self.config.retry_min)
-        will_props = None
-        if self._mqtt5:
-            will_props = Properties(PacketTypes.WILLMESSAGE)
-            will_props.ContentType = "application/json"
+        # No Will properties: some 3.1.1-only brokers (amqtt) misparse a v5 CONNECT that
+        # has them and hang instead of refusing it, which would defeat our fallback.
         client.will_set(self.topics.status,
                         status_payload("offline", self.device_id, reason="connection lost",
                                        software_version=self.software_version),
-                        qos=1, retain=True, properties=will_props)
-        client.on_socket_open = tcp_nodelay
+                        qos=1, retain=True)
+        client.on_socket_open = self._on_socket_open
         client.on_connect = self._on_connect
         client.on_connect_fail = self._on_connect_fail
         client.on_disconnect = self._on_disconnect
@@ -172,16 +174,7 @@ class Uplink:
         """Connect in the background; reconnects forever. A broker down now is fine."""
         if self._sender is not None:
             return
-        kwargs: dict[str, Any] = {}
-        if self._mqtt5:
-            props = Properties(PacketTypes.CONNECT)
-            # No broker-side session: the outbox is the persistence, and each transfer
-            # re-asks the gateway what it holds, so nothing is lost with the session.
-            props.SessionExpiryInterval = 0
-            kwargs = {"clean_start": True, "properties": props}
-        self._client.connect_async(self.config.host, self.config.port,
-                                   keepalive=self.config.keepalive, **kwargs)
-        self._client.loop_start()
+        self._connect_in_background()
         self._sender = threading.Thread(target=self._sender_main,
                                         name=f"uplink-sender-{self.device_id}", daemon=True)
         self._heartbeat = threading.Thread(target=self._heartbeat_main,
@@ -191,10 +184,36 @@ class Uplink:
         log_event(log, "uplink.started", host=self.config.host, port=self.config.port,
                   protocol=self.config.protocol, device_id=self.device_id)
 
+    def _connect_in_background(self) -> None:
+        # No broker-side session (clean start; Session Expiry Interval absent = 0): the outbox
+        # is the persistence, and each transfer re-asks the gateway what it holds. No CONNECT
+        # properties on purpose: some 3.1.1-only brokers (amqtt) then hang instead of
+        # answering "unsupported protocol version", which is what triggers our fallback.
+        kwargs: dict[str, Any] = {"clean_start": True} if self._mqtt5 else {}
+        self._client.connect_async(self.config.host, self.config.port,
+                                   keepalive=self.config.keepalive, **kwargs)
+        self._client.loop_start()
+
+    def _fall_back_to_mqtt311(self) -> None:
+        """The broker refused MQTT 5: go on with MQTT 3.1.1 (same protocol, no properties).
+
+        Runs in the sender thread, never in paho's: a client cannot stop its own loop, and
+        the protocol version of a paho client is fixed, so a new client replaces it.
+        """
+        old = self._client
+        old.disconnect()
+        old.loop_stop()
+        self._mqtt5 = False
+        self._client = self._make_client(old.connect_timeout)
+        with self._cond:
+            self._want_fallback = False
+        log_event(log, "uplink.protocol_fallback", level=logging.WARNING, protocol="mqtt311",
+                  host=self.config.host, port=self.config.port)
+        self._connect_in_background()
+
     def notify(self) -> None:
         """A new entry is in the outbox."""
         with self._cond:
-            self._kick = True
             self._cond.notify_all()
 
     def stop(self, timeout: float = 5.0) -> None:
@@ -240,6 +259,11 @@ class Uplink:
             self.last_error = f"connect refused: {reason_code}"
             log_event(log, "uplink.connect_refused", level=logging.WARNING,
                       reason=str(reason_code))
+            if self._mqtt5 and reason_code.value == _UNSUPPORTED_PROTOCOL_VERSION:
+                # An MQTT 3.1.1-only broker (RabbitMQ's plugin, amqtt ...): fall back.
+                with self._cond:
+                    self._want_fallback = True
+                    self._cond.notify_all()
             return
         max_packet = getattr(properties, "MaximumPacketSize", None) if properties else None
         receive_max = getattr(properties, "ReceiveMaximum", None) if properties else None
@@ -253,6 +277,8 @@ class Uplink:
             self._early.clear()
             self._refused.clear()
             self._reconnects = 0
+            self._socket_opened = None
+            self._silent_connects = 0
         # Subscriptions do not survive a clean start: renew them on every connect.
         result, _mid = client.subscribe(self.topics.ack_filter, qos=1)
         if result != MQTTErrorCode.MQTT_ERR_SUCCESS:
@@ -274,11 +300,34 @@ class Uplink:
         self._publish_status()
 
     def _on_connect_fail(self, client: mqtt.Client, userdata: Any) -> None:
-        self._schedule_reconnect("connect failed")
+        self._schedule_reconnect(client, "connect failed")
+
+    def _on_socket_open(self, client: mqtt.Client, userdata: Any, sock: Any) -> None:
+        tcp_nodelay(client, userdata, sock)
+        self._socket_opened = time.monotonic()
+
+    def _silent_broker(self) -> bool:
+        """Some 3.1.1-only brokers neither accept nor refuse an MQTT 5 CONNECT (amqtt reads it
+        as 3.1.1 and waits for bytes that never come) until paho gives up after a keepalive.
+        Twice in a row means "this broker does not speak MQTT 5"."""
+        opened, self._socket_opened = self._socket_opened, None
+        if not self._mqtt5 or opened is None:
+            return False
+        if time.monotonic() - opened < 0.9 * self.config.keepalive:
+            self._silent_connects = 0
+            return False
+        self._silent_connects += 1
+        return self._silent_connects >= 2
 
     def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any,
                        reason_code: ReasonCode, properties: Properties | None) -> None:
+        silent = not self._connected and self._silent_broker()
+        if silent:
+            log_event(log, "uplink.no_connack", level=logging.WARNING,
+                      host=self.config.host, port=self.config.port)
         with self._cond:
+            if silent:
+                self._want_fallback = True
             was = self._connected
             self._connected = False
             self._subscribed = False
@@ -288,15 +337,15 @@ class Uplink:
             level = logging.INFO if self._stop.is_set() else logging.WARNING
             log_event(log, "uplink.disconnected", level=level, reason=str(reason_code))
         if not self._stop.is_set():
-            self._schedule_reconnect(str(reason_code))
+            self._schedule_reconnect(client, str(reason_code))
 
-    def _schedule_reconnect(self, why: str) -> None:
+    def _schedule_reconnect(self, client: mqtt.Client, why: str) -> None:
         delay = backoff_delay(self._reconnects, self.config.retry_min, self.config.retry_max,
                               self._rng)
         self._reconnects += 1
         # paho waits min_delay after a failure when its own delay was reset; we set both
         # bounds to our jittered value so its next wait is exactly ours.
-        self._client.reconnect_delay_set(delay, delay)
+        client.reconnect_delay_set(delay, delay)
         log_event(log, "uplink.reconnect_scheduled", level=logging.DEBUG, delay=round(delay, 3),
                   reason=why)
 
@@ -395,13 +444,16 @@ class Uplink:
         while not self._stop.is_set():
             with self._cond:
                 ready = self._cond.wait_for(
-                    lambda: self._stop.is_set()
+                    lambda: self._stop.is_set() or self._want_fallback
                     or (self._connected and self._subscribed and self.outbox.depth() > 0),
                     timeout=self.config.heartbeat_interval)
-                self._kick = False
-                if not ready or self._stop.is_set():
-                    continue
-                self._busy = True
+                fallback = self._want_fallback
+                go = ready and not fallback and not self._stop.is_set()
+                self._busy = go
+            if fallback and not self._stop.is_set():
+                self._fall_back_to_mqtt311()
+            if not go:
+                continue
             try:
                 pending = self.outbox.pending()
                 if pending:
