@@ -99,13 +99,13 @@ class Thresholds:
     Defaults come from the simulator evaluation (bench/evaluate.py, docs/quality.md).
     """
 
-    # Sharpness: median 1-D gradient energy at sigma 1 over that at sigma 2 (normalised
-    # derivative-of-Gaussian kernels), in the sharpest of 8 directions. About 0.7-0.8 for a
-    # sharp frame, 0.33 for a heavily blurred one. Pass when score >= focus.
-    focus: float = 0.5
-    # Directional blur: 1 - (sharpness ratio in the blurriest direction / in the sharpest).
-    # 0 for isotropic content or defocus, towards 1 for long straight motion. Pass when <=.
-    motion: float = 0.28
+    # Sharpness: 4 / (estimated blur sigma in the sharpest direction, px at 800 wide). 1.0 is
+    # the blur the check must catch (sigma 4 px at 800x600); sharp frames score 2-4.
+    # Pass when score >= focus.
+    focus: float = 1.2
+    # Directional blur: widest minus narrowest directional blur sigma, px at 800 wide. About 0
+    # for sharp or defocused frames, 2-3 for a 21 px straight smear. Pass when <=.
+    motion: float = 1.2
     # Brightness: 90th percentile of luma inside the field, 0..255. Pass when >=.
     underexposed: float = 40.0
     # Fraction of the field that is clipped (a channel >= 250 on a pixel with luma >= 200).
@@ -133,10 +133,15 @@ class Thresholds:
 
 @dataclass(frozen=True)
 class CheckResult:
+    """One check's outcome. ``judged`` is False when the frame held nothing the check could
+    measure (focus and motion on a field that is almost entirely clipped): such a check
+    passes, and the check that found the cause (overexposed) fails instead."""
+
     name: str
     score: float
     threshold: float
     passed: bool
+    judged: bool = True
 
 
 @dataclass(frozen=True)
@@ -168,6 +173,7 @@ class QualityReport:
             "scores": {k: round(v, 4) for k, v in self.scores.items()},
             "thresholds": {k: round(v, 4) for k, v in self.thresholds.items()},
             "field": self.field.to_dict() if self.field is not None else None,
+            "not_judged": [c.name for c in self.checks if not c.judged],
         }
 
 
@@ -181,7 +187,13 @@ def assess(image: np.ndarray, thresholds: Thresholds | None = None) -> QualityRe
     field, mask = _field_mask(work)
 
     gray = cv2.cvtColor(work, cv2.COLOR_BGR2GRAY)
-    sharp, aniso = _sharpness(gray, _inner_mask(mask, field, factor, work), work)
+    # Working pixels per pixel of an 800-wide frame: blur limits are stated at 800x600.
+    px_per_ref = work.shape[1] / REF_WIDTH
+    inner = _inner_mask(mask, work)
+    sharp, aniso = _focus_and_motion(gray, inner, px_per_ref)
+    # Focus and motion read edges; a field that is nearly all clipped has none left to read,
+    # which says nothing about focus. Blur itself never clips, so this cannot hide a blur.
+    edges_judged = cv2.countNonZero(inner) >= _MIN_JUDGED_FRACTION * max(1, cv2.countNonZero(mask))
     scores = {
         "focus": sharp,
         "motion": aniso,
@@ -191,8 +203,17 @@ def assess(image: np.ndarray, thresholds: Thresholds | None = None) -> QualityRe
         "field": field.centred_coverage if field is not None else 0.0,
         "colour": _cast_distance(work, mask),
     }
-    checks = tuple(_result(name, scores[name], getattr(t, name)) for name in CHECK_NAMES)
+    checks = tuple(
+        _result(name, scores[name], getattr(t, name))
+        if edges_judged or name not in ("focus", "motion")
+        else CheckResult(name, scores[name], float(getattr(t, name)), passed=True, judged=False)
+        for name in CHECK_NAMES
+    )
     return QualityReport(checks=checks, field=field.scaled(1.0 / factor) if field else None)
+
+
+# Focus and motion are judged only when at least this fraction of the field is free of clipping.
+_MIN_JUDGED_FRACTION = 0.1
 
 
 def _result(name: str, score: float, threshold: float) -> CheckResult:
@@ -238,19 +259,16 @@ def _field_mask(work: np.ndarray) -> tuple[LensField | None, np.ndarray]:
     return field, mask
 
 
-def _inner_mask(
-    mask: np.ndarray, field: LensField | None, factor: float, work: np.ndarray
-) -> np.ndarray:
+def _inner_mask(mask: np.ndarray, work: np.ndarray) -> np.ndarray:
     """Mask for the gradient measures: away from the rim (the coarse blur must not reach the
-    black outside) and away from clipped pixels (a saturated blob's edge is not focus)."""
+    black outside) and away from clipped pixels (a saturated blob's edge is not focus, and a
+    clipped area has lost its detail). May be empty: then there is nothing to judge focus by."""
     k = math.ceil(3 * _COARSE_SIGMA) * 2 + 1
     inner = cv2.erode(mask, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (k, k)))
-    clipped = (cv2.min(cv2.min(work[..., 0], work[..., 1]), work[..., 2]) >= 245).astype(np.uint8)
+    clipped = (cv2.max(cv2.max(work[..., 0], work[..., 1]), work[..., 2]) >= 250).astype(np.uint8)
     if clipped.any():
         clipped = cv2.dilate(clipped, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (k, k)))
         inner[clipped > 0] = 0
-    if cv2.countNonZero(inner) < 64:
-        return mask
     return inner
 
 
@@ -259,7 +277,11 @@ def _inner_mask(
 
 
 def _dog_kernel(sigma: float) -> np.ndarray:
-    """1-D derivative-of-Gaussian kernel (column vector) for sepFilter2D."""
+    """1-D derivative-of-Gaussian kernel (column), scaled so that sum(|k|) = 1.
+
+    With that scaling a perfect step edge gives the same peak response, 1/2 of its height, at
+    every sigma; an edge blurred by b gives sigma / (2 sqrt(sigma^2 + b^2)).
+    """
     half = math.ceil(3 * sigma)
     x = np.arange(-half, half + 1, dtype=np.float32)
     k = -x * np.exp(-(x * x) / (2 * sigma * sigma))
@@ -272,35 +294,88 @@ def _gauss_kernel(sigma: float) -> np.ndarray:
 
 _DOG = {s: _dog_kernel(s) for s in (_FINE_SIGMA, _COARSE_SIGMA)}
 # Smoothing across the derivative direction. It narrows what each directional measure sees to
-# frequencies close to its own direction, so a smear along the motion barely reaches the
-# measure across it (without it, a 1/f^2 spectrum leaks the smear into every direction).
+# structure running across that direction, so a smear along the motion barely reaches the
+# measure across it (an isotropic filter would leak the smear into every direction).
 _ACROSS = _gauss_kernel(3.0)
+# Response of each filter pair to unit white noise, for the noise-relative edge selection.
+_NOISE_GAIN = {
+    s: float(np.sqrt((_DOG[s] ** 2).sum() * (_ACROSS**2).sum()))
+    for s in (_FINE_SIGMA, _COARSE_SIGMA)
+}
+# An edge counts when its coarse response is this many noise deviations strong.
+_EDGE_SNR = 5.0
 
 # The 1-D measures run along x and y of the image turned by each of these angles: 8 directions
 # 22.5 degrees apart, so any motion is within 11.25 degrees of one of them.
 _ROTATIONS = (0.0, 22.5, 45.0, 67.5)
 
+# A blur estimate in pixels of an 800-pixel-wide frame: the unit the issue states limits in.
+REF_WIDTH = 800.0
 
-def band_ratios(gray: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    """Fine-over-coarse 1-D gradient energy ratio along each of 8 directions.
 
-    Along one direction we take the derivative of a 1-D Gaussian at two scales (sigma 1 and 2
-    working pixels) and compare their energies. For natural images (power falling as 1/f^2)
-    the ratio depends on blur along that line, not on contrast or content, and falls steadily as
-    blur grows.
-    Defocus lowers it in every direction; motion blur lowers it along the motion only, because
+def noise_sigma(gray: np.ndarray, mask: np.ndarray) -> float:
+    """Sensor noise (standard deviation, gray levels), robust to image structure.
+
+    Immerkaer's operator (the difference of two Laplacians) cancels smooth structure; the
+    median of its absolute response over the field, unlike the mean, ignores the edges.
+    """
+    k = np.array([[1, -2, 1], [-2, 4, -2], [1, -2, 1]], np.float32)
+    r = np.abs(cv2.filter2D(gray.astype(np.float32), cv2.CV_32F, k))
+    values = r[mask > 0]
+    if values.size == 0:
+        return 0.0
+    # 6 = the operator's gain on white noise (sqrt(36)); 0.6745 turns a median into a sigma.
+    return float(np.median(values)) / 0.6745 / 6.0
+
+
+def _blur_from_ratio(ratio: np.ndarray) -> np.ndarray:
+    """Invert the edge model: fine/coarse response ratio -> Gaussian blur (working pixels).
+
+    For an edge blurred by b: ratio = (s1 / sqrt(s1^2 + b^2)) / (s2 / sqrt(s2^2 + b^2)), which
+    falls from 1 (sharp) to s1/s2 (blur much wider than both scales).
+    """
+    s1, s2 = _FINE_SIGMA, _COARSE_SIGMA
+    r = np.clip(ratio, s1 / s2 + 1e-3, 1.0)
+    return np.sqrt(s1 * s1 * s2 * s2 * (1 - r * r) / (r * r * s2 * s2 - s1 * s1))
+
+
+# The field is judged in tiles, TILES x TILES over its bounding box, and the tiles' verdicts
+# combined by a median: a soft shadow edge, a tuft of hair or a lesion's rim is local, while
+# defocus and motion blur are the same everywhere.
+TILES = 4
+_MIN_EDGES_PER_TILE = 25
+
+
+def directional_blur(gray: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Blur width (Gaussian sigma, working pixels) per tile and direction: shape (tiles, 8).
+
+    NaN where a tile has too few edges in that direction to tell.
+
+    Along one direction we filter with the derivative of a 1-D Gaussian at two scales (sigma 1
+    and 2) and compare their mean responses on the pixels that hold a real edge (coarse
+    response well above the noise). The ratio depends on the edges' blur, not on their
+    contrast, the skin tone or what the scene holds, and the edge model turns it into a blur
+    width. Defocus widens edges in every direction; motion blur only along the motion, because
     a 1-D filter across the motion does not see the smear.
     """
     g = gray.astype(np.float32)
     m = mask
-    # Crop to the field's bounding box: less to rotate and filter.
+    # Crop to the field's bounding box: less to turn and filter.
     ys, xs = np.nonzero(m[::4, ::4])
     if len(ys):
         y0, y1 = max(0, ys.min() * 4 - 4), min(m.shape[0], ys.max() * 4 + 5)
         x0, x1 = max(0, xs.min() * 4 - 4), min(m.shape[1], xs.max() * 4 + 5)
         g, m = g[y0:y1, x0:x1], m[y0:y1, x0:x1]
+    # Floor: a clipped or posterised frame reads as noiseless, and then every ripple is an edge.
+    sigma_n = max(noise_sigma(g, m), 0.8)
     h, w = g.shape
-    ratios = []
+    # Tile label of every pixel, 1..TILES^2 inside the mask and 0 outside; turned with the image.
+    rows = np.minimum(np.arange(h) * TILES // max(h, 1), TILES - 1)
+    cols = np.minimum(np.arange(w) * TILES // max(w, 1), TILES - 1)
+    tiles = (rows[:, None] * TILES + cols[None, :] + 1).astype(np.uint8)
+    tiles[m == 0] = 0
+    n_bins = TILES * TILES + 1
+    blurs = []
     for angle in _ROTATIONS:
         if angle:
             rot = cv2.getRotationMatrix2D((w / 2, h / 2), angle, 1.0)
@@ -308,34 +383,63 @@ def band_ratios(gray: np.ndarray, mask: np.ndarray) -> np.ndarray:
             gr = cv2.warpAffine(
                 g, rot, (w, h), flags=cv2.INTER_LANCZOS4, borderMode=cv2.BORDER_REFLECT
             )
-            # Pixels whose rotated neighbourhood came from outside the mask are dropped.
-            mr = cv2.warpAffine(m, rot, (w, h), flags=cv2.INTER_NEAREST, borderValue=0)
+            tr = cv2.warpAffine(tiles, rot, (w, h), flags=cv2.INTER_NEAREST, borderValue=0)
         else:
-            gr, mr = g, m
-        sel = mr[::2, ::2] > 0
+            gr, tr = g, tiles
+        inside = tr > 0
+        labels = tr[inside]
         for along_x in (True, False):
-            energies = []
+            resp = {}
             for sigma in (_FINE_SIGMA, _COARSE_SIGMA):
                 k = _DOG[sigma]
                 if along_x:
                     d = cv2.sepFilter2D(gr, cv2.CV_32F, k, _ACROSS)
                 else:
                     d = cv2.sepFilter2D(gr, cv2.CV_32F, _ACROSS, k)
-                # Median, not mean: a few high-contrast hairs would otherwise dominate the
-                # energy (and its direction). Every other pixel is plenty for a median.
-                energies.append(
-                    float(np.median(np.abs(d[::2, ::2][sel]))) ** 2 if sel.any() else 0.0
-                )
-            ratios.append(energies[0] / max(energies[1], 1e-12))
-    return np.array(ratios, np.float64)
+                resp[sigma] = np.abs(d[inside])
+            coarse = resp[_COARSE_SIGMA]
+            edges = coarse > _EDGE_SNR * sigma_n * _NOISE_GAIN[_COARSE_SIGMA]
+            lab = labels[edges]
+            count = np.bincount(lab, minlength=n_bins)[1:]
+            fine_sum = np.bincount(lab, weights=resp[_FINE_SIGMA][edges], minlength=n_bins)[1:]
+            coarse_sum = np.bincount(lab, weights=coarse[edges], minlength=n_bins)[1:]
+            with np.errstate(invalid="ignore", divide="ignore"):
+                ratio = fine_sum / coarse_sum
+            blur = _blur_from_ratio(np.nan_to_num(ratio, nan=1.0))
+            blur[count < _MIN_EDGES_PER_TILE] = np.nan
+            blurs.append(blur)
+    return np.stack(blurs, axis=1)
 
 
-def _sharpness(gray: np.ndarray, mask: np.ndarray, work: np.ndarray) -> tuple[float, float]:
-    """(focus score, motion score)."""
-    ratios = band_ratios(gray, mask)
-    best, worst = float(ratios.max()), float(ratios.min())
-    anisotropy = 1.0 - worst / best if best > 0 else 0.0
-    return best, anisotropy
+def _per_direction(blurs: np.ndarray) -> np.ndarray:
+    """Median over tiles of each direction's blur (NaN for a direction too few tiles saw)."""
+    seen = np.count_nonzero(~np.isnan(blurs), axis=0)
+    out = np.full(blurs.shape[1], np.nan)
+    for i in np.flatnonzero(seen >= _MIN_TILES):
+        out[i] = float(np.nanmedian(blurs[:, i]))
+    return out
+
+
+_MIN_TILES = 2
+
+
+def _focus_and_motion(gray: np.ndarray, mask: np.ndarray, px_per_ref: float) -> tuple[float, float]:
+    """(focus score, motion score) from the directional blur widths.
+
+    Each direction's blur is the median over the tiles that saw edges across it.
+    focus = 4 / (blur in the sharpest direction, px at 800 wide): 1.0 is exactly the blur the
+    check must catch (Gaussian sigma 4 at 800x600); a sharp frame scores 2-4. Motion blur
+    leaves the direction across it sharp, so it does not fail focus.
+    motion = widest minus narrowest directional blur, px at 800 wide: 0 for isotropic blur.
+    """
+    per_dir = _per_direction(directional_blur(gray, mask)) / px_per_ref
+    seen = ~np.isnan(per_dir)
+    if not seen.any():
+        return 0.0, 0.0  # no edge stands out from the noise: nothing in view can be called sharp
+    best = float(np.nanmin(per_dir))
+    # The spread means something only when most directions were seen.
+    spread = float(np.nanmax(per_dir)) - best if np.count_nonzero(seen) >= 6 else 0.0
+    return 4.0 / max(best, 0.25), spread
 
 
 # --------------------------------------------------------------------------------------------
@@ -377,6 +481,9 @@ def _clipped_fraction(work: np.ndarray, gray: np.ndarray, mask: np.ndarray) -> f
 # Glare
 
 
+_GLARE_MAX_SATURATED = 0.15
+
+
 def _glare_fraction(work: np.ndarray, gray: np.ndarray, mask: np.ndarray) -> float:
     """Area of specular blobs as a fraction of the field.
 
@@ -389,6 +496,10 @@ def _glare_fraction(work: np.ndarray, gray: np.ndarray, mask: np.ndarray) -> flo
         return 0.0
     white = cv2.min(cv2.min(work[..., 0], work[..., 1]), work[..., 2]) >= 230
     white = cv2.bitwise_and(white.astype(np.uint8) * 255, mask)
+    # When much of the field is saturated the frame is overexposed, and saturated patches are
+    # exposure, not reflections: that is the overexposed check's finding, not glare's.
+    if cv2.countNonZero(white) > _GLARE_MAX_SATURATED * field_area:
+        return 0.0
     n, labels, stats, _ = cv2.connectedComponentsWithStats(white, connectivity=8)
     min_area = max(4, 0.0008 * field_area)
     max_area = 0.25 * field_area
