@@ -121,6 +121,21 @@ def _status(args: argparse.Namespace) -> int:
     return EXIT_OK if is_live(status) else EXIT_FAILED
 
 
+def _doctor(args: argparse.Namespace) -> int:
+    from device_agent.doctor import fit_for_clinical_use, run_checks
+
+    checks = run_checks(args.config, pin_factory, probe_broker=not args.no_broker)
+    fit = fit_for_clinical_use(checks)
+    if args.json:
+        print(json.dumps({"fit_for_clinical_use": fit,
+                          "checks": [c.to_dict() for c in checks]}))
+    else:
+        for check in checks:
+            print(check.line())
+        print("\nfit for clinical use" if fit else "\nNOT fit for clinical use: fix the FAIL lines")
+    return EXIT_OK if fit else EXIT_FAILED
+
+
 def _demo(args: argparse.Namespace) -> int:
     from sim.demo import run_demo
 
@@ -148,6 +163,12 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--config", type=Path, default=DEFAULT_CONFIG_PATH)
     status.add_argument("--json", action="store_true")
     status.set_defaults(func=_status)
+
+    doctor = commands.add_parser("doctor", help="check everything a technician needs")
+    doctor.add_argument("--config", type=Path, default=DEFAULT_CONFIG_PATH)
+    doctor.add_argument("--json", action="store_true")
+    doctor.add_argument("--no-broker", action="store_true", help="skip the broker connection")
+    doctor.set_defaults(func=_doctor)
 
     prov = commands.add_parser("provision", help="give the device its identity (technician)")
     prov.add_argument("--device-id", required=True)

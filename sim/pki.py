@@ -49,7 +49,7 @@ class TestCA:
             .public_key(self.key.public_key())
             .serial_number(x509.random_serial_number())
             .not_valid_before(now - dt.timedelta(minutes=5))
-            .not_valid_after(now + dt.timedelta(days=30))
+            .not_valid_after(now + dt.timedelta(days=730))
             .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
             .add_extension(x509.KeyUsage(False, False, False, False, False, True, True, False,
                                          False), critical=True)
@@ -59,7 +59,7 @@ class TestCA:
         self.cert_path.write_bytes(self.cert.public_bytes(serialization.Encoding.PEM))
 
     def sign_csr(self, csr: x509.CertificateSigningRequest, *, server: bool = False,
-                 days: float = 30, valid_from: dt.datetime | None = None) -> x509.Certificate:
+                 days: float = 365, valid_from: dt.datetime | None = None) -> x509.Certificate:
         start = valid_from or dt.datetime.now(dt.UTC) - dt.timedelta(minutes=5)
         usage = ExtendedKeyUsageOID.SERVER_AUTH if server else ExtendedKeyUsageOID.CLIENT_AUTH
         builder = (
@@ -80,7 +80,7 @@ class TestCA:
             ]), critical=False)
         return builder.sign(self.key, hashes.SHA256())
 
-    def issue(self, common_name: str, *, server: bool = False, days: float = 30,
+    def issue(self, common_name: str, *, server: bool = False, days: float = 365,
               valid_from: dt.datetime | None = None) -> Issued:
         """A key and certificate for ``common_name`` (a device id, "gateway", "broker")."""
         key = ec.generate_private_key(ec.SECP256R1())

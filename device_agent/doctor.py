@@ -1,0 +1,273 @@
+"""``device-agent doctor``: every check a technician needs, one clear line each.
+
+Each check says ok, warn or fail, what it saw, and for anything not ok what to do. The
+device is fit for clinical use when nothing fails. While the service runs it holds the
+camera and the pins, so their checks read the running agent's live status instead of
+opening the hardware a second time.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import shutil
+import socket
+import ssl
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Literal
+
+import paho.mqtt.client as mqtt
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from paho.mqtt.enums import CallbackAPIVersion
+
+from device_agent.camera.metadata import clock_synced
+from device_agent.config import Config, ConfigError, load_config
+from device_agent.status import is_live, read_status, status_path
+from device_agent.uplink.seal import KeyFileError, load_public_key
+
+Level = Literal["ok", "warn", "fail"]
+CERT_WARN_DAYS = 30
+DISK_WARN_BYTES = 1 << 30
+DISK_FAIL_BYTES = 100 << 20
+OUTBOX_WARN_AGE = 24 * 3600.0
+
+
+@dataclass(frozen=True)
+class Check:
+    name: str
+    level: Level
+    detail: str
+    action: str = ""
+
+    def line(self) -> str:
+        mark = {"ok": "ok  ", "warn": "WARN", "fail": "FAIL"}[self.level]
+        todo = f" -> {self.action}" if self.action else ""
+        return f"{mark}  {self.name:12s} {self.detail}{todo}"
+
+    def to_dict(self) -> dict[str, str]:
+        return asdict(self)
+
+
+def fit_for_clinical_use(checks: list[Check]) -> bool:
+    return all(c.level != "fail" for c in checks)
+
+
+# -- the checks ---------------------------------------------------------------------------
+def check_camera(config: Config, live: dict | None) -> Check:
+    expected = config.camera.fps
+    if live is not None:
+        camera = live.get("camera", {})
+        fps = float(camera.get("fps", 0.0))
+        source = "running agent"
+    else:
+        fps, found, model = _probe_camera(config)
+        camera = {"streaming": fps > 0, "model": model}
+        source = "opened directly"
+        if fps > 0 and not found:
+            return Check("camera", "warn", f"{model} streams {fps:.1f} fps but no lens field is "
+                         "seen", "put the lens on skin or the white target and check again")
+    if not camera.get("streaming"):
+        return Check("camera", "fail", f"no frames ({source})",
+                     "check the camera ribbon cable and `rpicam-hello --list-cameras`")
+    if fps < 0.7 * expected:
+        return Check("camera", "warn", f"{camera.get('model')} at {fps:.1f} fps, configured "
+                     f"{expected:g} ({source})", "lower camera.width/height or check CPU load")
+    return Check("camera", "ok", f"{camera.get('model')} streaming at {fps:.1f} fps ({source})")
+
+
+def _probe_camera(config: Config, seconds: float = 2.0) -> tuple[float, bool, str]:
+    """Open the camera, read for ``seconds``: (fps, lens field found, model)."""
+    from device_agent.camera.backends import open_camera
+    from device_agent.camera.base import CameraError
+    from device_agent.camera.lens import find_lens_field
+
+    camera = open_camera(config.camera, config.sim)
+    stamps: list[float] = []
+    last = None
+    try:
+        with camera:
+            deadline = time.monotonic() + seconds
+            while time.monotonic() < deadline:
+                last = camera.next_frame(config.camera.frame_timeout)
+                stamps.append(last.timestamp)
+    except CameraError:
+        return 0.0, False, camera.model
+    if len(stamps) < 2 or last is None:
+        return 0.0, False, camera.model
+    fps = (len(stamps) - 1) / max(stamps[-1] - stamps[0], 1e-6)
+    field = find_lens_field(last.image)
+    return fps, bool(field and field.found), camera.model
+
+
+def check_pins(config: Config, live: dict | None,
+               pin_factory: Callable[[str], object]) -> list[Check]:
+    if live is not None:
+        detail = f"in use by the running agent (LED shows {live.get('signal')})"
+        return [Check("leds", "ok", detail), Check("button", "ok", detail)]
+    from gpiozero import LED, PWMLED, Button
+    from gpiozero.exc import GPIOZeroError
+
+    factory = pin_factory(config.pins.pin_factory)
+    pins = config.pins
+    checks = []
+    try:
+        devices = [LED(pins.status_led, pin_factory=factory),
+                   PWMLED(pins.ring_polarised, pin_factory=factory),
+                   PWMLED(pins.ring_plain, pin_factory=factory)]
+        for device in devices:
+            device.on()
+            device.off()
+            device.close()
+        checks.append(Check("leds", "ok", f"status LED (GPIO {pins.status_led}) and ring "
+                            f"(GPIO {pins.ring_polarised}, {pins.ring_plain}) drive"))
+    except GPIOZeroError as err:
+        checks.append(Check("leds", "fail", f"cannot drive the LEDs: {err}",
+                            "check [pins] and that nothing else holds the pins"))
+    try:
+        button = Button(pins.button, pull_up=True, pin_factory=factory)
+        stuck = button.is_pressed
+        button.close()
+        checks.append(Check("button", "fail", f"GPIO {pins.button} reads pressed at rest",
+                            "the button is stuck or wired to the wrong pin") if stuck else
+                      Check("button", "ok", f"GPIO {pins.button} released at rest"))
+    except GPIOZeroError as err:
+        checks.append(Check("button", "fail", f"cannot read the button: {err}",
+                            "check pins.button"))
+    return checks
+
+
+def check_tls(config: Config) -> Check:
+    up = config.uplink
+    if not up.tls:
+        if up.insecure_dev_mode:
+            return Check("tls", "warn", "plain MQTT (insecure_dev_mode): development only",
+                         "provision the device (device-agent provision) for a clinic")
+        return Check("tls", "fail", "no TLS configured", "run device-agent provision")
+    try:
+        ca = x509.load_pem_x509_certificate(up.ca_file.read_bytes())
+        cert = x509.load_pem_x509_certificate(up.cert_file.read_bytes())
+    except (OSError, ValueError) as err:
+        return Check("tls", "fail", f"cannot read the CA or device certificate: {err}",
+                     "run device-agent provision with --cert")
+    try:
+        cert.verify_directly_issued_by(ca)
+    except (ValueError, TypeError, InvalidSignature):
+        return Check("tls", "fail", "device certificate is not signed by the configured CA",
+                     "install the certificate the clinic CA signed")
+    days = (cert.not_valid_after_utc - dt.datetime.now(dt.UTC)).total_seconds() / 86400
+    if days < 0:
+        return Check("tls", "fail", f"device certificate expired {-days:.0f} days ago",
+                     "renew it: docs/provisioning.md, certificate renewal")
+    if days < CERT_WARN_DAYS:
+        return Check("tls", "warn", f"device certificate expires in {days:.0f} days",
+                     "renew it soon: docs/provisioning.md")
+    return Check("tls", "ok", f"chain verifies; certificate valid {days:.0f} more days")
+
+
+def check_broker(config: Config, timeout: float = 5.0) -> Check:
+    up = config.uplink
+    where = f"{up.host}:{up.port}"
+    try:
+        with socket.create_connection((up.host, up.port), timeout=timeout):
+            pass
+    except OSError as err:
+        return Check("broker", "fail", f"{where} unreachable: {err}",
+                     "check the network and uplink.host/port")
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"{config.device.id}-doctor",
+                         protocol=mqtt.MQTTv5 if up.protocol == "mqtt5" else mqtt.MQTTv311)
+    try:
+        if up.tls:
+            client.tls_set(ca_certs=str(up.ca_file), certfile=str(up.cert_file),
+                           keyfile=str(up.key_file))
+        client.connect(up.host, up.port, keepalive=10)
+        deadline = time.monotonic() + timeout
+        while not client.is_connected() and time.monotonic() < deadline:
+            if client.loop(timeout=0.2) != mqtt.MQTT_ERR_SUCCESS:
+                break
+        connected = client.is_connected()
+        client.disconnect()
+    except (OSError, ssl.SSLError, ValueError) as err:
+        return Check("broker", "fail", f"{where}: MQTT/TLS connection failed: {err}",
+                     "check the certificates and the broker's CA")
+    if not connected:
+        return Check("broker", "fail", f"{where}: the broker did not accept the connection",
+                     "check the device certificate and the broker ACL")
+    return Check("broker", "ok", f"{where} accepts this device")
+
+
+def check_sealing(config: Config) -> Check:
+    path = config.security.clinic_public_key
+    if path is None:
+        level: Level = "warn" if config.uplink.insecure_dev_mode else "fail"
+        return Check("sealing", level, "no clinic key: captures are not sealed",
+                     "run device-agent provision with --clinic-key")
+    try:
+        load_public_key(path)
+    except KeyFileError as err:
+        return Check("sealing", "fail", str(err), "re-run device-agent provision")
+    return Check("sealing", "ok", f"captures sealed to the clinic key {path.name}")
+
+
+def check_clock() -> Check:
+    if clock_synced():
+        return Check("clock", "ok", "synchronised (timesyncd)")
+    return Check("clock", "warn", "not known to be synchronised: capture times may be off",
+                 "check `timedatectl` and network time")
+
+
+def check_disk(config: Config, live: dict | None) -> list[Check]:
+    folder = config.device.state_dir
+    probe = folder if folder.exists() else folder.parent
+    try:
+        free = shutil.disk_usage(probe).free
+    except OSError as err:
+        return [Check("disk", "fail", f"{folder}: {err.strerror}", "check the SD card")]
+    gb = free / (1 << 30)
+    if free < DISK_FAIL_BYTES:
+        disk = Check("disk", "fail", f"{gb:.2f} GB free", "free space on the SD card")
+    elif free < DISK_WARN_BYTES:
+        disk = Check("disk", "warn", f"{gb:.2f} GB free", "free space soon")
+    else:
+        disk = Check("disk", "ok", f"{gb:.1f} GB free")
+    if live is None:
+        return [disk, Check("outbox", "warn", "agent not running: figures unknown",
+                            "start the service: systemctl start device-agent")]
+    box = live.get("outbox", {})
+    oldest = box.get("oldest_created")
+    age = time.time() - oldest if oldest else 0.0
+    detail = (f"{box.get('depth', 0)} waiting, {box.get('used_bytes', 0) / 1e6:.1f} of "
+              f"{box.get('quota_bytes', 0) / 1e6:.0f} MB, {box.get('quarantined', 0)} "
+              "quarantined")
+    if box.get("quarantined"):
+        return [disk, Check("outbox", "warn", detail,
+                            "send the quarantine folder to support; nothing else is blocked")]
+    if age > OUTBOX_WARN_AGE:
+        return [disk, Check("outbox", "warn", f"{detail}; oldest waits {age / 3600:.0f} h",
+                            "check the uplink and the clinic gateway")]
+    return [disk, Check("outbox", "ok", detail)]
+
+
+def run_checks(config_path: Path, pin_factory: Callable[[str], object],
+               probe_broker: bool = True) -> list[Check]:
+    try:
+        config = load_config(config_path)
+    except ConfigError as err:
+        return [Check("config", "fail", str(err), "fix the named field")]
+    checks = [Check("config", "ok", f"{config_path} valid (device {config.device.id})")]
+    status = read_status(status_path(config.device.state_dir))
+    live = status if is_live(status) else None
+    checks.append(Check("service", "ok", f"running (pid {live.get('pid')})") if live else
+                  Check("service", "warn", "agent not running",
+                        "systemctl start device-agent (hardware is tested directly meanwhile)"))
+    checks.append(check_camera(config, live))
+    checks.extend(check_pins(config, live, pin_factory))
+    checks.append(check_tls(config))
+    if probe_broker:
+        checks.append(check_broker(config))
+    checks.append(check_sealing(config))
+    checks.append(check_clock())
+    checks.extend(check_disk(config, live))
+    return checks

@@ -1,0 +1,114 @@
+"""``device-agent doctor`` as a technician runs it."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from sim.broker import free_port
+from sim.device import SimDevice, sim_config
+from sim.pki import TestCA
+from sim.secure_broker import SecureMosquitto
+
+
+def write_config(tmp_path: Path, port: int, extra: str = "") -> Path:
+    path = tmp_path / "config.toml"
+    path.write_text(
+        f'[device]\nid = "dev1"\nstate_dir = "{tmp_path / "state"}"\n'
+        f'[camera]\nbackend = "sim"\n[pins]\npin_factory = "mock"\n'
+        f'[uplink]\nport = {port}\n{extra}'
+    )
+    return path
+
+
+def doctor(config: Path, *extra: str) -> tuple[int, dict]:
+    result = subprocess.run([sys.executable, "-m", "device_agent", "doctor", "--config",
+                             str(config), "--json", *extra], capture_output=True, text=True,
+                            timeout=120, check=False)
+    report = json.loads(result.stdout)
+    return result.returncode, {c["name"]: c for c in report["checks"]} | {
+        "fit": report["fit_for_clinical_use"]}
+
+
+def test_a_bench_device_on_plain_mqtt_is_fit_with_warnings(tmp_path, broker):
+    config = write_config(tmp_path, broker.port, "insecure_dev_mode = true\n")
+    code, checks = doctor(config)
+    assert code == 0
+    assert checks["fit"]
+    assert checks["camera"]["level"] == "ok"
+    assert "opened directly" in checks["camera"]["detail"]
+    assert checks["leds"]["level"] == "ok"
+    assert checks["button"]["level"] == "ok"
+    assert checks["broker"]["level"] == "ok"
+    assert checks["tls"]["level"] == "warn"
+    assert "development only" in checks["tls"]["detail"]
+    assert checks["sealing"]["level"] == "warn"
+
+
+def test_an_unreachable_broker_and_no_tls_make_it_unfit(tmp_path):
+    config = write_config(tmp_path, free_port())
+    code, checks = doctor(config)
+    assert code == 1
+    assert not checks["fit"]
+    assert checks["broker"]["level"] == "fail"
+    assert "unreachable" in checks["broker"]["detail"]
+    assert checks["tls"]["level"] == "fail"
+    assert checks["tls"]["action"]
+
+
+def test_a_bad_config_is_the_one_failing_line(tmp_path):
+    config = tmp_path / "config.toml"
+    config.write_text('[device]\nid = "dev1"\n[outbox]\nquota_mb = -1\n')
+    code, checks = doctor(config)
+    assert code == 1
+    assert checks["config"]["level"] == "fail"
+    assert "outbox.quota_mb" in checks["config"]["detail"]
+    assert set(checks) == {"config", "fit"}
+
+
+def test_a_provisioned_device_passes_tls_and_broker_and_an_expired_one_fails(tmp_path):
+    ca = TestCA(tmp_path / "ca")
+    good = ca.issue("dev1")
+    expired = ca.issue("dev1-old", valid_from=dt.datetime.now(dt.UTC) - dt.timedelta(days=50),
+                       days=30)
+    with SecureMosquitto(tmp_path / "broker", ca) as broker:
+        tls = (f'ca_file = "{ca.cert_path}"\ncert_file = "{good.cert}"\n'
+               f'key_file = "{good.key}"\nhost = "localhost"\n')
+        code, checks = doctor(write_config(tmp_path, broker.port, tls))
+        assert checks["tls"]["level"] == "ok", checks["tls"]
+        assert checks["broker"]["level"] == "ok", checks["broker"]
+
+        old = tls.replace(str(good.cert), str(expired.cert)).replace(str(good.key),
+                                                                     str(expired.key))
+        code, checks = doctor(write_config(tmp_path, broker.port, old))
+        assert code == 1
+        assert checks["tls"]["level"] == "fail"
+        assert "expired" in checks["tls"]["detail"]
+        assert checks["broker"]["level"] == "fail"
+
+
+def test_while_the_agent_runs_doctor_reads_its_live_status(tmp_path, broker):
+    config = write_config(tmp_path, broker.port, "insecure_dev_mode = true\n")
+    with SimDevice(sim_config(tmp_path / "state", broker.port, "dev1",
+                              uplink={"insecure_dev_mode": True})) as device:
+        device.agent.publish_status()
+        code, checks = doctor(config)
+    assert checks["service"]["level"] == "ok"
+    assert "running agent" in checks["camera"]["detail"]
+    assert "in use by the running agent" in checks["leds"]["detail"]
+    assert checks["outbox"]["level"] == "ok"
+    assert code == 0
+
+
+def test_the_person_readable_output(tmp_path, broker):
+    config = write_config(tmp_path, broker.port, "insecure_dev_mode = true\n")
+    result = subprocess.run([sys.executable, "-m", "device_agent", "doctor", "--config",
+                             str(config)], capture_output=True, text=True, timeout=120,
+                            check=False)
+    lines = result.stdout.splitlines()
+    assert any(line.startswith("ok    camera") for line in lines)
+    assert any(line.startswith("WARN  tls") and "->" in line for line in lines)
+    assert lines[-1] == "fit for clinical use"
