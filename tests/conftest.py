@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,12 +27,21 @@ class EventLog(logging.Handler):
         super().__init__(logging.DEBUG)
         self.records: list[dict[str, Any]] = []
         self._cond = threading.Condition()
+        self._hooks: dict[str, list[Callable[[dict[str, Any]], None]]] = {}
+
+    def on(self, event: str, hook: Callable[[dict[str, Any]], None]) -> None:
+        """Run ``hook(record)`` in the logging thread the moment ``event`` is logged: fault
+        tests use it to strike at an exact step of a protocol."""
+        self._hooks.setdefault(event, []).append(hook)
 
     def emit(self, record: logging.LogRecord) -> None:
         if hasattr(record, "event"):
+            fields = dict(record.__dict__)
             with self._cond:
-                self.records.append(dict(record.__dict__))
+                self.records.append(fields)
                 self._cond.notify_all()
+            for hook in self._hooks.get(fields["event"], []):
+                hook(fields)
 
     def named(self, event: str, **match: Any) -> list[dict[str, Any]]:
         with self._cond:

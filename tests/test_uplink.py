@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -11,6 +12,8 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -356,3 +359,87 @@ def test_backoff_grows_is_capped_and_jittered() -> None:
     assert all(0.25 <= d <= 8.0 for d in delays)
     assert delays[-1] >= 4.0  # capped at 8 with equal jitter: in [4, 8]
     assert len({round(backoff_delay(5, 0.5, 8.0, rng), 6) for _ in range(20)}) > 1
+
+
+# ------------------------------------------------------------------------------ fault injection
+
+
+def assert_each_stored_once(store: Path, events, items: list[tuple[str, dict, bytes]]) -> None:
+    for capture_id, meta, image in items:
+        assert_stored(store, capture_id, meta, image)
+        assert len(events.named("capture.stored", capture_id=capture_id)) == 1
+    assert len(list((store / DEVICE).glob("*.jpg"))) == len(items)
+
+
+@pytest.mark.parametrize(
+    "moment", ["uplink.manifest_sent", "gateway.manifest", "uplink.final_sent"],
+    ids=["after-manifest", "during-chunks", "during-final"],
+)
+def test_broker_killed_at_a_protocol_step_loses_and_duplicates_nothing(
+    broker, gateway, outbox, store, events, moment
+) -> None:
+    items = [put(outbox, n, size=150_000) for n in range(3)]
+    struck = threading.Event()
+
+    def strike(record: dict) -> None:
+        # Runs in the thread that logged the event, i.e. exactly at that protocol step.
+        if record.get("capture_id") == "cap-1" and not struck.is_set():
+            struck.set()
+            broker.kill()
+
+    events.on(moment, strike)
+    up = make_uplink(broker, outbox, chunk_size=8192)
+    up.start()
+    try:
+        assert struck.wait(30)
+        events.wait_for("uplink.disconnected")
+        broker.start()
+        assert up.wait_idle(40)
+    finally:
+        up.stop()
+    assert_each_stored_once(store, events, items)
+
+
+def _json_lines(text: str) -> list[dict]:
+    out = []
+    for line in text.splitlines():
+        with contextlib.suppress(ValueError):
+            out.append(json.loads(line))
+    return out
+
+
+def test_gateway_killed_mid_transfer_resumes_and_stores_once(
+    broker, outbox, store, events
+) -> None:
+    capture_id, meta, image = put(outbox, 11, size=8_000_000)
+    command = [sys.executable, "-m", "sim.gateway", "--host", broker.host,
+               "--port", str(broker.port), "--store", str(store)]
+    received = store / ".gateway" / "staging" / DEVICE / capture_id / "received"
+    first = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
+    up = make_uplink(broker, outbox, chunk_size=2048)
+    up.start()
+    try:
+        # Another process: its staging file is all we can watch (bounded polling).
+        deadline = time.monotonic() + 30
+        while not (received.exists() and received.stat().st_size >= 4 * 500):
+            assert time.monotonic() < deadline, "the gateway never staged 500 chunks"
+            time.sleep(0.005)
+        first.kill()  # SIGKILL mid-transfer: no goodbye, staging left as it is
+        first.communicate(timeout=10)
+        second = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
+        try:
+            assert up.wait_idle(60)
+        finally:
+            second.terminate()
+            out, _ = second.communicate(timeout=10)
+    finally:
+        up.stop()
+        first.kill()
+    logged = _json_lines(out)
+    # The restarted gateway resumed from the staged chunks (whether the device learnt what
+    # was missing from a manifest or from a final), it never started over.
+    assert all(e["resumed"] for e in logged if e.get("event") == "gateway.manifest")
+    (sent,) = events.named("uplink.manifest_sent", capture_id=capture_id)[-1:]
+    assert events.named("uplink.final_sent", capture_id=capture_id)[-1]["resent"] < sent["chunks"]
+    assert [e["capture_id"] for e in logged if e.get("event") == "capture.stored"] == [capture_id]
+    assert_stored(store, capture_id, meta, image)

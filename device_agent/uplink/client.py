@@ -359,6 +359,8 @@ class Uplink:
             log_event(log, "uplink.bad_ack", level=logging.WARNING, topic=message.topic,
                       reason=err.reason, detail=err.detail)
             return
+        if self.outbox.get(capture_id) is None:
+            return  # a late answer about a capture already delivered or quarantined
         with self._cond:
             self._acks[capture_id] = ack
             self._cond.notify_all()
@@ -528,6 +530,8 @@ class Uplink:
             manifest = dataclasses.replace(t.manifest, req=req)
             self._publish(self.topics.up(capture_id, "manifest"), manifest.encode(),
                           kind="manifest", correlation=f"{capture_id}:{req}".encode())
+            log_event(log, "uplink.manifest_sent", level=logging.DEBUG, capture_id=capture_id,
+                      req=req, size=len(t.data), chunk_size=t.chunk_size, chunks=t.chunk_count)
             ack = self._wait_ack(capture_id, req, generation)
             stalled = 0
             best = t.chunk_count + 1
@@ -546,6 +550,8 @@ class Uplink:
                 final = Final(capture_id, t.sha256.hex(), t.chunk_count, req)
                 self._publish(self.topics.up(capture_id, "final"), final.encode(), kind="final",
                               correlation=f"{capture_id}:{req}".encode())
+                log_event(log, "uplink.final_sent", level=logging.DEBUG, capture_id=capture_id,
+                          req=req, resent=len(ack.missing))
                 ack = self._wait_ack(capture_id, req, generation)
             if ack is not None and ack.state == "committed":
                 if ack.sha256 and ack.sha256 != t.sha256.hex():
@@ -582,7 +588,10 @@ class Uplink:
         if not self._wait(answered, self.config.ack_timeout, generation):
             return None
         with self._cond:
-            return self._acks.pop(capture_id)
+            ack = self._acks.pop(capture_id)
+        log_event(log, "uplink.ack", level=logging.DEBUG, capture_id=capture_id, state=ack.state,
+                  req=ack.req, missing=len(ack.missing), reason=ack.reason)
+        return ack
 
     def _send_chunks(self, t: _Transfer, missing: tuple[int, ...], generation: int) -> None:
         topic = self.topics.up(t.entry.capture_id, "chunk")
