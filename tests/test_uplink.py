@@ -443,3 +443,52 @@ def test_gateway_killed_mid_transfer_resumes_and_stores_once(
     assert events.named("uplink.final_sent", capture_id=capture_id)[-1]["resent"] < sent["chunks"]
     assert [e["capture_id"] for e in logged if e.get("event") == "capture.stored"] == [capture_id]
     assert_stored(store, capture_id, meta, image)
+
+
+_DEVICE = textwrap.dedent(
+    """
+    import sys
+    from pathlib import Path
+    from device_agent.config import UplinkConfig
+    from device_agent.uplink.client import Uplink
+    from device_agent.uplink.outbox import Outbox
+    config = UplinkConfig(host="127.0.0.1", port=int(sys.argv[1]), chunk_size=2048,
+                          ack_timeout=2.0, retry_min=0.1, retry_max=0.5, keepalive=5)
+    outbox = Outbox(Path(sys.argv[2]), 10**9)
+    up = Uplink(config, "dev-1", outbox, "test-1.0")
+    up.start()
+    ok = up.wait_idle(60)
+    up.stop()
+    sys.exit(0 if ok else 1)
+    """
+)
+
+
+@pytest.mark.parametrize("staged_before_kill", [0, 200, 1500])
+def test_device_killed_mid_transfer_delivers_once_after_restart(
+    broker, gateway, tmp_path, store, events, staged_before_kill
+) -> None:
+    box_dir = tmp_path / "device-outbox"
+    items = [put(Outbox(box_dir, 10**9), n, size=4_000_000) for n in (20, 21)]
+    first_id = items[0][0]
+    staged = threading.Event()
+    if staged_before_kill == 0:
+        events.on("gateway.manifest", lambda r: staged.set())
+    received = store / ".gateway" / "staging" / DEVICE / first_id / "received"
+    device = subprocess.Popen([sys.executable, "-c", _DEVICE, str(broker.port), str(box_dir)])
+    try:
+        deadline = time.monotonic() + 30
+        while not (staged.is_set() or (staged_before_kill and received.exists()
+                                        and received.stat().st_size >= 4 * staged_before_kill)):
+            assert time.monotonic() < deadline, "the transfer never got that far"
+            time.sleep(0.002)  # watching another process's progress: bounded polling
+        device.kill()  # kill -9 of the device mid-transfer
+        device.wait(timeout=10)
+        restarted = subprocess.run([sys.executable, "-c", _DEVICE, str(broker.port),
+                                    str(box_dir)], timeout=90, check=False)
+        assert restarted.returncode == 0
+    finally:
+        device.kill()
+        device.wait(timeout=10)
+    assert Outbox(box_dir, 10**9).depth() == 0
+    assert_each_stored_once(store, events, items)
