@@ -17,7 +17,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 from gpiozero.pins import Factory
@@ -25,6 +25,12 @@ from gpiozero.pins import Factory
 from device_agent import __version__
 from device_agent.buttons.gestures import Gesture, GestureButton, GestureEvent
 from device_agent.camera.base import Camera, CameraError, Frame, FrameTimeout
+from device_agent.camera.calibration import (
+    Calibration,
+    CalibrationError,
+    calibration_path,
+    load_calibration,
+)
 from device_agent.camera.encode import MEDIA_TYPE, encode_jpeg
 from device_agent.camera.metadata import build_metadata
 from device_agent.camera.quality import assess
@@ -83,6 +89,7 @@ class Agent:
         self.outbox = outbox
         self.uplink = uplink
         self.thresholds = config.thresholds()
+        self.calibration = self._load_calibration()
         cam = config.camera
         self.ring = FrameRing(math.ceil(cam.ring_seconds * cam.fps) + 1)
         self.illumination = config.illumination.mode
@@ -112,6 +119,20 @@ class Agent:
         self._last_outcome_at = 0.0
         self._next_status = 0.0
         self._outcome_added = threading.Condition()
+
+    def _load_calibration(self) -> Calibration | None:
+        path = calibration_path(self.config.device.state_dir)
+        try:
+            calibration = load_calibration(path)
+        except CalibrationError as err:
+            # Capturing uncalibrated (and saying so in every capture's metadata) beats not
+            # capturing at all; doctor reports it as a failure to fix.
+            log_event(log, "calibration.invalid", logging.ERROR, error=str(err))
+            return None
+        if calibration is not None:
+            log_event(log, "calibration.loaded", calibration_id=calibration.calibration_id,
+                      modes=sorted(calibration.modes))
+        return calibration
 
     # -- life cycle ---------------------------------------------------------------------
     def start(self) -> None:
@@ -197,6 +218,8 @@ class Agent:
             self.lights.show(Signal.FAULT)
             return CaptureOutcome(capture_id, "failed", ("no_frame",))
         frame, offset = choice
+        if self.calibration is not None:
+            frame = replace(frame, image=self.calibration.apply(frame.image, self.illumination))
         report = assess(frame.image, self.thresholds)
         quality = {**report.to_dict(), "frame_offset_s": round(offset, 4)}
         if report.verdict != "accept":
@@ -238,6 +261,7 @@ class Agent:
             illumination_mode=self.illumination,
             overridden=overridden,
             software_version=__version__,
+            calibration_id=self._calibration_id(),
         )
         scores = quality.get("scores", {})
         try:
@@ -260,6 +284,11 @@ class Agent:
             self.uplink.notify()
         return CaptureOutcome(capture_id, "accept", (), overridden,
                               quality.get("frame_offset_s"), scores)
+
+    def _calibration_id(self) -> str | None:
+        if self.calibration is None or self.illumination not in self.calibration.modes:
+            return None
+        return self.calibration.calibration_id
 
     # -- what the clinician sees between captures --------------------------------------
     def _update_standing(self) -> None:

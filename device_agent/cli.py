@@ -124,7 +124,8 @@ def _status(args: argparse.Namespace) -> int:
 def _doctor(args: argparse.Namespace) -> int:
     from device_agent.doctor import fit_for_clinical_use, run_checks
 
-    checks = run_checks(args.config, pin_factory, probe_broker=not args.no_broker)
+    checks = run_checks(args.config, pin_factory, probe_broker=not args.no_broker,
+                        report_path=args.report)
     fit = fit_for_clinical_use(checks)
     if args.json:
         print(json.dumps({"fit_for_clinical_use": fit,
@@ -134,6 +135,43 @@ def _doctor(args: argparse.Namespace) -> int:
             print(check.line())
         print("\nfit for clinical use" if fit else "\nNOT fit for clinical use: fix the FAIL lines")
     return EXIT_OK if fit else EXIT_FAILED
+
+
+def _calibrate(args: argparse.Namespace) -> int:
+    from device_agent.calibrate import from_camera, load_frames, run_calibration
+    from device_agent.camera.backends import open_camera
+    from device_agent.camera.base import CameraError
+    from device_agent.camera.calibration import CalibrationError
+    from device_agent.camera.quality import ImageError
+
+    config = load_config(args.config)
+    try:
+        if args.white and args.chart:
+            white, chart = load_frames(args.white, args.chart)
+        elif args.white or args.chart:
+            print("device-agent calibrate: give both --white and --chart, or neither "
+                  "(then the camera is used)", file=sys.stderr)
+            return EXIT_BAD_INPUT
+        else:
+            white, chart = from_camera(open_camera(config.camera, config.sim), input)
+        outcome = run_calibration(config, args.mode, white, chart, args.report)
+    except (ImageError, CalibrationError, CameraError) as err:
+        print(f"device-agent calibrate: {err}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    record = {"calibration_id": outcome.calibration.calibration_id, "mode": args.mode,
+              **outcome.figures, "report": str(args.report) if args.report else None}
+    if args.json:
+        print(json.dumps(record))
+    else:
+        f = outcome.figures
+        print(f"calibration {record['calibration_id']} ({args.mode})")
+        print(f"colour      Delta E 2000 mean {f['delta_e_mean']:.2f}, max "
+              f"{f['delta_e_max']:.2f} (uncalibrated mean {f['delta_e_before_mean']:.1f})")
+        print(f"flat field  fall-off to the field edge {100 * f['falloff_after']:.1f} % "
+              f"(uncalibrated {100 * f['falloff_before']:.1f} %)")
+        if args.report:
+            print(f"report      {args.report}")
+    return EXIT_OK
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -168,7 +206,17 @@ def build_parser() -> argparse.ArgumentParser:
     doctor.add_argument("--config", type=Path, default=DEFAULT_CONFIG_PATH)
     doctor.add_argument("--json", action="store_true")
     doctor.add_argument("--no-broker", action="store_true", help="skip the broker connection")
+    doctor.add_argument("--report", type=Path, help="write the self-test picture (PNG) here")
     doctor.set_defaults(func=_doctor)
+
+    cal = commands.add_parser("calibrate", help="flat field, white balance and colour")
+    cal.add_argument("--config", type=Path, default=DEFAULT_CONFIG_PATH)
+    cal.add_argument("--mode", choices=("polarised", "non_polarised"), default="polarised")
+    cal.add_argument("--white", type=Path, help="white-target image (else: the camera)")
+    cal.add_argument("--chart", type=Path, help="24-patch chart image (else: the camera)")
+    cal.add_argument("--report", type=Path, help="write the calibration report picture here")
+    cal.add_argument("--json", action="store_true")
+    cal.set_defaults(func=_calibrate)
 
     prov = commands.add_parser("provision", help="give the device its identity (technician)")
     prov.add_argument("--device-id", required=True)

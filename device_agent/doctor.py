@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
 
+import numpy as np
 import paho.mqtt.client as mqtt
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
@@ -56,14 +57,15 @@ def fit_for_clinical_use(checks: list[Check]) -> bool:
 
 
 # -- the checks ---------------------------------------------------------------------------
-def check_camera(config: Config, live: dict | None) -> Check:
+def check_camera(config: Config, live: dict | None, seen: list[np.ndarray]) -> Check:
+    """``seen`` receives the last frame when the camera is opened directly."""
     expected = config.camera.fps
     if live is not None:
         camera = live.get("camera", {})
         fps = float(camera.get("fps", 0.0))
         source = "running agent"
     else:
-        fps, found, model = _probe_camera(config)
+        fps, found, model = _probe_camera(config, seen)
         camera = {"streaming": fps > 0, "model": model}
         source = "opened directly"
         if fps > 0 and not found:
@@ -78,7 +80,8 @@ def check_camera(config: Config, live: dict | None) -> Check:
     return Check("camera", "ok", f"{camera.get('model')} streaming at {fps:.1f} fps ({source})")
 
 
-def _probe_camera(config: Config, seconds: float = 2.0) -> tuple[float, bool, str]:
+def _probe_camera(config: Config, seen: list[np.ndarray], seconds: float = 2.0
+                  ) -> tuple[float, bool, str]:
     """Open the camera, read for ``seconds``: (fps, lens field found, model)."""
     from device_agent.camera.backends import open_camera
     from device_agent.camera.base import CameraError
@@ -98,6 +101,7 @@ def _probe_camera(config: Config, seconds: float = 2.0) -> tuple[float, bool, st
     if len(stamps) < 2 or last is None:
         return 0.0, False, camera.model
     fps = (len(stamps) - 1) / max(stamps[-1] - stamps[0], 1e-6)
+    seen.append(last.image)
     field = find_lens_field(last.image)
     return fps, bool(field and field.found), camera.model
 
@@ -211,6 +215,35 @@ def check_sealing(config: Config) -> Check:
     return Check("sealing", "ok", f"captures sealed to the clinic key {path.name}")
 
 
+CALIBRATION_WARN_DAYS = 180
+DELTA_E_WARN = 3.0
+
+
+def check_calibration(config: Config) -> Check:
+    from device_agent.camera.calibration import (
+        CalibrationError,
+        calibration_path,
+        load_calibration,
+    )
+
+    try:
+        calibration = load_calibration(calibration_path(config.device.state_dir))
+    except CalibrationError as err:
+        return Check("calibration", "fail", str(err), "calibrate again: device-agent calibrate")
+    if calibration is None:
+        return Check("calibration", "warn", "never calibrated: colours are uncorrected",
+                     "device-agent calibrate with the calibration cap")
+    mode = config.illumination.mode
+    missing = [m for m in ("polarised", "non_polarised") if m not in calibration.modes]
+    age = calibration.age_days()
+    worst = max(m.delta_e_mean for m in calibration.modes.values())
+    detail = (f"{calibration.calibration_id}, {age:.0f} days old, mean Delta E {worst:.2f}"
+              + (f"; {', '.join(missing)} not calibrated" if missing else ""))
+    if mode in missing or age > CALIBRATION_WARN_DAYS or worst > DELTA_E_WARN:
+        return Check("calibration", "warn", detail, "calibrate again: device-agent calibrate")
+    return Check("calibration", "ok", detail)
+
+
 def check_clock() -> Check:
     if clock_synced():
         return Check("clock", "ok", "synchronised (timesyncd)")
@@ -251,7 +284,7 @@ def check_disk(config: Config, live: dict | None) -> list[Check]:
 
 
 def run_checks(config_path: Path, pin_factory: Callable[[str], object],
-               probe_broker: bool = True) -> list[Check]:
+               probe_broker: bool = True, report_path: Path | None = None) -> list[Check]:
     try:
         config = load_config(config_path)
     except ConfigError as err:
@@ -262,12 +295,33 @@ def run_checks(config_path: Path, pin_factory: Callable[[str], object],
     checks.append(Check("service", "ok", f"running (pid {live.get('pid')})") if live else
                   Check("service", "warn", "agent not running",
                         "systemctl start device-agent (hardware is tested directly meanwhile)"))
-    checks.append(check_camera(config, live))
+    seen: list[np.ndarray] = []
+    checks.append(check_camera(config, live, seen))
     checks.extend(check_pins(config, live, pin_factory))
     checks.append(check_tls(config))
     if probe_broker:
         checks.append(check_broker(config))
     checks.append(check_sealing(config))
+    checks.append(check_calibration(config))
     checks.append(check_clock())
     checks.extend(check_disk(config, live))
+    if report_path is not None:
+        checks.append(_self_test_picture(config, seen, report_path))
     return checks
+
+
+def _self_test_picture(config: Config, seen: list[np.ndarray], path: Path) -> Check:
+    from device_agent.camera.quality import assess
+    from device_agent.report import write_report
+
+    if not seen:
+        return Check("report", "warn", "no frame to draw: the running agent holds the camera",
+                     "stop the service to take a self-test picture")
+    image = seen[-1]
+    stamp = dt.datetime.now(dt.UTC)
+    try:
+        write_report(path, image, assess(image, config.thresholds()),
+                     f"self-test  {config.device.id}  {stamp:%Y-%m-%d %H:%M} UTC")
+    except OSError as err:
+        return Check("report", "fail", str(err), "check the path")
+    return Check("report", "ok", f"self-test picture written to {path}")

@@ -12,6 +12,8 @@ import threading
 import time
 from dataclasses import replace
 
+import numpy as np
+
 from device_agent.camera.base import Camera, CameraError, Frame, FrameTimeout
 from sim.scene import DEFECTS, SceneSpec, render
 
@@ -33,6 +35,7 @@ class SimCamera(Camera):
         self._spec = SceneSpec(seed=seed, width=width, height=height)
         self.set_scene(defect=defect, severity=severity)
         self._shake: tuple[float, float, float] | None = None  # (start, end, length px)
+        self._still: np.ndarray | None = None
         self._closed = threading.Event()
         self._started = False
         self._next_due = 0.0
@@ -51,6 +54,12 @@ class SimCamera(Camera):
                 severity=severity,
                 seed=self._spec.seed if seed is None else seed,
             )
+
+    def show_image(self, image: np.ndarray | None) -> None:
+        """Stream this fixed image (a calibration target, a recorded photograph) instead of
+        the synthetic scene; None returns to the scene."""
+        with self._lock:
+            self._still = image
 
     def shake(self, duration: float = 0.3, length: float = 15.0) -> None:
         """Blur the frames of the next ``duration`` seconds as a hand pressing a button does."""
@@ -75,10 +84,10 @@ class SimCamera(Camera):
         now = time.monotonic()
         self._next_due = max(self._next_due + self._period, now)
         with self._lock:
-            spec, shake = self._spec, self._shake
+            spec, shake, still = self._spec, self._shake, self._still
         length = shake[2] if shake and shake[0] <= now <= shake[1] else 0.0
         self._sequence += 1
-        image = render(spec, frame_index=self._sequence, shake=length)
+        image = still.copy() if still is not None else render(spec, self._sequence, length)
         metadata = {
             "SensorTimestamp": int(now * 1e9),
             "ExposureTime": 8000,

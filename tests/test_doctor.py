@@ -112,3 +112,26 @@ def test_the_person_readable_output(tmp_path, broker):
     assert any(line.startswith("ok    camera") for line in lines)
     assert any(line.startswith("WARN  tls") and "->" in line for line in lines)
     assert lines[-1] == "fit for clinical use"
+
+
+def test_self_test_picture_and_calibration_state(tmp_path, broker):
+    import cv2
+
+    config = write_config(tmp_path, broker.port, "insecure_dev_mode = true\n")
+    picture = tmp_path / "selftest.png"
+    _, checks = doctor(config, "--report", str(picture))
+    assert checks["report"]["level"] == "ok"
+    assert cv2.imread(str(picture)).shape[:2] == (860, 1400)
+    assert checks["calibration"]["level"] == "warn"
+    assert "never calibrated" in checks["calibration"]["detail"]
+
+    from device_agent.calibrate import run_calibration
+    from device_agent.config import load_config
+    from sim.targets import Response, render_chart, render_white
+
+    r = Response()
+    for mode in ("polarised", "non_polarised"):
+        run_calibration(load_config(config), mode, render_white(r), render_chart(r))
+    _code, checks = doctor(config)
+    assert checks["calibration"]["level"] == "ok", checks["calibration"]
+    assert "0 days old" in checks["calibration"]["detail"]

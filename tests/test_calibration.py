@@ -1,0 +1,153 @@
+"""Calibration on the simulator's targets, whose colour cast, vignetting and noise are known."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import cv2
+import numpy as np
+import pytest
+
+from device_agent.calibrate import average_frames, from_camera, run_calibration
+from device_agent.camera.calibration import (
+    CalibrationError,
+    calibrate_mode,
+    calibration_path,
+    falloff,
+    load_calibration,
+)
+from device_agent.camera.colour import chart_reference_linear, srgb_to_linear
+from device_agent.config import parse_config
+from sim.camera import SimCamera
+from sim.device import SimDevice, sim_config
+from sim.targets import CASTS, Response, render_chart, render_white
+
+DELTA_E_MEAN_GOAL, DELTA_E_MAX_GOAL, FALLOFF_GOAL = 3.0, 6.0, 0.02
+
+
+@pytest.mark.parametrize("cast", sorted(CASTS))
+def test_every_cast_is_corrected_to_the_goals(cast):
+    response = Response(cast=cast, seed=5)
+    result = calibrate_mode(render_white(response), render_chart(response))
+    assert result.delta_e_before_mean > 5  # the cast really was there
+    assert result.delta_e_mean <= DELTA_E_MEAN_GOAL
+    assert result.delta_e_max <= DELTA_E_MAX_GOAL
+    assert result.falloff_before > 0.2
+    assert result.falloff_after <= FALLOFF_GOAL
+
+
+def test_the_applied_calibration_makes_the_white_target_flat_and_neutral(tmp_path):
+    config = parse_config({"device": {"id": "d1", "state_dir": str(tmp_path)}})
+    response = Response(cast="cool", seed=2)
+    white = render_white(response)
+    outcome = run_calibration(config, "polarised", white, render_chart(response))
+    corrected = outcome.calibration.apply(white, "polarised")
+    linear = srgb_to_linear(corrected[..., ::-1] / 255.0)
+    h, w = white.shape[:2]
+    centre = linear[h // 2 - 40:h // 2 + 40, w // 2 - 40:w // 2 + 40].reshape(-1, 3).mean(0)
+    assert np.ptp(centre) / centre.mean() < 0.03  # neutral: R, G and B within 3 %
+    radius = 0.46 * min(h, w)
+    assert falloff(linear.astype(np.float32), w / 2, h / 2, radius) <= FALLOFF_GOAL
+
+
+def test_a_chart_patch_comes_out_as_its_published_colour(tmp_path):
+    config = parse_config({"device": {"id": "d1", "state_dir": str(tmp_path)}})
+    response = Response(cast="magenta", seed=4)
+    chart = render_chart(response)
+    cal = run_calibration(config, "polarised", render_white(response), chart).calibration
+    out = cal.apply(chart, "polarised")
+    from device_agent.camera.colour import chart_patch_centres
+
+    h, w = chart.shape[:2]
+    x, y = chart_patch_centres(w / 2, h / 2, 0.46 * min(h, w))[14]  # patch 15: red
+    got = srgb_to_linear(out[int(y) - 5:int(y) + 5, int(x) - 5:int(x) + 5, ::-1] / 255.0)
+    np.testing.assert_allclose(got.reshape(-1, 3).mean(0), chart_reference_linear()[14],
+                               atol=0.03)
+
+
+def test_stored_durably_with_an_id_and_the_other_mode_kept(tmp_path):
+    config = parse_config({"device": {"id": "d1", "state_dir": str(tmp_path)}})
+    r = Response(seed=1)
+    first = run_calibration(config, "polarised", render_white(r), render_chart(r))
+    second = run_calibration(config, "non_polarised", render_white(r), render_chart(r))
+    loaded = load_calibration(calibration_path(tmp_path))
+    assert loaded.calibration_id == second.calibration.calibration_id
+    assert loaded.calibration_id != first.calibration.calibration_id
+    assert set(loaded.modes) == {"polarised", "non_polarised"}
+    np.testing.assert_allclose(loaded.modes["polarised"].ccm,
+                               first.calibration.modes["polarised"].ccm, atol=1e-5)
+
+
+def test_a_frame_without_the_cap_seated_is_refused_clearly():
+    dark = np.zeros((760, 1014, 3), np.uint8)
+    with pytest.raises(CalibrationError, match="lens field is not fully seen"):
+        calibrate_mode(dark, dark)
+
+
+def test_a_corrupt_calibration_file_is_an_error_naming_it(tmp_path):
+    calibration_path(tmp_path).write_text('{"calibration_id": "x", "modes": {"p": {}}}')
+    with pytest.raises(CalibrationError, match=r"calibration\.json"):
+        load_calibration(calibration_path(tmp_path))
+
+
+def test_capture_from_the_camera_averages_frames():
+    camera = SimCamera(320, 240, fps=60.0)
+    white = render_white(Response(noise=6.0), 320, 240)
+    camera.show_image(white)
+    prompts: list[str] = []
+    got_white, _ = from_camera(camera, prompts.append)
+    assert len(prompts) == 2
+    assert "WHITE" in prompts[0]
+    np.testing.assert_array_equal(got_white, white)  # a still image averages to itself
+    camera.start()
+    try:
+        assert average_frames(camera, 4).shape == white.shape
+    finally:
+        camera.close()
+
+
+def test_the_command_line_reports_delta_e_and_writes_the_picture(tmp_path):
+    config = tmp_path / "config.toml"
+    config.write_text(f'[device]\nid = "d1"\nstate_dir = "{tmp_path / "state"}"\n')
+    r = Response(cast="green", seed=9)
+    cv2.imwrite(str(tmp_path / "white.png"), render_white(r))
+    cv2.imwrite(str(tmp_path / "chart.png"), render_chart(r))
+    report = tmp_path / "calibration.png"
+    result = subprocess.run(
+        [sys.executable, "-m", "device_agent", "calibrate", "--config", str(config),
+         "--white", str(tmp_path / "white.png"), "--chart", str(tmp_path / "chart.png"),
+         "--report", str(report), "--json"], capture_output=True, text=True, timeout=120,
+        check=False)
+    assert result.returncode == 0, result.stderr
+    record = json.loads(result.stdout)
+    assert record["delta_e_mean"] <= DELTA_E_MEAN_GOAL
+    assert record["calibration_id"].startswith("cal-")
+    picture = cv2.imread(str(report))
+    assert picture is not None
+    assert picture.shape[1] >= 1000
+
+    bad = subprocess.run(
+        [sys.executable, "-m", "device_agent", "calibrate", "--config", str(config),
+         "--white", str(tmp_path / "missing.png"), "--chart", str(tmp_path / "chart.png")],
+        capture_output=True, text=True, timeout=120, check=False)
+    assert bad.returncode == 2
+    assert "missing.png" in bad.stderr
+
+
+def test_captures_carry_the_calibration_id_and_are_corrected(tmp_path):
+    state = tmp_path / "state"
+    config = sim_config(state, 1)  # no broker needed: the capture stays in the outbox
+    r = Response(cast="warm", seed=3)
+    cal = run_calibration(config, "polarised", render_white(r), render_chart(r)).calibration
+    with SimDevice(config, with_uplink=False) as device:
+        assert device.agent.calibration.calibration_id == cal.calibration_id
+        device.show(None)
+        outcome = device.press()
+        assert outcome.verdict == "accept"
+        (entry,) = device.outbox.pending()
+        from device_agent.uplink.bundle import unpack
+
+        metadata, _ = unpack(device.outbox.read(entry))
+    assert metadata["calibration_id"] == cal.calibration_id
