@@ -492,3 +492,24 @@ def test_device_killed_mid_transfer_delivers_once_after_restart(
         device.wait(timeout=10)
     assert Outbox(box_dir, 10**9).depth() == 0
     assert_each_stored_once(store, events, items)
+
+
+def test_mqtt311_broker_with_an_unstated_packet_cap_gets_smaller_chunks(
+    tmp_path, outbox, store, events
+) -> None:
+    # Over 3.1.1 there is no CONNACK Maximum Packet Size: Mosquitto just drops the client on
+    # a too large PUBLISH. The uplink must learn a chunk size that fits.
+    with MosquittoBroker(tmp_path / "cap311", extra_conf="max_packet_size 10000") as broker, \
+            Gateway(broker.host, broker.port, store, protocol="mqtt311") as gw:
+        assert gw.wait_ready(10)
+        capture_id, meta, image = put(outbox, 12, size=100_000)
+        up = make_uplink(broker, outbox, protocol="mqtt311", chunk_size=64 * 1024)
+        up.start()
+        try:
+            assert up.wait_idle(60)
+        finally:
+            up.stop()
+    assert events.named("uplink.chunk_size_reduced")
+    (delivered,) = events.named("capture.delivered")
+    assert delivered["chunk_size"] <= 8192
+    assert_stored(store, capture_id, meta, image)

@@ -8,11 +8,14 @@ Why it is built this way:
   sent again, and the gateway's idempotency on capture id turns that into one capture.
 - Resume: each transfer starts with a manifest; the gateway answers with the chunks it lacks
   (a bitmap), so after a reconnect or a restart only those are sent.
-- Threads: paho's network thread (``loop_start``: connects in the background and reconnects
-  forever), ``uplink-sender`` (one transfer at a time, FIFO) and ``uplink-heartbeat``. They
-  meet on one Condition; every wait has a timeout and nobody polls.
-- Backoff with jitter: paho's own reconnect backoff has no jitter, so before each of its
-  waits (on_disconnect / on_connect_fail) we set the next delay ourselves.
+- One paho client per connection, made by ``uplink-net``, which connects, waits for the
+  connection to end and reconnects forever with backoff and jitter. Nothing of a dead
+  connection is carried over: paho would otherwise resend its unacknowledged messages after
+  a reconnect (stale chunks, even one the broker dropped us for), and the outbox makes them
+  redundant anyway. It also decides the MQTT 3.1.1 fallback.
+- Threads: ``uplink-net``, paho's network thread of the current connection, ``uplink-sender``
+  (one transfer at a time, FIFO) and ``uplink-heartbeat``. They meet on one Condition; every
+  wait has a timeout and nobody polls.
 - paho callbacks never raise: an exception there would stop its network loop.
 """
 
@@ -79,6 +82,9 @@ class _Transfer:
     sha256: bytes
     chunk_size: int
     chunk_count: int
+    # Chunks went out on this connection and no ack came back since: a connection lost now
+    # may be the broker refusing our packet size.
+    exposed: bool = False
 
     @property
     def manifest(self) -> Manifest:
@@ -123,47 +129,54 @@ class Uplink:
         self._subscribed = False  # ack subscription granted on this connection
         self._generation = 0  # bumps on every connect: in-flight state of older ones is void
         self._max_packet: int | None = None
+        # Learnt chunk-size cap for brokers that state no Maximum Packet Size (MQTT 3.1.1)
+        # but drop the connection on a too large packet: halved after repeated drops.
+        self._learnt_cap: int | None = None
+        self._drops_while_chunking = 0
         self._receive_max = 65535
         self._acks: dict[str, Ack] = {}
         self._inflight: set[int] = set()
-        self._early: OrderedDict[int, bool] = OrderedDict()  # PUBACKs seen before registration
-        self._refused: set[int] = set()
+        # PUBACKs that arrived before _publish registered their mid (paho's thread can be
+        # faster than ours); bounded, since a stale one only costs one window slot.
+        self._early: OrderedDict[int, None] = OrderedDict()
         self._busy = False
         self._req = 0
-        self._reconnects = 0
-        self._want_fallback = False
-        self._socket_opened: float | None = None
-        self._silent_connects = 0
+        self._close = threading.Event()  # end the connection (after stop's goodbye)
+        self._connect_timeout = connect_timeout
+        self._client: mqtt.Client | None = None
+        self._connack: ReasonCode | None = None  # CONNACK of the current client, once seen
+        self._conn_ended = False  # the current client's connection is over
         self.last_error = ""
 
-        self._client = self._make_client(connect_timeout)
+        self._net: threading.Thread | None = None
         self._sender: threading.Thread | None = None
         self._heartbeat: threading.Thread | None = None
 
     # ------------------------------------------------------------------------- set-up
 
-    def _make_client(self, connect_timeout: float) -> mqtt.Client:
+    def _make_client(self) -> mqtt.Client:
         client_id = f"derm-{self.device_id}"
+        # reconnect_on_failure=False: when a connection ends, paho's thread ends with it and
+        # uplink-net makes a fresh client (see the module docstring).
         if self._mqtt5:
             client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id,
-                                 protocol=mqtt.MQTTv5)
+                                 protocol=mqtt.MQTTv5, reconnect_on_failure=False)
         else:
             client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id,
-                                 protocol=mqtt.MQTTv311, clean_session=True)
-        client.connect_timeout = connect_timeout
+                                 protocol=mqtt.MQTTv311, clean_session=True,
+                                 reconnect_on_failure=False)
+        client.connect_timeout = self._connect_timeout
         # paho must never hold more than our window: the outbox is the queue, not paho.
         client.max_inflight_messages_set(self._window_cap + 4)
         client.max_queued_messages_set(self._window_cap * 4 + 16)
-        client.reconnect_delay_set(self.config.retry_min, self.config.retry_min)
         # No Will properties: some 3.1.1-only brokers (amqtt) misparse a v5 CONNECT that
         # has them and hang instead of refusing it, which would defeat our fallback.
         client.will_set(self.topics.status,
                         status_payload("offline", self.device_id, reason="connection lost",
                                        software_version=self.software_version),
                         qos=1, retain=True)
-        client.on_socket_open = self._on_socket_open
+        client.on_socket_open = tcp_nodelay
         client.on_connect = self._on_connect
-        client.on_connect_fail = self._on_connect_fail
         client.on_disconnect = self._on_disconnect
         client.on_subscribe = self._on_subscribe
         client.on_message = self._on_message
@@ -172,44 +185,102 @@ class Uplink:
 
     def start(self) -> None:
         """Connect in the background; reconnects forever. A broker down now is fine."""
-        if self._sender is not None:
+        if self._net is not None:
             return
-        self._connect_in_background()
+        self._net = threading.Thread(target=self._net_main,
+                                     name=f"uplink-net-{self.device_id}", daemon=True)
         self._sender = threading.Thread(target=self._sender_main,
                                         name=f"uplink-sender-{self.device_id}", daemon=True)
         self._heartbeat = threading.Thread(target=self._heartbeat_main,
                                            name=f"uplink-heartbeat-{self.device_id}", daemon=True)
-        self._sender.start()
-        self._heartbeat.start()
+        for thread in (self._net, self._sender, self._heartbeat):
+            thread.start()
         log_event(log, "uplink.started", host=self.config.host, port=self.config.port,
                   protocol=self.config.protocol, device_id=self.device_id)
 
-    def _connect_in_background(self) -> None:
+    # ------------------------------------------------------------------------- connections
+
+    def _net_main(self) -> None:
+        attempt = 0
+        silent = 0
+        while not self._close.is_set():
+            outcome = self._one_connection()
+            if outcome == "connected":
+                attempt = silent = 0
+            elif self._mqtt5 and outcome in ("unsupported_version", "silent"):
+                # "Silent": some 3.1.1-only brokers neither accept nor refuse an MQTT 5
+                # CONNECT (amqtt reads it as 3.1.1 and waits for bytes that never come).
+                silent += 1
+                if outcome == "unsupported_version" or silent >= 2:
+                    self._mqtt5 = False
+                    log_event(log, "uplink.protocol_fallback", level=logging.WARNING,
+                              protocol="mqtt311", host=self.config.host, port=self.config.port)
+                    continue  # at once: this is not a failure to back off from
+            if self._close.is_set():
+                break
+            delay = backoff_delay(attempt, self.config.retry_min, self.config.retry_max,
+                                  self._rng)
+            attempt += 1
+            log_event(log, "uplink.reconnect_scheduled", level=logging.DEBUG,
+                      delay=round(delay, 3), reason=outcome)
+            self._close.wait(delay)
+
+    def _one_connection(self) -> str:
+        """Connect once and hold the connection until it ends. Returns what happened:
+        connected, failed, refused, unsupported_version or silent (no CONNACK)."""
+        client = self._make_client()
+        with self._cond:
+            self._client = client
+            self._connack = None
+            self._conn_ended = False
         # No broker-side session (clean start; Session Expiry Interval absent = 0): the outbox
         # is the persistence, and each transfer re-asks the gateway what it holds. No CONNECT
-        # properties on purpose: some 3.1.1-only brokers (amqtt) then hang instead of
-        # answering "unsupported protocol version", which is what triggers our fallback.
+        # properties on purpose: 3.1.1-only brokers then answer "unsupported protocol
+        # version" more often than hang.
         kwargs: dict[str, Any] = {"clean_start": True} if self._mqtt5 else {}
-        self._client.connect_async(self.config.host, self.config.port,
-                                   keepalive=self.config.keepalive, **kwargs)
-        self._client.loop_start()
-
-    def _fall_back_to_mqtt311(self) -> None:
-        """The broker refused MQTT 5: go on with MQTT 3.1.1 (same protocol, no properties).
-
-        Runs in the sender thread, never in paho's: a client cannot stop its own loop, and
-        the protocol version of a paho client is fixed, so a new client replaces it.
-        """
-        old = self._client
-        old.disconnect()
-        old.loop_stop()
-        self._mqtt5 = False
-        self._client = self._make_client(old.connect_timeout)
-        with self._cond:
-            self._want_fallback = False
-        log_event(log, "uplink.protocol_fallback", level=logging.WARNING, protocol="mqtt311",
-                  host=self.config.host, port=self.config.port)
-        self._connect_in_background()
+        try:
+            # Bounded by connect_timeout (DNS, TCP, TLS); sends CONNECT.
+            client.connect(self.config.host, self.config.port,
+                           keepalive=self.config.keepalive, **kwargs)
+        except OSError as err:
+            self.last_error = f"cannot connect: {err}"
+            log_event(log, "uplink.connect_failed", level=logging.DEBUG, error=str(err))
+            return "failed"
+        client.loop_start()
+        try:
+            with self._cond:
+                answered = self._cond.wait_for(
+                    lambda: self._connack is not None or self._conn_ended
+                    or self._close.is_set(), self._connect_timeout)
+                connack = self._connack
+            if self._close.is_set():
+                return "connected" if connack is not None and not connack.is_failure else "failed"
+            if not answered:
+                log_event(log, "uplink.no_connack", level=logging.WARNING,
+                          host=self.config.host, port=self.config.port,
+                          timeout=self._connect_timeout)
+                return "silent"
+            if connack is None:
+                return "failed"  # closed before any CONNACK
+            if connack.is_failure:
+                if connack.value == _UNSUPPORTED_PROTOCOL_VERSION:
+                    return "unsupported_version"
+                return "refused"
+            with self._cond:
+                while not self._cond.wait_for(
+                        lambda: self._conn_ended or self._close.is_set(),
+                        timeout=self.config.keepalive):
+                    pass  # re-check after each keepalive: the wait itself stays bounded
+            return "connected"
+        finally:
+            client.disconnect()
+            # Returns promptly: with reconnect_on_failure=False paho's loop ends with the
+            # connection, and disconnect() ends it otherwise.
+            client.loop_stop()
+            with self._cond:
+                self._connected = self._subscribed = False
+                self._inflight.clear()
+                self._cond.notify_all()
 
     def notify(self) -> None:
         """A new entry is in the outbox."""
@@ -234,10 +305,12 @@ class Uplink:
                 # If the connection went meanwhile, the Last Will says "offline" instead.
                 with contextlib.suppress(RuntimeError, ValueError):
                     info.wait_for_publish(timeout=max(0.1, min(1.0, deadline - time.monotonic())))
-        self._client.disconnect()
-        # Bounded: paho's thread leaves within ~1 s of a reconnect wait or connect_timeout.
-        self._client.loop_stop()
-        self._sender = self._heartbeat = None
+        self._close.set()
+        with self._cond:
+            self._cond.notify_all()
+        if self._net is not None:
+            self._net.join(max(0.1, deadline - time.monotonic()))
+        self._net = self._sender = self._heartbeat = None
         log_event(log, "uplink.stopped", device_id=self.device_id)
 
     @property
@@ -259,11 +332,9 @@ class Uplink:
             self.last_error = f"connect refused: {reason_code}"
             log_event(log, "uplink.connect_refused", level=logging.WARNING,
                       reason=str(reason_code))
-            if self._mqtt5 and reason_code.value == _UNSUPPORTED_PROTOCOL_VERSION:
-                # An MQTT 3.1.1-only broker (RabbitMQ's plugin, amqtt ...): fall back.
-                with self._cond:
-                    self._want_fallback = True
-                    self._cond.notify_all()
+            with self._cond:
+                self._connack = reason_code
+                self._cond.notify_all()
             return
         max_packet = getattr(properties, "MaximumPacketSize", None) if properties else None
         receive_max = getattr(properties, "ReceiveMaximum", None) if properties else None
@@ -275,16 +346,15 @@ class Uplink:
             self._receive_max = receive_max or 65535
             self._inflight.clear()
             self._early.clear()
-            self._refused.clear()
-            self._reconnects = 0
-            self._socket_opened = None
-            self._silent_connects = 0
+            self._connack = reason_code
+            self._cond.notify_all()
         # Subscriptions do not survive a clean start: renew them on every connect.
         result, _mid = client.subscribe(self.topics.ack_filter, qos=1)
         if result != MQTTErrorCode.MQTT_ERR_SUCCESS:
             log_event(log, "uplink.subscribe_failed", level=logging.WARNING, rc=str(result))
         log_event(log, "uplink.connected", host=self.config.host, port=self.config.port,
-                  protocol=self.config.protocol, max_packet=max_packet, receive_max=receive_max)
+                  protocol="mqtt5" if self._mqtt5 else "mqtt311", max_packet=max_packet,
+                  receive_max=receive_max)
 
     def _on_subscribe(self, client: mqtt.Client, userdata: Any, mid: int,
                       reason_codes: list[ReasonCode], properties: Properties | None) -> None:
@@ -299,55 +369,20 @@ class Uplink:
             self._cond.notify_all()
         self._publish_status()
 
-    def _on_connect_fail(self, client: mqtt.Client, userdata: Any) -> None:
-        self._schedule_reconnect(client, "connect failed")
-
-    def _on_socket_open(self, client: mqtt.Client, userdata: Any, sock: Any) -> None:
-        tcp_nodelay(client, userdata, sock)
-        self._socket_opened = time.monotonic()
-
-    def _silent_broker(self) -> bool:
-        """Some 3.1.1-only brokers neither accept nor refuse an MQTT 5 CONNECT (amqtt reads it
-        as 3.1.1 and waits for bytes that never come) until paho gives up after a keepalive.
-        Twice in a row means "this broker does not speak MQTT 5"."""
-        opened, self._socket_opened = self._socket_opened, None
-        if not self._mqtt5 or opened is None:
-            return False
-        if time.monotonic() - opened < 0.9 * self.config.keepalive:
-            self._silent_connects = 0
-            return False
-        self._silent_connects += 1
-        return self._silent_connects >= 2
-
     def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any,
                        reason_code: ReasonCode, properties: Properties | None) -> None:
-        silent = not self._connected and self._silent_broker()
-        if silent:
-            log_event(log, "uplink.no_connack", level=logging.WARNING,
-                      host=self.config.host, port=self.config.port)
         with self._cond:
-            if silent:
-                self._want_fallback = True
+            if client is not self._client:
+                return
             was = self._connected
             self._connected = False
             self._subscribed = False
+            self._conn_ended = True
             self._inflight.clear()
             self._cond.notify_all()
         if was:
             level = logging.INFO if self._stop.is_set() else logging.WARNING
             log_event(log, "uplink.disconnected", level=level, reason=str(reason_code))
-        if not self._stop.is_set():
-            self._schedule_reconnect(client, str(reason_code))
-
-    def _schedule_reconnect(self, client: mqtt.Client, why: str) -> None:
-        delay = backoff_delay(self._reconnects, self.config.retry_min, self.config.retry_max,
-                              self._rng)
-        self._reconnects += 1
-        # paho waits min_delay after a failure when its own delay was reset; we set both
-        # bounds to our jittered value so its next wait is exactly ours.
-        client.reconnect_delay_set(delay, delay)
-        log_event(log, "uplink.reconnect_scheduled", level=logging.DEBUG, delay=round(delay, 3),
-                  reason=why)
 
     def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
         try:
@@ -367,18 +402,18 @@ class Uplink:
 
     def _on_publish(self, client: mqtt.Client, userdata: Any, mid: int,
                     reason_code: ReasonCode, properties: Properties | None) -> None:
-        refused = reason_code.is_failure
-        if refused:
-            # E.g. not authorised or quota exceeded: the message was not accepted.
+        if reason_code.is_failure:
+            # E.g. not authorised, quota exceeded, packet too large: the broker dropped it.
+            # Nothing else to do here: a dropped chunk shows up in the gateway's missing
+            # bitmap, an unanswered manifest or final in the ack timeout.
+            self.last_error = f"broker refused a publish: {reason_code}"
             log_event(log, "uplink.publish_refused", level=logging.WARNING, mid=mid,
                       reason=str(reason_code))
         with self._cond:
             if mid in self._inflight:
                 self._inflight.discard(mid)
-                if refused:
-                    self._refused.add(mid)
             else:
-                self._early[mid] = refused
+                self._early[mid] = None
                 while len(self._early) > 1024:
                     self._early.popitem(last=False)
             self._cond.notify_all()
@@ -397,14 +432,16 @@ class Uplink:
                 props.MessageExpiryInterval = int(max(60, self.config.ack_timeout * 10))
             if correlation is not None:
                 props.CorrelationData = correlation
-        info = self._client.publish(topic, payload, qos=1, retain=retain, properties=props)
+        client = self._client
+        if client is None:
+            return None
+        info = client.publish(topic, payload, qos=1, retain=retain, properties=props)
         if info.rc not in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_NO_CONN):
             log_event(log, "uplink.publish_failed", level=logging.WARNING, rc=str(info.rc))
             return None
         with self._cond:
             if info.mid in self._early:
-                if self._early.pop(info.mid):
-                    self._refused.add(info.mid)
+                del self._early[info.mid]
             else:
                 self._inflight.add(info.mid)
         return info
@@ -446,20 +483,23 @@ class Uplink:
         while not self._stop.is_set():
             with self._cond:
                 ready = self._cond.wait_for(
-                    lambda: self._stop.is_set() or self._want_fallback
+                    lambda: self._stop.is_set()
                     or (self._connected and self._subscribed and self.outbox.depth() > 0),
                     timeout=self.config.heartbeat_interval)
-                fallback = self._want_fallback
-                go = ready and not fallback and not self._stop.is_set()
+                go = ready and not self._stop.is_set()
                 self._busy = go
-            if fallback and not self._stop.is_set():
-                self._fall_back_to_mqtt311()
             if not go:
                 continue
             try:
                 pending = self.outbox.pending()
                 if pending:
                     self._send_entry(pending[0])
+            except OSError as err:
+                # The device's own disk (removing or quarantining an entry): keep the thread
+                # alive, say so in the status, try again later.
+                self.last_error = f"outbox: {err}"
+                log_event(log, "uplink.outbox_error", level=logging.ERROR, error=str(err))
+                self._stop.wait(self.config.retry_max)
             finally:
                 with self._cond:
                     self._busy = False
@@ -500,12 +540,15 @@ class Uplink:
             generation = self._generation
             max_packet = self._max_packet
         try:
-            chunk_size = max_chunk_size(self.config.chunk_size, max_packet,
+            chunk_size = max_chunk_size(min(self.config.chunk_size,
+                                            self._learnt_cap or self.config.chunk_size),
+                                        max_packet,
                                         len(self.topics.up(entry.capture_id, "chunk")))
         except ProtocolError as err:
             self.last_error = err.detail
             log_event(log, "uplink.packet_too_small", level=logging.ERROR, detail=err.detail)
-            self._wait(lambda: False, self.config.retry_max, generation)
+            with contextlib.suppress(_Aborted):
+                self._wait(lambda: False, self.config.retry_max, generation)
             return
         if chunk_count_for(len(data), chunk_size) > MAX_CHUNKS:
             # Too large for this chunk size: bigger chunks if the broker allows, else refuse.
@@ -518,6 +561,8 @@ class Uplink:
         try:
             self._run_transfer(transfer, generation)
         except _Aborted:
+            if transfer.exposed and not self._stop.is_set():
+                self._note_drop_after_chunks(transfer)
             return  # disconnected or stopping: the sender loop resumes after reconnect
 
     def _run_transfer(self, t: _Transfer, generation: int) -> None:
@@ -553,6 +598,10 @@ class Uplink:
                 log_event(log, "uplink.final_sent", level=logging.DEBUG, capture_id=capture_id,
                           req=req, resent=len(ack.missing))
                 ack = self._wait_ack(capture_id, req, generation)
+                if ack is not None:
+                    # The connection carried our chunks: their size is fine.
+                    t.exposed = False
+                    self._drops_while_chunking = 0
             if ack is not None and ack.state == "committed":
                 if ack.sha256 and ack.sha256 != t.sha256.hex():
                     # Same capture id, other content: never overwrite, never drop silently.
@@ -593,7 +642,22 @@ class Uplink:
                   req=ack.req, missing=len(ack.missing), reason=ack.reason)
         return ack
 
+    def _note_drop_after_chunks(self, t: _Transfer) -> None:
+        """Brokers without a stated packet cap (3.1.1) close the connection on a too large
+        PUBLISH. Two drops in a row between sending chunks and the next ack: halve the chunk
+        size (not below 1 KiB) for the next attempts. If the cause was something else, this
+        only costs some efficiency."""
+        self._drops_while_chunking += 1
+        if self._drops_while_chunking < 2 or t.chunk_size <= 1024:
+            return
+        self._drops_while_chunking = 0
+        self._learnt_cap = max(1024, t.chunk_size // 2)
+        log_event(log, "uplink.chunk_size_reduced", level=logging.WARNING,
+                  capture_id=t.entry.capture_id, chunk_size=self._learnt_cap)
+
     def _send_chunks(self, t: _Transfer, missing: tuple[int, ...], generation: int) -> None:
+        if missing:
+            t.exposed = True
         topic = self.topics.up(t.entry.capture_id, "chunk")
         window = max(1, min(self._window_cap, self._receive_max - 2))
         for index in missing:
