@@ -20,6 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PublicKey
 from gpiozero.pins import Factory
 
 from device_agent import __version__
@@ -33,15 +34,18 @@ from device_agent.camera.calibration import (
 )
 from device_agent.camera.encode import MEDIA_TYPE, encode_jpeg
 from device_agent.camera.metadata import build_metadata
-from device_agent.camera.quality import assess
+from device_agent.camera.quality import CHECK_NAMES, assess
 from device_agent.camera.ring import FrameRing
 from device_agent.camera.select import choose_frame
+from device_agent.commands import NoArgs, OpenCase, SetIllumination, SetSettings
 from device_agent.config import Config
-from device_agent.feedback.lights import Lights, Signal
+from device_agent.feedback.lights import MODE_SIGNALS, Lights, Signal
 from device_agent.logs import log_event
+from device_agent.session import Case, Session, SessionError
 from device_agent.status import status_path, write_status
 from device_agent.uplink.bundle import pack
 from device_agent.uplink.outbox import Outbox, StorageFull
+from device_agent.uplink.seal import load_public_key, seal
 
 log = logging.getLogger(__name__)
 
@@ -64,13 +68,24 @@ class CaptureOutcome:
     overridden: bool = False
     frame_offset: float | None = None
     scores: dict[str, float] = field(default_factory=dict)
+    #: every capture id this gesture produced (two for a pair)
+    linked: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class _Shot:
+    """One judged image of a capture (a pair has two)."""
+
+    capture_id: str
+    frame: Frame
+    mode: str
+    quality: dict[str, Any]
+    reasons: tuple[str, ...]
 
 
 @dataclass(frozen=True)
 class _Retake:
-    capture_id: str
-    frame: Frame
-    quality: dict[str, Any]
+    shots: tuple[_Shot, ...]
     at: float
 
 
@@ -92,7 +107,10 @@ class Agent:
         self.calibration = self._load_calibration()
         cam = config.camera
         self.ring = FrameRing(math.ceil(cam.ring_seconds * cam.fps) + 1)
-        self.illumination = config.illumination.mode
+        self.session = Session(config.illumination.mode, config.case.timeout_s)
+        self.brightness = config.illumination.brightness
+        self.override_window = config.button.override_window
+        self.clinic_key = self._load_clinic_key()
         self.lights = Lights(
             config.pins.status_led,
             config.pins.ring_polarised,
@@ -134,11 +152,20 @@ class Agent:
                       modes=sorted(calibration.modes))
         return calibration
 
+    def _load_clinic_key(self) -> X25519PublicKey | None:
+        path = self.config.security.clinic_public_key
+        if path is None:
+            # Without the clinic's key nothing can be sealed; allowed on a bench only.
+            log_event(log, "security.unsealed", logging.WARNING,
+                      reason="no security.clinic_public_key: captures are not sealed")
+            return None
+        return load_public_key(path)
+
     # -- life cycle ---------------------------------------------------------------------
     def start(self) -> None:
         self.ring_started_at = time.monotonic()
         self.camera.start()
-        self.lights.illuminate(self.illumination, self.config.illumination.brightness)
+        self._light_for(self.session.mode)
         self._camera_thread = threading.Thread(target=self._stream, name="camera", daemon=True)
         self._camera_thread.start()
         log_event(log, "agent.started", device_id=self.config.device.id, version=__version__,
@@ -196,99 +223,213 @@ class Agent:
             return self._record(self.capture(event.pressed_at))
         if event.gesture is Gesture.HOLD:
             return self._record(self.override())
-        self.toggle_illumination()
+        self.next_mode()
         return None
 
-    def toggle_illumination(self) -> None:
-        self.illumination = "non_polarised" if self.illumination == "polarised" else "polarised"
-        self.lights.illuminate(self.illumination, self.config.illumination.brightness)
-        log_event(log, "illumination.changed", mode=self.illumination)
+    def next_mode(self) -> str:
+        """Double press: polarised -> non-polarised -> pair -> polarised."""
+        mode = self.session.next_mode()
+        self._light_for(mode)
+        self.lights.show(MODE_SIGNALS[mode])
+        log_event(log, "illumination.changed", mode=mode)
+        return mode
 
+    def _light_for(self, mode: str) -> None:
+        # A pair starts polarised; the ring switches for the second image only.
+        self.lights.illuminate("polarised" if mode == "pair" else mode, self.brightness)
+
+    # -- capture ------------------------------------------------------------------------
     def capture(self, pressed_at: float) -> CaptureOutcome:
-        """Choose the best frame around ``pressed_at``, judge it, keep it if it is good."""
+        """Choose the best frame around ``pressed_at`` (and, in pair mode, a second one
+        under the other light), judge them, keep them if they are good."""
         cam = self.config.camera
         self.lights.show(Signal.CAPTURING)
-        self.ring.wait_until(pressed_at + cam.window_after, timeout=cam.frame_timeout)
-        window = self.ring.window(pressed_at - cam.window_before, pressed_at + cam.window_after)
-        choice = choose_frame(window, pressed_at, cam.window_before, cam.window_after)
-        capture_id = uuid.uuid4().hex
-        if choice is None:
+        mode = self.session.mode
+        first = self._shoot(pressed_at, "polarised" if mode == "pair" else mode,
+                            cam.window_before, cam.window_after)
+        shots = [first]
+        if first is not None and mode == "pair":
+            shots.append(self._second_of_pair())
+        if any(shot is None for shot in shots):
+            capture_id = first.capture_id if first else uuid.uuid4().hex
             log_event(log, "capture.failed", logging.ERROR, capture_id=capture_id,
                       reason="no_frame")
             self.lights.show(Signal.FAULT)
             return CaptureOutcome(capture_id, "failed", ("no_frame",))
+        judged = [shot for shot in shots if shot is not None]
+        failed = {reason for shot in judged for reason in shot.reasons}
+        reasons = tuple(name for name in CHECK_NAMES if name in failed)
+        if reasons:
+            self._last_retake = _Retake(tuple(judged), time.monotonic())
+            for shot in judged:
+                log_event(log, "capture.rejected", capture_id=shot.capture_id,
+                          reasons=list(reasons), scores=shot.quality["scores"],
+                          frame_offset_s=shot.quality["frame_offset_s"],
+                          illumination=shot.mode)
+            self.lights.show(Signal.RETAKE)
+            return CaptureOutcome(judged[0].capture_id, "retake", reasons,
+                                  frame_offset=judged[0].quality["frame_offset_s"],
+                                  scores=judged[0].quality["scores"],
+                                  linked=tuple(s.capture_id for s in judged))
+        self._last_retake = None
+        return self._keep(judged, overridden=False)
+
+    def _shoot(self, moment: float, mode: str, before: float, after: float) -> _Shot | None:
+        """The best frame in [moment - before, moment + after], calibrated and judged."""
+        cam = self.config.camera
+        self.ring.wait_until(moment + after, timeout=cam.frame_timeout)
+        window = self.ring.window(moment - before, moment + after)
+        choice = choose_frame(window, moment, before, after)
+        if choice is None:
+            return None
         frame, offset = choice
         if self.calibration is not None:
-            frame = replace(frame, image=self.calibration.apply(frame.image, self.illumination))
+            frame = replace(frame, image=self.calibration.apply(frame.image, mode))
         report = assess(frame.image, self.thresholds)
         quality = {**report.to_dict(), "frame_offset_s": round(offset, 4)}
-        if report.verdict != "accept":
-            self._last_retake = _Retake(capture_id, frame, quality, time.monotonic())
-            log_event(log, "capture.rejected", capture_id=capture_id, reasons=report.reasons,
-                      scores=report.scores, frame_offset_s=quality["frame_offset_s"])
-            self.lights.show(Signal.RETAKE)
-            return CaptureOutcome(capture_id, "retake", tuple(report.reasons),
-                                  frame_offset=offset, scores=report.scores)
-        self._last_retake = None
-        return self._keep(capture_id, frame, quality, overridden=False)
+        return _Shot(uuid.uuid4().hex, frame, mode, quality, tuple(report.reasons))
+
+    def _second_of_pair(self) -> _Shot | None:
+        """Switch to non-polarised light and take the best frame once the light has
+        settled; back to polarised afterwards."""
+        cam = self.config.camera
+        self.lights.illuminate("non_polarised", self.brightness)
+        # Frames exposed (even partly) before the switch still show the old light.
+        settled = time.monotonic() + 2.0 / cam.fps
+        try:
+            return self._shoot(settled, "non_polarised", 0.0, cam.window_after + 2.0 / cam.fps)
+        finally:
+            self._light_for(self.session.mode)
 
     def override(self) -> CaptureOutcome | None:
         """Keep the last retake anyway: the clinician judged it good enough, deliberately."""
         retake = self._last_retake
-        if retake is None or time.monotonic() - retake.at > self.config.button.override_window:
+        if retake is None or time.monotonic() - retake.at > self.override_window:
             log_event(log, "override.ignored", reason="no recent retake")
             return None
         self._last_retake = None
-        return self._keep(retake.capture_id, retake.frame, retake.quality, overridden=True)
+        return self._keep(list(retake.shots), overridden=True)
 
-    def _keep(
-        self, capture_id: str, frame: Frame, quality: dict[str, Any], overridden: bool
-    ) -> CaptureOutcome:
-        image = encode_jpeg(frame.image, self.config.camera.jpeg_quality)
+    def _keep(self, shots: list[_Shot], overridden: bool) -> CaptureOutcome:
+        """Seal and store every image of the capture durably; only then say "accepted"."""
+        case = self.session.case()
+        pair_id = uuid.uuid4().hex if len(shots) > 1 else None
+        stored: list[str] = []
+        for index, shot in enumerate(shots, start=1):
+            pair = None if pair_id is None else {"pair_id": pair_id, "index": index,
+                                                 "of": len(shots)}
+            payload = self._package(shot, overridden, case, pair)
+            try:
+                self.outbox.put(shot.capture_id, payload)
+            except OSError as err:
+                # Half a pair is not a capture: take back what went in before the refusal.
+                for capture_id in stored:
+                    self.outbox.remove(capture_id)
+                return self._not_stored(shot.capture_id, err)
+            stored.append(shot.capture_id)
+        for shot in shots:
+            log_event(log, "capture.accepted", capture_id=shot.capture_id,
+                      overridden=overridden, scores=shot.quality["scores"],
+                      frame_offset_s=shot.quality["frame_offset_s"], illumination=shot.mode,
+                      pair_id=pair_id, case_open=case is not None)
+        self.lights.show(Signal.OVERRIDDEN if overridden else Signal.ACCEPTED)
+        if self.uplink is not None:
+            self.uplink.notify()
+        first = shots[0]
+        return CaptureOutcome(first.capture_id, "accept", (), overridden,
+                              first.quality["frame_offset_s"], first.quality["scores"],
+                              linked=tuple(stored))
+
+    def _package(self, shot: _Shot, overridden: bool, case: Case | None,
+                 pair: dict[str, Any] | None) -> bytes:
+        image = encode_jpeg(shot.frame.image, self.config.camera.jpeg_quality)
         # The frame's own moment on the wall clock, not the moment we got round to it.
         captured_at = dt.datetime.now(dt.UTC) - dt.timedelta(
-            seconds=max(0.0, time.monotonic() - frame.timestamp)
-        )
+            seconds=max(0.0, time.monotonic() - shot.frame.timestamp))
         metadata = build_metadata(
-            capture_id=capture_id,
+            capture_id=shot.capture_id,
             device_id=self.config.device.id,
-            frame=frame,
+            frame=shot.frame,
             camera_model=self.camera.model,
             captured_at=captured_at,
             image=image,
             media_type=MEDIA_TYPE,
-            quality=quality,
-            illumination_mode=self.illumination,
+            quality=shot.quality,
+            illumination_mode=shot.mode,
+            illumination=self.config.illumination,
+            brightness=self.brightness,
             overridden=overridden,
             software_version=__version__,
-            calibration_id=self._calibration_id(),
+            calibration_id=self._calibration_id(shot.mode),
+            case_token=case.token if case else None,
+            anatomic_site=case.anatomic_site if case else None,
+            pair=pair,
         )
-        scores = quality.get("scores", {})
-        try:
-            self.outbox.put(capture_id, pack(metadata, image))
-        except StorageFull as err:
+        bundle = pack(metadata, image)
+        if self.clinic_key is None:
+            return bundle
+        return seal(bundle, self.clinic_key, self.config.device.id, shot.capture_id)
+
+    def _not_stored(self, capture_id: str, err: OSError) -> CaptureOutcome:
+        if isinstance(err, StorageFull):
             self._full_at_bytes = self.outbox.used_bytes()
             log_event(log, "capture.refused", logging.WARNING, capture_id=capture_id,
                       reason="storage_full", error=str(err))
             self.lights.show(Signal.STORAGE_FULL)
             return CaptureOutcome(capture_id, "refused", ("storage_full",))
-        except OSError as err:
-            log_event(log, "capture.failed", logging.ERROR, capture_id=capture_id,
-                      reason="outbox_write", error=str(err))
-            self.lights.show(Signal.FAULT)
-            return CaptureOutcome(capture_id, "failed", ("outbox_write",))
-        log_event(log, "capture.accepted", capture_id=capture_id, overridden=overridden,
-                  scores=scores, frame_offset_s=quality.get("frame_offset_s"))
-        self.lights.show(Signal.OVERRIDDEN if overridden else Signal.ACCEPTED)
-        if self.uplink is not None:
-            self.uplink.notify()
-        return CaptureOutcome(capture_id, "accept", (), overridden,
-                              quality.get("frame_offset_s"), scores)
+        log_event(log, "capture.failed", logging.ERROR, capture_id=capture_id,
+                  reason="outbox_write", error=str(err))
+        self.lights.show(Signal.FAULT)
+        return CaptureOutcome(capture_id, "failed", ("outbox_write",))
 
-    def _calibration_id(self) -> str | None:
-        if self.calibration is None or self.illumination not in self.calibration.modes:
+    def _calibration_id(self, mode: str) -> str | None:
+        if self.calibration is None or mode not in self.calibration.modes:
             return None
         return self.calibration.calibration_id
+
+    # -- remote commands (device_agent.commands), on the uplink's thread ----------------
+    def open_case(self, args: OpenCase) -> dict[str, Any]:
+        case = self.session.open_case(args.case_token, args.anatomic_site, args.timeout_s)
+        log_event(log, "case.opened", anatomic_site=case.anatomic_site, timeout_s=case.timeout)
+        return {"case_open": True, "timeout_s": case.timeout}
+
+    def close_case(self, args: NoArgs) -> dict[str, Any]:
+        was_open = self.session.close_case() is not None
+        log_event(log, "case.closed", was_open=was_open)
+        return {"case_open": False, "was_open": was_open}
+
+    def set_illumination(self, args: SetIllumination) -> dict[str, Any]:
+        self.session.set_mode(args.mode)
+        if args.brightness is not None:
+            self.brightness = args.brightness
+        self._light_for(args.mode)
+        log_event(log, "illumination.changed", mode=args.mode, brightness=self.brightness)
+        return {"mode": args.mode, "brightness": self.brightness}
+
+    def set_settings(self, args: SetSettings) -> dict[str, Any]:
+        if args.quality is not None:
+            try:
+                self.thresholds = replace(self.thresholds, **args.quality)
+            except TypeError as err:
+                raise SessionError(f"quality: {err}") from None
+        if args.override_window is not None:
+            self.override_window = args.override_window
+        log_event(log, "settings.changed", changed=sorted(args.model_dump(exclude_none=True)))
+        return {"quality": {k: getattr(self.thresholds, k)
+                            for k in (args.quality or {})},
+                "override_window": self.override_window}
+
+    def self_test(self, args: NoArgs) -> dict[str, Any]:
+        latest = self.ring.latest()
+        if latest is None:
+            return {"camera": "no frames", "verdict": None}
+        report = assess(latest.image, self.thresholds)
+        return {"camera": "streaming", **report.to_dict()}
+
+    def resend_pending(self, args: NoArgs) -> dict[str, Any]:
+        if self.uplink is not None:
+            self.uplink.notify()
+        return {"pending": self.outbox.depth()}
 
     # -- what the clinician sees between captures --------------------------------------
     def _update_standing(self) -> None:
@@ -306,7 +447,7 @@ class Agent:
             self.lights.show(standing)
 
     # -- status for `device-agent status` and `doctor` ------------------------------------
-    def status(self) -> dict[str, Any]:
+    def status(self, args: NoArgs | None = None) -> dict[str, Any]:
         frames = self.ring.window(float("-inf"), float("inf"))
         fps = ((len(frames) - 1) / (frames[-1].timestamp - frames[0].timestamp)
                if len(frames) > 1 and frames[-1].timestamp > frames[0].timestamp else 0.0)
@@ -317,9 +458,10 @@ class Agent:
             "pid": os.getpid(),
             "device_id": self.config.device.id,
             "version": __version__,
-            "illumination": self.illumination,
+            "illumination": self.session.mode,
+            "brightness": self.brightness,
             "signal": self.lights.standing.value,
-            "case_open": False,
+            "case_open": self.session.case() is not None,
             "camera": {"model": self.camera.model, "streaming": streaming,
                        "fps": round(fps, 2)},
             "last_capture": None if last is None else {

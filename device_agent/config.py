@@ -73,8 +73,17 @@ class ButtonConfig(_Section):
 
 
 class IlluminationConfig(_Section):
-    mode: Literal["polarised", "non_polarised"] = "polarised"
-    brightness: Annotated[float, Field(ge=0, le=1)] = 0.8
+    # "pair" takes a polarised and a non-polarised image on every press, linked.
+    mode: Literal["polarised", "non_polarised", "pair"] = "polarised"
+    brightness: Annotated[float, Field(ge=0.05, le=1)] = 0.8
+    # What the DICOM Dermoscopic Image module records about the optics.
+    magnification: Annotated[float, Field(gt=0, le=200)] = 10.0
+    immersion_media: str = "NONE"
+
+
+class CaseConfig(_Section):
+    # An open case closes by itself after this long without a close_case command.
+    timeout_s: Annotated[float, Field(gt=0, le=7 * 24 * 3600)] = 4 * 3600.0
 
 
 class OutboxConfig(_Section):
@@ -120,6 +129,7 @@ class Config(_Section):
     pins: PinsConfig = PinsConfig()
     button: ButtonConfig = ButtonConfig()
     illumination: IlluminationConfig = IlluminationConfig()
+    case: CaseConfig = CaseConfig()
     quality: dict[str, float] = {}
     outbox: OutboxConfig = OutboxConfig()
     uplink: UplinkConfig = UplinkConfig()

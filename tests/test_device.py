@@ -52,7 +52,9 @@ def test_a_good_press_is_stored_and_a_defective_one_never_leaves(tmp_path, broke
     metadata = assert_verified(store, good.capture_id)
     assert metadata["quality"]["verdict"] == "accept"
     assert metadata["overridden"] is False
-    assert metadata["dermoscopic_type"] == "contact polarized"
+    assert metadata["isic"]["dermoscopic_type"] == "contact polarized"
+    assert metadata["dicom"]["LightSourcePolarization"] == "POLARIZED"
+    assert metadata["case"] == {"token": None, "assigned": False}
     # The press shook the device: the chosen frame came from around the press, not later.
     offset = metadata["quality"]["frame_offset_s"]
     assert -config.camera.window_before <= offset <= config.camera.window_after

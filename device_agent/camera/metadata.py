@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from device_agent.camera.base import Frame
+from device_agent.config import IlluminationConfig
 
 SCHEMA = "dermascope.capture/1"
 
@@ -49,12 +50,18 @@ def build_metadata(
     media_type: str,
     quality: dict[str, Any],
     illumination_mode: str,
+    illumination: IlluminationConfig,
+    brightness: float,
     overridden: bool,
     software_version: str,
-    case_token: str | None = None,
     calibration_id: str | None = None,
+    case_token: str | None = None,
+    anatomic_site: str | None = None,
+    pair: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
+    """The sidecar of one image (docs/protocol.md, "capture metadata")."""
     height, width = frame.image.shape[:2]
+    polarised = illumination_mode == "polarised"
     return {
         "schema": SCHEMA,
         "capture_id": capture_id,
@@ -67,14 +74,25 @@ def build_metadata(
             "height": height,
             "sha256": hashlib.sha256(image).hexdigest(),
         },
-        "image_type": "dermoscopic",
-        "dermoscopic_type": _DERMOSCOPIC_TYPE[illumination_mode],
-        "light_source_polarization": illumination_mode == "polarised",
-        "contact_method": "contact",
+        # DICOM Dermoscopic Photography Image, Dermoscopic Image module (0016,1001-1005).
+        "dicom": {
+            "LightSourcePolarization": "POLARIZED" if polarised else "NON_POLARIZED",
+            "ContactMethod": "CONTACT",
+            "ImmersionMedia": illumination.immersion_media,
+            "OpticalMagnificationFactor": illumination.magnification,
+        },
+        # ISIC archive conventions.
+        "isic": {
+            "image_type": "dermoscopic",
+            "dermoscopic_type": _DERMOSCOPIC_TYPE[illumination_mode],
+            "anatom_site_general": anatomic_site,
+        },
+        "illumination": {"mode": illumination_mode, "brightness": brightness},
+        "pair": pair,
         "camera": {"model": camera_model, **_camera_settings(frame)},
         "quality": quality,
         "overridden": overridden,
-        "case_token": case_token,
+        "case": {"token": case_token, "assigned": case_token is not None},
         "calibration_id": calibration_id,
         "software_version": software_version,
     }

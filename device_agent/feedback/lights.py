@@ -31,6 +31,9 @@ class Signal(enum.Enum):
     STORAGE_FULL = "storage_full"
     OFFLINE = "offline"
     FAULT = "fault"
+    MODE_POLARISED = "mode_polarised"
+    MODE_NON_POLARISED = "mode_non_polarised"
+    MODE_PAIR = "mode_pair"
 
 
 @dataclass(frozen=True)
@@ -50,7 +53,14 @@ PATTERNS: dict[Signal, Pattern] = {
     Signal.ACCEPTED: Pattern(((False, 0.15), (True, 1.0), (False, 0.15)), standing=False),
     Signal.RETAKE: Pattern(((False, 0.1), (True, 0.1)) * 5, standing=False),
     Signal.OVERRIDDEN: Pattern(((False, 0.3), (True, 0.3)) * 2, standing=False),
+    # Illumination mode after a double press: one, two or three short dark blinks.
+    Signal.MODE_POLARISED: Pattern(((False, 0.25), (True, 0.25)) * 1, standing=False),
+    Signal.MODE_NON_POLARISED: Pattern(((False, 0.25), (True, 0.25)) * 2, standing=False),
+    Signal.MODE_PAIR: Pattern(((False, 0.25), (True, 0.25)) * 3, standing=False),
 }
+
+MODE_SIGNALS = {"polarised": Signal.MODE_POLARISED, "non_polarised": Signal.MODE_NON_POLARISED,
+                "pair": Signal.MODE_PAIR}
 
 
 class Lights:

@@ -1,0 +1,146 @@
+"""Remote commands and the clinical session, on the simulated device (no broker needed:
+the MQTT side of commands is tested with the uplink)."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+
+from device_agent.commands import execute, parse
+from device_agent.uplink.bundle import unpack
+from sim.device import SimDevice, sim_config
+
+
+def cmd(name: str, request_id: str = "r1", **args) -> bytes:
+    return json.dumps({"id": request_id, "command": name, "args": args}).encode()
+
+
+@pytest.fixture
+def device(tmp_path):
+    with SimDevice(sim_config(tmp_path, 1), with_uplink=False) as device:
+        device.show(None)
+        yield device
+
+
+def metadata_of(device, capture_id):
+    entry = next(e for e in device.outbox.pending() if e.capture_id == capture_id)
+    return unpack(device.outbox.read(entry))[0]
+
+
+@pytest.mark.parametrize(
+    ("payload", "code", "words"),
+    [
+        (b"{not json", "bad_json", "not a JSON object"),
+        (b"[1, 2]", "bad_json", "not a JSON object"),
+        (cmd("format_disk"), "unknown_command", "unknown command 'format_disk'"),
+        (json.dumps({"command": "status", "extra": 1}).encode(), "bad_request", "extra"),
+        (cmd("set_illumination", mode="uv"), "invalid_args", "set_illumination: mode"),
+        (cmd("open_case"), "invalid_args", "case_token"),
+        (cmd("open_case", case_token="case-1", colour="red"), "invalid_args", "colour"),
+        (b" " * 20000, "too_large", "at most"),
+    ],
+)
+def test_bad_commands_get_a_clear_error_answer(device, payload, code, words):
+    answer = execute(payload, device.agent)
+    assert answer["ok"] is False
+    assert answer["error"]["code"] == code
+    assert words in answer["error"]["message"]
+    assert device.agent.status()["camera"]["streaming"]  # the agent carries on
+
+
+def test_a_national_id_is_never_accepted_as_a_case_token(device):
+    for token in ("010190-1234", "0101901234", "123456789012"):
+        answer = execute(cmd("open_case", case_token=token), device.agent)
+        assert answer["ok"] is False
+        assert "national id" in answer["error"]["message"]
+    assert device.agent.status()["case_open"] is False
+
+
+def test_captures_carry_the_open_case_and_are_unassigned_after_close(device):
+    answer = execute(cmd("open_case", case_token="TD-2026-000123",
+                         anatomic_site="posterior torso"), device.agent)
+    assert answer == {"id": "r1", "ok": True, "result": {"case_open": True,
+                                                         "timeout_s": 4 * 3600.0}}
+    inside = device.press()
+    execute(cmd("close_case", "r2"), device.agent)
+    device.show(None, seed=2)
+    after = device.press()
+    first, second = metadata_of(device, inside.capture_id), metadata_of(device, after.capture_id)
+    assert first["case"] == {"token": "TD-2026-000123", "assigned": True}
+    assert first["isic"]["anatom_site_general"] == "posterior torso"
+    assert second["case"] == {"token": None, "assigned": False}
+
+
+def test_an_open_case_times_out(device):
+    execute(cmd("open_case", case_token="c-9", timeout_s=0.2), device.agent)
+    assert device.agent.status()["case_open"] is True
+    time.sleep(0.3)  # the case's own timeout is what is being tested
+    assert device.agent.status()["case_open"] is False
+
+
+def test_pair_mode_takes_both_lights_back_to_back_and_links_them(device):
+    answer = execute(cmd("set_illumination", mode="pair", brightness=0.6), device.agent)
+    assert answer["result"] == {"mode": "pair", "brightness": 0.6}
+    outcome = device.press()
+    assert outcome.verdict == "accept"
+    assert len(outcome.linked) == 2
+    pol, nonpol = (metadata_of(device, cid) for cid in outcome.linked)
+    assert pol["dicom"]["LightSourcePolarization"] == "POLARIZED"
+    assert nonpol["dicom"]["LightSourcePolarization"] == "NON_POLARIZED"
+    assert pol["pair"]["pair_id"] == nonpol["pair"]["pair_id"]
+    assert (pol["pair"]["index"], nonpol["pair"]["index"]) == (1, 2)
+    # the ring lit the non-polarised channel for the second image, then went back
+    board = device.board
+    plain = [c.value for c in board.timeline(board.pins.ring_plain)]
+    assert 0.6 in plain
+    assert board.pin(board.pins.ring_plain).state == 0
+    assert board.pin(board.pins.ring_polarised).state == pytest.approx(0.6)
+
+
+def test_a_failed_half_makes_the_pair_a_retake_and_hold_keeps_both(device):
+    execute(cmd("set_illumination", mode="pair"), device.agent)
+    device.show("defocus", severity=2.0)
+    retake = device.press()
+    assert retake.verdict == "retake"
+    assert "focus" in retake.reasons
+    assert device.outbox.depth() == 0
+    kept = device.hold()
+    assert kept.verdict == "accept"
+    assert kept.overridden
+    assert set(kept.linked) == set(retake.linked)
+    assert device.outbox.depth() == 2
+
+
+def test_settings_change_thresholds_until_restart(device):
+    answer = execute(cmd("set_settings", quality={"focus": 99.0}), device.agent)
+    assert answer["ok"]
+    assert answer["result"]["quality"] == {"focus": 99.0}
+    assert device.press().reasons == ("focus",)
+    bad = execute(cmd("set_settings", quality={"sharpness": 1.0}), device.agent)
+    assert bad["ok"] is False
+    assert "sharpness" in bad["error"]["message"]
+
+
+def test_status_self_test_and_resend(device):
+    assert execute(cmd("status"), device.agent)["result"]["camera"]["streaming"] is True
+    test = execute(cmd("self_test"), device.agent)["result"]
+    assert test["camera"] == "streaming"
+    assert test["verdict"] in {"accept", "retake"}
+    assert execute(cmd("resend_pending"), device.agent)["result"] == {"pending": 0}
+
+
+def test_double_press_cycles_the_illumination_mode(device):
+    assert device.agent.session.mode == "polarised"
+    device.board.double_press()
+    deadline = time.monotonic() + 5
+    while device.agent.session.mode == "polarised" and time.monotonic() < deadline:
+        time.sleep(0.05)  # the gesture is handled on the agent's own thread
+    assert device.agent.session.mode == "non_polarised"
+    assert device.board.pin(device.board.pins.ring_plain).state > 0
+
+
+def test_parse_returns_the_validated_arguments():
+    request_id, name, args = parse(cmd("open_case", "x7", case_token="abc", timeout_s=60))
+    assert (request_id, name, args.case_token, args.timeout_s) == ("x7", "open_case", "abc", 60)
