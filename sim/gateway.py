@@ -2,7 +2,8 @@
 
 It subscribes to every device's uploads (an MQTT 5 shared subscription, so several receivers
 can share the load), stages chunks on disk so a restarted gateway resumes where it was,
-verifies the SHA-256 of the whole transfer, unpacks the bundle and stores
+verifies the SHA-256 of the whole transfer, opens it if it is sealed (``--key``: the
+clinic's private key), unpacks the bundle and stores
 ``<store>/<device>/<capture>.jpg`` and ``<capture>.json`` (the metadata) atomically. Only
 then does it answer ``committed``. Duplicates and replays answer ``committed`` again and
 store nothing twice.
@@ -35,17 +36,19 @@ import struct
 import sys
 import threading
 from collections import OrderedDict
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as mqtt
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
 from device_agent.logs import add_json_handler, log_event
-from device_agent.uplink import bundle
+from device_agent.uplink import bundle, seal
 from device_agent.uplink.client import tcp_nodelay
 from device_agent.uplink.protocol import (
     Ack,
@@ -61,7 +64,7 @@ from device_agent.uplink.protocol import (
 log = logging.getLogger("sim.gateway")
 
 DEFAULT_MAX_SIZE = 512 * 1024 * 1024
-ACCEPTED_CONTENT_TYPES = (bundle.CONTENT_TYPE,)
+ACCEPTED_CONTENT_TYPES = (bundle.CONTENT_TYPE, seal.CONTENT_TYPE)
 
 
 _REC = struct.Struct(">I")
@@ -194,7 +197,10 @@ def _fsync_dir(path: Path) -> None:
 class Gateway:
     def __init__(self, host: str, port: int, store_dir: Path, topic_prefix: str = "derm/v1",
                  protocol: str = "mqtt5", group: str = "gateways",
-                 max_size: int = DEFAULT_MAX_SIZE) -> None:
+                 max_size: int = DEFAULT_MAX_SIZE,
+                 private_keys: Sequence[X25519PrivateKey] = ()) -> None:
+        """``private_keys``: the clinic's keys that open sealed captures (several during a key
+        rotation). Without any, sealed captures wait at the device (ack "retry")."""
         if protocol not in ("mqtt5", "mqtt311"):
             raise ValueError(f"protocol must be 'mqtt5' or 'mqtt311' (got {protocol!r})")
         self.host = host
@@ -204,6 +210,7 @@ class Gateway:
         self.protocol = protocol
         self.group = group
         self.max_size = max_size
+        self.private_keys = tuple(private_keys)
         self._staging = self.store_dir / ".gateway" / "staging"
         self._ledger = self.store_dir / ".gateway" / "ledger"
         self._ready = threading.Event()
@@ -394,6 +401,12 @@ class Gateway:
             return Ack(capture_id, "rejected", req=m.req, reason="too_large")
         if m.content_type not in ACCEPTED_CONTENT_TYPES:
             return Ack(capture_id, "rejected", req=m.req, reason="unsupported_content_type")
+        if m.content_type == seal.CONTENT_TYPE and not self.private_keys:
+            # A configuration problem here, not the device's: it keeps the capture and asks
+            # again later, and nothing is transferred that could not be opened.
+            log_event(log, "gateway.no_key", level=logging.ERROR, device_id=device_id,
+                      capture_id=capture_id)
+            return Ack(capture_id, "retry", req=m.req, reason="no_key")
         staged = self._staged(device_id, capture_id, fresh=True)
         same = staged is not None and staged.matches(m.sha256, m.size, m.chunk_size)
         if staged is None or not same:
@@ -458,8 +471,18 @@ class Gateway:
             staged.forget_chunks()
             return Ack(capture_id, "incomplete", req=f.req, missing=tuple(range(m.chunk_count)),
                        chunk_count=m.chunk_count, reason="sha256_mismatch")
+        if m.content_type == seal.CONTENT_TYPE:
+            if not self.private_keys:
+                return Ack(capture_id, "retry", req=f.req, reason="no_key")
+            opened = self._open_sealed(data, device_id, capture_id)
+            if opened is None:
+                self._drop_staging(device_id, capture_id)
+                return Ack(capture_id, "rejected", req=f.req, reason="seal_error")
+            data = opened
         try:
             metadata, image = bundle.unpack(data)
+            if metadata.get("capture_id", capture_id) != capture_id:
+                raise bundle.BundleError("metadata names another capture id")
         except bundle.BundleError as err:
             log_event(log, "gateway.bad_bundle", level=logging.ERROR, device_id=device_id,
                       capture_id=capture_id, detail=str(err))
@@ -468,6 +491,17 @@ class Gateway:
         self._store(device_id, capture_id, m, metadata, image)
         self._drop_staging(device_id, capture_id)
         return Ack(capture_id, "committed", req=f.req, sha256=m.sha256)
+
+    def _open_sealed(self, data: bytes, device_id: str, capture_id: str) -> bytes | None:
+        for key in self.private_keys:
+            try:
+                return seal.open_sealed(data, key, device_id, capture_id)
+            except seal.SealError:
+                continue  # perhaps sealed to another of our keys (rotation)
+        # Tampered, truncated, or sealed to a key we do not hold, or under another id.
+        log_event(log, "gateway.seal_error", level=logging.ERROR, device_id=device_id,
+                  capture_id=capture_id)
+        return None
 
     def _store(self, device_id: str, capture_id: str, m: Manifest, metadata: dict,
                image: bytes) -> None:
@@ -521,7 +555,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--protocol", choices=("mqtt5", "mqtt311"), default="mqtt5")
     parser.add_argument("--group", default="gateways", help="shared subscription group")
     parser.add_argument("--log", type=Path, help="also write JSON log events to this file")
+    parser.add_argument("--key", type=Path, action="append", default=[],
+                        help="clinic private key (PEM, X25519) that opens sealed captures; "
+                             "repeat during a key rotation")
     args = parser.parse_args(argv)
+    try:
+        keys = [seal.load_private_key(path) for path in args.key]
+    except seal.KeyFileError as err:
+        parser.error(str(err))
 
     add_json_handler("sim.gateway", stream=sys.stdout)
     if args.log:
@@ -529,7 +570,8 @@ def main(argv: list[str] | None = None) -> int:
     done = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: done.set())
-    gateway = Gateway(args.host, args.port, args.store, args.prefix, args.protocol, args.group)
+    gateway = Gateway(args.host, args.port, args.store, args.prefix, args.protocol, args.group,
+                      private_keys=keys)
     gateway.start()
     while not done.wait(3600):
         pass

@@ -12,7 +12,7 @@ import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
-from device_agent.uplink import bundle
+from device_agent.uplink import bundle, seal
 from device_agent.uplink.protocol import (
     PROTOCOL_VERSION,
     Ack,
@@ -99,7 +99,7 @@ def device(broker: MosquittoBroker) -> Iterator[RawDevice]:
 
 
 def payload(n: int = 5000) -> tuple[dict, bytes, bytes]:
-    meta = {"capture_id": "c", "kind": "dermoscopic"}
+    meta = {"kind": "dermoscopic", "quality": {"focus": 0.9}}
     image = bytes(i % 251 for i in range(n))
     return meta, image, bundle.pack(meta, image)
 
@@ -182,6 +182,13 @@ def test_payload_that_is_not_a_bundle_is_rejected(gateway, device, store) -> Non
     assert not (store / DEVICE / "c7.jpg").exists()
 
 
+def test_bundle_naming_another_capture_is_rejected(gateway, device, store) -> None:
+    data = bundle.pack({"capture_id": "someone-else"}, b"jpeg")
+    ack = device.transfer("c11", data)
+    assert (ack.state, ack.reason) == ("rejected", "bad_bundle")
+    assert not (store / DEVICE / "c11.jpg").exists()
+
+
 def test_corrupt_chunk_is_dropped_and_asked_for_again(gateway, device) -> None:
     _, _, data = payload(3000)
     device.manifest("c8", data)
@@ -240,3 +247,54 @@ def test_two_gateways_sharing_the_load_store_each_capture_once(broker, store, ev
             dev.close()
     assert sorted(e["capture_id"] for e in events.named("capture.stored")) == [
         "s0", "s1", "s2", "s3"]
+
+
+# ------------------------------------------------------------------------------ sealed captures
+
+
+def sealed_payload(public_key, capture_id: str, device_id: str = DEVICE) -> tuple[bytes, bytes]:
+    image = bytes(range(256)) * 20
+    return image, seal.seal(bundle.pack({"capture_id": capture_id}, image), public_key,
+                            device_id, capture_id)
+
+
+def send_sealed(device: RawDevice, capture_id: str, data: bytes) -> Ack:
+    m = Manifest(capture_id, len(data), CHUNK, chunk_count_for(len(data), CHUNK),
+                 hashlib.sha256(data).hexdigest(), seal.CONTENT_TYPE, 1)
+    device.send(capture_id, "manifest", m.encode())
+    ack = device.ack()
+    if ack.state != "incomplete":
+        return ack
+    device.chunks(capture_id, data)
+    return device.final(capture_id, data)
+
+
+def test_sealed_capture_is_opened_with_the_clinic_key(broker, device, store) -> None:
+    private, public = seal.generate_keypair()
+    _old_private, _ = seal.generate_keypair()
+    image, data = sealed_payload(public, "s1")
+    with Gateway(broker.host, broker.port, store, private_keys=[_old_private, private]) as gw:
+        assert gw.wait_ready(10)
+        assert send_sealed(device, "s1", data).state == "committed"
+    assert (store / DEVICE / "s1.jpg").read_bytes() == image
+
+
+def test_sealed_capture_waits_while_the_gateway_has_no_key(gateway, device, store) -> None:
+    _, public = seal.generate_keypair()
+    _, data = sealed_payload(public, "s2")
+    ack = send_sealed(device, "s2", data)
+    assert (ack.state, ack.reason) == ("retry", "no_key")  # the device keeps it
+    assert not (store / DEVICE / "s2.jpg").exists()
+
+
+def test_capture_sealed_for_another_key_or_id_is_rejected(broker, device, store) -> None:
+    private, public = seal.generate_keypair()
+    _, other_public = seal.generate_keypair()
+    _, wrong_key = sealed_payload(other_public, "s3")
+    _, wrong_id = sealed_payload(public, "s-other")  # replayed under another capture id
+    with Gateway(broker.host, broker.port, store, private_keys=[private]) as gw:
+        assert gw.wait_ready(10)
+        for capture_id, data in (("s3", wrong_key), ("s4", wrong_id)):
+            ack = send_sealed(device, capture_id, data)
+            assert (ack.state, ack.reason) == ("rejected", "seal_error")
+    assert not list(store.rglob("*.jpg"))

@@ -22,7 +22,7 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
 from device_agent.config import UplinkConfig
-from device_agent.uplink import bundle
+from device_agent.uplink import bundle, seal
 from device_agent.uplink.client import Uplink, backoff_delay
 from device_agent.uplink.outbox import Outbox
 from device_agent.uplink.protocol import Manifest, Topics, chunk_count_for, encode_chunk
@@ -97,6 +97,23 @@ def test_capture_is_delivered_end_to_end_and_removed_only_then(
     for stored in events.named("capture.stored"):
         path = Path(stored["path"])
         assert hashlib.sha256(path.read_bytes()).hexdigest() == stored["sha256"]
+
+
+def test_sealed_capture_is_delivered_and_opened_at_the_gateway(
+    broker, outbox, store
+) -> None:
+    private, public = seal.generate_keypair()
+    capture_id, meta, image = capture(13, size=90_000)
+    outbox.put(capture_id, seal.seal(bundle.pack(meta, image), public, DEVICE, capture_id))
+    with Gateway(broker.host, broker.port, store, private_keys=[private]) as gw:
+        assert gw.wait_ready(10)
+        up = make_uplink(broker, outbox)
+        up.start()
+        try:
+            assert up.wait_idle(30)
+        finally:
+            up.stop()
+    assert_stored(store, capture_id, meta, image)
 
 
 def test_entry_stays_until_gateway_acks(broker, outbox, store, events) -> None:

@@ -43,7 +43,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 
 from device_agent.config import UplinkConfig
 from device_agent.logs import log_event
-from device_agent.uplink import bundle
+from device_agent.uplink import bundle, seal
 from device_agent.uplink.outbox import CorruptEntry, Outbox, OutboxEntry
 from device_agent.uplink.protocol import (
     MAX_CHUNKS,
@@ -90,7 +90,16 @@ class _Transfer:
     def manifest(self) -> Manifest:
         return Manifest(capture_id=self.entry.capture_id, size=len(self.data),
                         chunk_size=self.chunk_size, chunk_count=self.chunk_count,
-                        sha256=self.sha256.hex(), content_type=bundle.CONTENT_TYPE)
+                        sha256=self.sha256.hex(), content_type=content_type_of(self.data))
+
+
+def content_type_of(payload: bytes) -> str:
+    """What an outbox entry holds, told by its magic: a sealed bundle or a plain one."""
+    if payload.startswith(seal.MAGIC):
+        return seal.CONTENT_TYPE
+    if payload.startswith(bundle.MAGIC):
+        return bundle.CONTENT_TYPE
+    return "application/octet-stream"  # the gateway refuses it: quarantined, never lost
 
 
 def tcp_nodelay(client: mqtt.Client, userdata: Any, sock: Any) -> None:
