@@ -1,12 +1,29 @@
-"""The bundle format: one capture's metadata and image, strict on anything malformed."""
+"""Wire formats: the bundle (one capture's metadata and image) and the transfer protocol's
+messages, all strict on anything malformed."""
 
 from __future__ import annotations
 
+import json
 import struct
 
 import pytest
 
 from device_agent.uplink.bundle import BundleError, pack, unpack
+from device_agent.uplink.protocol import (
+    CHUNK_HEADER_SIZE,
+    Ack,
+    Final,
+    Manifest,
+    ProtocolError,
+    Topics,
+    decode_bitmap,
+    decode_chunk,
+    encode_bitmap,
+    encode_chunk,
+    max_chunk_size,
+    parse_ack_topic,
+    parse_up_topic,
+)
 
 
 def test_round_trip_keeps_metadata_and_image_bytes() -> None:
@@ -48,3 +65,84 @@ def test_unserialisable_metadata_is_refused_at_pack() -> None:
         pack({"x": object()}, b"")
     with pytest.raises(BundleError):
         pack({"x": float("nan")}, b"")
+
+
+# ------------------------------------------------------------------------------ protocol
+
+
+@pytest.mark.parametrize("count", [1, 7, 8, 9, 81, 65536])
+def test_missing_bitmap_round_trips(count: int) -> None:
+    missing = tuple(i for i in range(count) if i % 3 == 0 or i == count - 1)
+    assert decode_bitmap(encode_bitmap(missing, count), count) == missing
+
+
+def test_bitmap_layout_is_lsb_first() -> None:
+    assert encode_bitmap([0, 9], 10) == bytes([0b00000001, 0b00000010])
+
+
+def test_ack_round_trip_carries_the_missing_chunks() -> None:
+    ack = Ack("c1", "incomplete", req=5, missing=(0, 3, 80), chunk_count=81)
+    assert Ack.decode(ack.encode()) == ack
+    done = Ack("c1", "committed", req=6, sha256="a" * 64)
+    assert Ack.decode(done.encode()) == done
+
+
+def test_manifest_and_final_round_trip() -> None:
+    m = Manifest("c-1", 100_000, 4096, 25, "0" * 64, "application/x", 3)
+    assert Manifest.decode(m.encode()) == m
+    f = Final("c-1", "0" * 64, 25, 4)
+    assert Final.decode(f.encode()) == f
+
+
+@pytest.mark.parametrize(
+    ("change", "reason"),
+    [
+        ({"v": 2}, "unsupported_version"),
+        ({"type": "final"}, "bad_message"),
+        ({"chunk_count": 24}, "bad_message"),
+        ({"size": -1}, "bad_message"),
+        ({"sha256": "XYZ"}, "bad_message"),
+        ({"capture_id": "a/b"}, "bad_message"),
+        ({"chunk_size": True}, "bad_message"),
+    ],
+)
+def test_bad_manifests_name_the_reason(change: dict, reason: str) -> None:
+    obj = json.loads(Manifest("c-1", 100_000, 4096, 25, "0" * 64, "x", 3).encode())
+    obj.update(change)
+    with pytest.raises(ProtocolError) as err:
+        Manifest.decode(json.dumps(obj).encode())
+    assert err.value.reason == reason
+
+
+def test_chunk_round_trip_and_crc() -> None:
+    sha = bytes(range(32))
+    wire = encode_chunk(sha, 4096, 7, b"data" * 10)
+    chunk = decode_chunk(wire)
+    assert (chunk.sha256, chunk.chunk_size, chunk.index, chunk.data) == (sha, 4096, 7,
+                                                                         b"data" * 10)
+    flipped = bytearray(wire)
+    flipped[CHUNK_HEADER_SIZE] ^= 1
+    with pytest.raises(ProtocolError, match="CRC"):
+        decode_chunk(bytes(flipped))
+    with pytest.raises(ProtocolError):
+        decode_chunk(wire[:-1])
+    with pytest.raises(ProtocolError):
+        decode_chunk(b"XXXX" + wire[4:])
+
+
+def test_chunk_size_is_capped_by_the_brokers_packet_size() -> None:
+    assert max_chunk_size(65536, None, 40) == 65536
+    capped = max_chunk_size(65536, 65536, 40)
+    assert capped + CHUNK_HEADER_SIZE + 40 < 65536
+    with pytest.raises(ProtocolError):
+        max_chunk_size(65536, 600, 40)
+
+
+def test_topics_carry_only_device_and_capture_ids() -> None:
+    t = Topics("derm/v1", "dev-1")
+    assert t.up("cap-1", "chunk") == "derm/v1/dev-1/up/cap-1/chunk"
+    assert parse_up_topic("derm/v1", t.up("cap-1", "final")) == ("dev-1", "cap-1", "final")
+    assert parse_ack_topic("derm/v1", "dev-1", t.ack("cap-1")) == "cap-1"
+    for bad in ("derm/v1/dev-1/up/cap-1", "derm/v1/dev-1/up/cap-1/other", "x/dev/up/c/chunk"):
+        with pytest.raises(ProtocolError):
+            parse_up_topic("derm/v1", bad)
