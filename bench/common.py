@@ -1,0 +1,43 @@
+"""What every bench script shares: timing by medians, and output for a person and as JSON.
+
+Figures are ratios against a baseline measured in the same run (absolute times are noise
+on shared machines). Each script prints its lines for a person, then one JSON object on
+the last line.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+
+def median_seconds(fn: Callable[[], object], repeat: int) -> float:
+    times = []
+    for _ in range(repeat):
+        started = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - started)
+    return statistics.median(times)
+
+
+def rss_mb(pid: int | None = None) -> float:
+    """Resident set size from /proc, in MB."""
+    status = Path(f"/proc/{pid or os.getpid()}/status").read_text()
+    kb = next(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmRSS:"))
+    return kb / 1024
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far, from /proc (clock ticks)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def emit(name: str, lines: list[str], figures: dict) -> None:
+    for line in lines:
+        print(line)
+    print(json.dumps({"bench": name, **figures}, sort_keys=True))
