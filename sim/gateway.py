@@ -35,6 +35,7 @@ import signal
 import struct
 import sys
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
@@ -64,6 +65,8 @@ from device_agent.uplink.protocol import (
 log = logging.getLogger("sim.gateway")
 
 DEFAULT_MAX_SIZE = 512 * 1024 * 1024
+#: A transfer untouched this long was abandoned (device replaced, capture quarantined...).
+DEFAULT_STAGING_TTL = 14 * 86400.0
 ACCEPTED_CONTENT_TYPES = (bundle.CONTENT_TYPE, seal.CONTENT_TYPE)
 
 
@@ -198,7 +201,8 @@ class Gateway:
     def __init__(self, host: str, port: int, store_dir: Path, topic_prefix: str = "derm/v1",
                  protocol: str = "mqtt5", group: str = "gateways",
                  max_size: int = DEFAULT_MAX_SIZE,
-                 private_keys: Sequence[X25519PrivateKey] = ()) -> None:
+                 private_keys: Sequence[X25519PrivateKey] = (),
+                 staging_ttl: float = DEFAULT_STAGING_TTL) -> None:
         """``private_keys``: the clinic's keys that open sealed captures (several during a key
         rotation). Without any, sealed captures wait at the device (ack "retry")."""
         if protocol not in ("mqtt5", "mqtt311"):
@@ -211,6 +215,7 @@ class Gateway:
         self.group = group
         self.max_size = max_size
         self.private_keys = tuple(private_keys)
+        self.staging_ttl = staging_ttl
         self._staging = self.store_dir / ".gateway" / "staging"
         self._ledger = self.store_dir / ".gateway" / "ledger"
         self._ready = threading.Event()
@@ -248,12 +253,28 @@ class Gateway:
         down: it keeps reconnecting)."""
         for d in (self.store_dir, self._staging, self._ledger):
             d.mkdir(parents=True, exist_ok=True)
+        self._expire_staging()
         kwargs: dict[str, Any] = {"clean_start": True} if self._mqtt5 else {}
         self._client.connect_async(self.host, self.port, keepalive=30, **kwargs)
         self._client.loop_start()
         if not self._ready.wait(ready_timeout):
             log_event(log, "gateway.not_ready", level=logging.WARNING, host=self.host,
                       port=self.port)
+
+    def _expire_staging(self) -> None:
+        """Drop staged transfers nobody touched for ``staging_ttl``: the disk is not a
+        graveyard. A device that still holds the capture simply starts it over."""
+        horizon = time.time() - self.staging_ttl
+        for directory in self._staging.glob("*/*"):
+            try:
+                newest = max((p.stat().st_mtime for p in directory.iterdir()),
+                             default=directory.stat().st_mtime)
+            except OSError:
+                continue
+            if newest < horizon:
+                shutil.rmtree(directory, ignore_errors=True)
+                log_event(log, "gateway.staging_expired", device_id=directory.parent.name,
+                          capture_id=directory.name)
 
     def wait_ready(self, timeout: float) -> bool:
         return self._ready.wait(timeout)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import queue
 from collections.abc import Iterator
 from pathlib import Path
@@ -298,3 +299,21 @@ def test_capture_sealed_for_another_key_or_id_is_rejected(broker, device, store)
             ack = send_sealed(device, capture_id, data)
             assert (ack.state, ack.reason) == ("rejected", "seal_error")
     assert not list(store.rglob("*.jpg"))
+
+
+def test_abandoned_staging_expires_at_start_and_fresh_staging_stays(broker, device, store,
+                                                                       events) -> None:
+    _, _, data = payload(4000)
+    with Gateway(broker.host, broker.port, store) as gw:
+        assert gw.wait_ready(10)
+        device.manifest("old", data)
+        device.manifest("new", data)
+        device.final("new", data)  # a round trip: both manifests are staged
+    old = store / ".gateway" / "staging" / DEVICE / "old"
+    for p in [old, *old.iterdir()]:
+        os.utime(p, (1, 1))  # untouched since 1970
+    with Gateway(broker.host, broker.port, store) as gw:
+        assert gw.wait_ready(10)
+        assert not old.exists()
+        assert (store / ".gateway" / "staging" / DEVICE / "new").exists()
+    assert [e["capture_id"] for e in events.named("gateway.staging_expired")] == ["old"]
