@@ -372,13 +372,15 @@ class Gateway:
         return self._ledger / device_id / f"{capture_id}.json"
 
     def _committed(self, device_id: str, capture_id: str) -> dict[str, Any] | None:
-        """The ledger record if this capture is already stored (the image is the commit)."""
-        if not self._image_path(device_id, capture_id).exists():
-            return None
+        """The ledger record if this capture was stored (the image is the commit; the ledger
+        remembers it after clinic IT moved the image on to its archive)."""
         try:
             return json.loads(self._ledger_path(device_id, capture_id).read_text("utf-8"))
+        except FileNotFoundError:
+            pass
         except (OSError, ValueError):
             return {}
+        return {} if self._image_path(device_id, capture_id).exists() else None
 
     def _staging_dir(self, device_id: str, capture_id: str) -> Path:
         return self._staging / device_id / capture_id
@@ -535,12 +537,6 @@ class Gateway:
         _write_atomic(device_dir / f"{capture_id}.json",
                       json.dumps(metadata, indent=2, sort_keys=True, ensure_ascii=False)
                       .encode("utf-8"), durable=True)
-        # Not fsynced: the ledger only lets a duplicate with other content be told apart; if
-        # a power cut loses it, a duplicate is still answered "committed" (without sha256).
-        _write_atomic(self._ledger_path(device_id, capture_id), json.dumps({
-            "capture_id": capture_id, "device_id": device_id, "transfer_sha256": m.sha256,
-            "size": m.size, "image_sha256": image_sha, "image": image_path.name,
-        }).encode(), durable=False)
         tmp = device_dir / f".{capture_id}.jpg.{os.getpid()}.tmp"
         _write_atomic(tmp, image, durable=True)
         try:
@@ -552,6 +548,14 @@ class Gateway:
             return
         tmp.unlink(missing_ok=True)
         _fsync_dir(device_dir)
+        # After the commit: the ledger answers duplicates (and tells other content apart)
+        # even once the image has been moved away. A crash before it is harmless: the image
+        # itself still says "committed".
+        _write_atomic(self._ledger_path(device_id, capture_id), json.dumps({
+            "capture_id": capture_id, "device_id": device_id, "transfer_sha256": m.sha256,
+            "size": m.size, "image_sha256": image_sha, "image": image_path.name,
+        }).encode(), durable=True)
+        _fsync_dir(ledger_dir)
         self.stored_count += 1
         log_event(log, "capture.stored", capture_id=capture_id, device_id=device_id,
                   path=str(image_path.resolve()), sha256=image_sha, size=len(image))

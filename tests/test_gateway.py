@@ -317,3 +317,12 @@ def test_abandoned_staging_expires_at_start_and_fresh_staging_stays(broker, devi
         assert not old.exists()
         assert (store / ".gateway" / "staging" / DEVICE / "new").exists()
     assert [e["capture_id"] for e in events.named("gateway.staging_expired")] == ["old"]
+
+
+def test_capture_moved_away_by_clinic_it_is_not_stored_again(gateway, device, store) -> None:
+    _, _, data = payload(3000)
+    assert device.transfer("m1", data).state == "committed"
+    for p in (store / DEVICE).iterdir():
+        p.unlink()  # archived elsewhere
+    assert device.transfer("m1", data).state == "committed"
+    assert list((store / DEVICE).iterdir()) == []
