@@ -113,13 +113,23 @@ def test_thresholds_are_applied() -> None:
         Thresholds(glare=float("nan"))
 
 
-def test_missing_field_fails_field_check() -> None:
+def test_black_frame_is_underexposed_not_a_field_fault() -> None:
+    # All black: the lens may be fine and the exposure not; the field cannot be judged.
     black = np.full((600, 800, 3), 3, np.uint8)
     assert find_lens_field(black) is None
     report = assess(black)
     assert report.field is None
+    assert report.reasons == ["underexposed"]
+    assert "field" in report.to_dict()["not_judged"]
+
+
+def test_small_lit_spot_is_no_field() -> None:
+    frame = np.full((600, 800, 3), 2, np.uint8)
+    spot = render(SceneSpec(seed=2, width=200, height=150))
+    frame[225:375, 300:500] = spot
+    report = assess(frame)
     assert "field" in report.reasons
-    assert "underexposed" in report.reasons
+    assert report.scores["field"] < 0.5
 
 
 def test_lens_field_is_found_through_a_cut() -> None:
@@ -240,3 +250,36 @@ def test_tiny_image_raises(tmp_path: Path) -> None:
     cv2.imwrite(str(tmp_path / "tiny.png"), np.zeros((4, 4, 3), np.uint8))
     with pytest.raises(ImageError, match="dimensions"):
         load_image(tmp_path / "tiny.png")
+
+
+# --------------------------------------------------------------------------------------------
+# The evaluation tool
+
+
+def test_evaluation_runs_and_reports(capsys: pytest.CaptureFixture[str]) -> None:
+    from device_agent.camera.evaluate import main
+
+    assert (
+        main(
+            [
+                "--seeds",
+                "1",
+                "--width",
+                "506",
+                "--height",
+                "380",
+                "--no-photos",
+                "--workers",
+                "1",
+                "--json",
+            ]
+        )
+        == 0
+    )
+    result = json.loads(capsys.readouterr().out)
+    sim = result["sim"]
+    assert set(sim["per_check"]) == set(CHECK_NAMES)
+    assert sim["pristine_frames"] == 2
+    assert sim["false_retake_rate"] == 0.0
+    assert sim["per_defect"]["defocus"]["1.0"]["recall"] == 1.0
+    assert result["thresholds"] == Thresholds().as_dict()

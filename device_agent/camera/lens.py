@@ -21,6 +21,11 @@ import numpy as np
 # and smooth, so more resolution buys nothing.
 DETECT_SIZE = 256
 
+# The lens field's radius is at least this fraction of half the frame's shorter side. A contact
+# dermatoscope's field fills most of the frame (the simulator's: 0.93); the bound is loose so
+# that any real lens and sensor pairing passes, while a small lit spot does not.
+MIN_RADIUS_FRACTION = 0.5
+
 
 @dataclass(frozen=True)
 class LensField:
@@ -29,8 +34,9 @@ class LensField:
     ``cx``, ``cy``, ``radius``: the fitted lens circle (it may extend past the frame).
     ``coverage``: fraction of that circle's area that is lit and inside the frame.
     ``offset``: distance of the circle's centre from the frame centre, in radii.
-    ``centred_coverage``: fraction of the ideal field (a circle of the same radius, shrunk to
-    fit, at the frame centre) that is lit; the ``field`` check's score.
+    ``centred_coverage``: fraction of the ideal field (a circle of the same radius, at least
+    MIN_RADIUS_FRACTION of half the frame's shorter side, shrunk to fit, at the frame centre)
+    that is lit; the ``field`` check's score.
     ``found``: False when no plausible field was seen (then the other figures are 0).
     """
 
@@ -89,8 +95,9 @@ def detect(image: np.ndarray) -> tuple[LensField | None, np.ndarray | None]:
     lit_in_circle = cv2.countNonZero(cv2.bitwise_and(lit_full, circle))
     coverage = min(1.0, lit_in_circle / (np.pi * radius**2))
 
-    # The ideal field: same radius (shrunk to fit the frame), centred.
-    ideal_r = min(radius, h / 2, w / 2)
+    # The ideal field: same radius (but no smaller than a plausible lens field, and shrunk to
+    # fit the frame), centred. A small lit spot is not a field, however well centred.
+    ideal_r = min(max(radius, MIN_RADIUS_FRACTION * min(h, w) / 2), h / 2, w / 2)
     ideal = np.zeros_like(lit)
     cv2.circle(ideal, (round(w / 2), round(h / 2)), round(ideal_r), 255, -1)
     ideal_area = max(1, cv2.countNonZero(ideal))

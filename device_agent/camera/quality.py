@@ -102,10 +102,10 @@ class Thresholds:
     # Sharpness: 4 / (estimated blur sigma in the sharpest direction, px at 800 wide). 1.0 is
     # the blur the check must catch (sigma 4 px at 800x600); sharp frames score 2-4.
     # Pass when score >= focus.
-    focus: float = 1.2
+    focus: float = 1.1
     # Directional blur: widest minus narrowest directional blur sigma, px at 800 wide. About 0
     # for sharp or defocused frames, 2-3 for a 21 px straight smear. Pass when <=.
-    motion: float = 1.2
+    motion: float = 1.5
     # Brightness: 90th percentile of luma inside the field, 0..255. Pass when >=.
     underexposed: float = 40.0
     # Fraction of the field that is clipped (a channel >= 250 on a pixel with luma >= 200).
@@ -134,8 +134,9 @@ class Thresholds:
 @dataclass(frozen=True)
 class CheckResult:
     """One check's outcome. ``judged`` is False when the frame held nothing the check could
-    measure (focus and motion on a field that is almost entirely clipped): such a check
-    passes, and the check that found the cause (overexposed) fails instead."""
+    measure (focus and motion on a field that is almost entirely clipped or nearly black; the
+    field in a frame that is black throughout): such a check passes, and the check that found
+    the cause (overexposed, underexposed) fails instead."""
 
     name: str
     score: float
@@ -191,29 +192,49 @@ def assess(image: np.ndarray, thresholds: Thresholds | None = None) -> QualityRe
     px_per_ref = work.shape[1] / REF_WIDTH
     inner = _inner_mask(mask, work)
     sharp, aniso = _focus_and_motion(gray, inner, px_per_ref)
-    # Focus and motion read edges; a field that is nearly all clipped has none left to read,
-    # which says nothing about focus. Blur itself never clips, so this cannot hide a blur.
-    edges_judged = cv2.countNonZero(inner) >= _MIN_JUDGED_FRACTION * max(1, cv2.countNonZero(mask))
+    brightness = _brightness(gray, mask)
+    # Focus and motion read edges. A field that is nearly all clipped, or so dark that its
+    # edges drown in the noise, has none left to read, which says nothing about focus (the
+    # exposure checks report it). Blur neither clips nor darkens, so this cannot hide a blur.
+    edges_judged = (
+        cv2.countNonZero(inner) >= _MIN_JUDGED_FRACTION * max(1, cv2.countNonZero(mask))
+        and brightness >= _MIN_JUDGED_BRIGHTNESS
+    )
+    # No field in a frame that is black throughout: the lens may be fine and the exposure not;
+    # the underexposed check reports that, and the field cannot be judged.
+    field_judged = field is not None or float(np.percentile(gray, 99)) >= _MIN_FIELD_LEVEL
     scores = {
         "focus": sharp,
         "motion": aniso,
-        "underexposed": _brightness(gray, mask),
+        "underexposed": brightness,
         "overexposed": _clipped_fraction(work, gray, mask),
         "glare": _glare_fraction(work, gray, mask),
         "field": field.centred_coverage if field is not None else 0.0,
         "colour": _cast_distance(work, mask),
     }
+    not_judged = set()
+    if not edges_judged:
+        not_judged |= {"focus", "motion"}
+    if brightness < _MIN_JUDGED_BRIGHTNESS:
+        not_judged.add("colour")  # a few gray levels carry no colour worth judging
+    if not field_judged:
+        not_judged.add("field")
     checks = tuple(
-        _result(name, scores[name], getattr(t, name))
-        if edges_judged or name not in ("focus", "motion")
-        else CheckResult(name, scores[name], float(getattr(t, name)), passed=True, judged=False)
+        CheckResult(name, scores[name], float(getattr(t, name)), passed=True, judged=False)
+        if name in not_judged
+        else _result(name, scores[name], getattr(t, name))
         for name in CHECK_NAMES
     )
     return QualityReport(checks=checks, field=field.scaled(1.0 / factor) if field else None)
 
 
-# Focus and motion are judged only when at least this fraction of the field is free of clipping.
+# Focus and motion are judged only when at least this fraction of the field is free of
+# clipping, and the field's brightness (90th percentile of luma) is at least this.
 _MIN_JUDGED_FRACTION = 0.1
+_MIN_JUDGED_BRIGHTNESS = 20.0
+# With no field found, the field check is judged only if the frame's 99th percentile of luma
+# reaches this: below it the frame is simply black.
+_MIN_FIELD_LEVEL = 12.0
 
 
 def _result(name: str, score: float, threshold: float) -> CheckResult:
@@ -304,10 +325,13 @@ _NOISE_GAIN = {
 }
 # An edge counts when its coarse response is this many noise deviations strong.
 _EDGE_SNR = 5.0
+# Shading wider than this (Gaussian sigma, working px) is removed before measuring edges.
+_SHADING_SIGMA = 6.0
 
-# The 1-D measures run along x and y of the image turned by each of these angles: 8 directions
-# 22.5 degrees apart, so any motion is within 11.25 degrees of one of them.
-_ROTATIONS = (0.0, 22.5, 45.0, 67.5)
+# The 1-D measures run along x and y of the image turned by each of these angles: 12
+# directions 15 degrees apart, so the direction across any motion is within 7.5 degrees of one
+# of them (and sees at most sin(7.5 deg) = 13 % of the smear).
+_ROTATIONS = (0.0, 15.0, 30.0, 45.0, 60.0, 75.0)
 
 # A blur estimate in pixels of an 800-pixel-wide frame: the unit the issue states limits in.
 REF_WIDTH = 800.0
@@ -328,15 +352,27 @@ def noise_sigma(gray: np.ndarray, mask: np.ndarray) -> float:
     return float(np.median(values)) / 0.6745 / 6.0
 
 
-def _blur_from_ratio(ratio: np.ndarray) -> np.ndarray:
-    """Invert the edge model: fine/coarse response ratio -> Gaussian blur (working pixels).
+def _edge_response(sigma: float, blur: np.ndarray, shading: float) -> np.ndarray:
+    """Peak response of the sum(|k|)=1 derivative-of-Gaussian at ``sigma`` to a unit step
+    blurred by ``blur``, after the shading removal (a Gaussian high-pass at ``shading``)."""
+    resp = sigma / (2 * np.sqrt(sigma**2 + blur**2))
+    if shading > 0:
+        resp = resp - sigma / (2 * np.sqrt(sigma**2 + blur**2 + shading**2))
+    return resp
 
-    For an edge blurred by b: ratio = (s1 / sqrt(s1^2 + b^2)) / (s2 / sqrt(s2^2 + b^2)), which
-    falls from 1 (sharp) to s1/s2 (blur much wider than both scales).
-    """
-    s1, s2 = _FINE_SIGMA, _COARSE_SIGMA
-    r = np.clip(ratio, s1 / s2 + 1e-3, 1.0)
-    return np.sqrt(s1 * s1 * s2 * s2 * (1 - r * r) / (r * r * s2 * s2 - s1 * s1))
+
+# The edge model, tabulated: blur (working px) -> fine/coarse response ratio. The ratio falls
+# monotonically from its value for a sharp step to s1/s2 as blur grows.
+_BLUR_GRID = np.linspace(0.0, 40.0, 801)
+
+
+def _blur_from_ratio(ratio: np.ndarray) -> np.ndarray:
+    """Invert the edge model: fine/coarse response ratio -> Gaussian blur (working pixels)."""
+    table = _edge_response(_FINE_SIGMA, _BLUR_GRID, _SHADING_SIGMA) / _edge_response(
+        _COARSE_SIGMA, _BLUR_GRID, _SHADING_SIGMA
+    )
+    # np.interp needs increasing x: the ratio falls with blur, so read the table backwards.
+    return np.interp(ratio, table[::-1], _BLUR_GRID[::-1])
 
 
 # The field is judged in tiles, TILES x TILES over its bounding box, and the tiles' verdicts
@@ -347,7 +383,7 @@ _MIN_EDGES_PER_TILE = 25
 
 
 def directional_blur(gray: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    """Blur width (Gaussian sigma, working pixels) per tile and direction: shape (tiles, 8).
+    """Blur width (Gaussian sigma, working pixels) per tile and direction: (tiles, 12).
 
     NaN where a tile has too few edges in that direction to tell.
 
@@ -368,6 +404,14 @@ def directional_blur(gray: np.ndarray, mask: np.ndarray) -> np.ndarray:
         g, m = g[y0:y1, x0:x1], m[y0:y1, x0:x1]
     # Floor: a clipped or posterised frame reads as noiseless, and then every ripple is an edge.
     sigma_n = max(noise_sigma(g, m), 0.8)
+    if _SHADING_SIGMA > 0:
+        # Take out shading far wider than any blur we measure (vignetting, the soft shadow of a
+        # lifted lens): such a ramp would otherwise read as one huge blurred edge. Normalised
+        # so that the black outside the mask does not leak in.
+        inside = (m > 0).astype(np.float32)
+        den = cv2.GaussianBlur(inside, (0, 0), _SHADING_SIGMA)
+        low = cv2.GaussianBlur(g * inside, (0, 0), _SHADING_SIGMA) / np.maximum(den, 1e-3)
+        g = g - low
     h, w = g.shape
     # Tile label of every pixel, 1..TILES^2 inside the mask and 0 outside; turned with the image.
     rows = np.minimum(np.arange(h) * TILES // max(h, 1), TILES - 1)
@@ -411,7 +455,7 @@ def directional_blur(gray: np.ndarray, mask: np.ndarray) -> np.ndarray:
     return np.stack(blurs, axis=1)
 
 
-def _per_direction(blurs: np.ndarray) -> np.ndarray:
+def per_direction(blurs: np.ndarray) -> np.ndarray:
     """Median over tiles of each direction's blur (NaN for a direction too few tiles saw)."""
     seen = np.count_nonzero(~np.isnan(blurs), axis=0)
     out = np.full(blurs.shape[1], np.nan)
@@ -423,22 +467,52 @@ def _per_direction(blurs: np.ndarray) -> np.ndarray:
 _MIN_TILES = 2
 
 
+# Direction (degrees) of each column of directional_blur's result: along x, then along y, of
+# the image turned by each rotation.
+DIRECTIONS = tuple(d for a in _ROTATIONS for d in (a, a + 90.0))
+
+
+def blur_model(per_dir: np.ndarray) -> tuple[float, float] | None:
+    """Split directional blur into an isotropic part and a straight smear.
+
+    Defocus (Gaussian, sigma b0) and a straight motion of length L at angle m add their
+    variances along each direction phi: b(phi)^2 = b0^2 + (L^2 / 12) cos^2(phi - m), which is
+    linear in (1, cos 2phi, sin 2phi). A least-squares fit over the directions seen gives
+    (b0, L). None when fewer than 5 directions were seen.
+    """
+    seen = ~np.isnan(per_dir)
+    if np.count_nonzero(seen) < 5:
+        return None
+    phi = np.radians(np.asarray(DIRECTIONS))[seen]
+    design = np.column_stack([np.ones_like(phi), np.cos(2 * phi), np.sin(2 * phi)])
+    (mean, c, s), *_ = np.linalg.lstsq(design, per_dir[seen] ** 2, rcond=None)
+    amp = math.hypot(c, s)  # = L^2 / 24
+    b0 = math.sqrt(max(mean - amp, 0.0))
+    length = math.sqrt(24.0 * amp)
+    return b0, length
+
+
 def _focus_and_motion(gray: np.ndarray, mask: np.ndarray, px_per_ref: float) -> tuple[float, float]:
     """(focus score, motion score) from the directional blur widths.
 
-    Each direction's blur is the median over the tiles that saw edges across it.
-    focus = 4 / (blur in the sharpest direction, px at 800 wide): 1.0 is exactly the blur the
-    check must catch (Gaussian sigma 4 at 800x600); a sharp frame scores 2-4. Motion blur
-    leaves the direction across it sharp, so it does not fail focus.
-    motion = widest minus narrowest directional blur, px at 800 wide: 0 for isotropic blur.
+    Each direction's blur is the median over the tiles that saw edges across it, in px of an
+    800-wide frame. focus = 4 / (blur sigma in the sharpest direction): 1.0 is exactly the
+    blur the check must catch (Gaussian sigma 4 px at 800x600); a sharp frame scores 2-4.
+    motion = widest minus narrowest directional blur (px at 800 wide): 0 for isotropic blur,
+    2-3.5 for a 21 px straight smear. (The smear-length fit of blur_model amplifies noise at
+    large blur, so the plain spread separates motion from defocus better.)
     """
-    per_dir = _per_direction(directional_blur(gray, mask)) / px_per_ref
+    per_dir = per_direction(directional_blur(gray, mask)) / px_per_ref
     seen = ~np.isnan(per_dir)
     if not seen.any():
         return 0.0, 0.0  # no edge stands out from the noise: nothing in view can be called sharp
+    if np.count_nonzero(seen) < 0.75 * len(per_dir):
+        # Too few directions seen to call anything a smear: judge focus alone.
+        return 4.0 / max(float(np.nanmin(per_dir)), 0.25), 0.0
+    # Focus from the sharpest direction (a smear leaves the direction across it sharp); the
+    # model's isotropic part reads about the same on defocus but is noisier on a smear.
     best = float(np.nanmin(per_dir))
-    # The spread means something only when most directions were seen.
-    spread = float(np.nanmax(per_dir)) - best if np.count_nonzero(seen) >= 6 else 0.0
+    spread = float(np.nanmax(per_dir)) - best
     return 4.0 / max(best, 0.25), spread
 
 
@@ -530,9 +604,9 @@ def _glare_fraction(work: np.ndarray, gray: np.ndarray, mask: np.ndarray) -> flo
 # Skin colour in log-chromaticity u = ln(R/G), v = ln(B/G): exposure cancels out, and a wrong
 # white balance (channel gains) is a plain shift. Skin, lesions included, has red above green
 # and well above blue; no skin is green, cyan or blue. The gamut is the convex region
-#   u >= 0.04,  u - v >= 0.2,  v <= 0.15,  u <= 1.3,  v >= -1.4
+#   u >= 0.04,  u - v >= 0.12,  v <= 0.15,  u <= 1.3,  v >= -1.4
 # drawn generously around skin tones from very fair to very dark, with erythema and pigment.
-_GAMUT = ((0.04, 0.15), (0.35, 0.15), (1.3, -0.1), (1.3, -1.4), (0.04, -1.4), (0.04, -0.16))
+_GAMUT = ((0.04, -0.08), (0.27, 0.15), (0.4, 0.15), (1.3, -0.1), (1.3, -1.4), (0.04, -1.4))
 
 
 def _cast_distance(work: np.ndarray, mask: np.ndarray) -> float:

@@ -14,7 +14,7 @@ import cv2
 import numpy as np
 
 from device_agent.camera.base import Frame
-from device_agent.camera.quality import _per_direction, directional_blur
+from device_agent.camera.quality import directional_blur, per_direction
 
 # The score looks at the central part of the frame (inside any lens field) at this size: small
 # enough to score every frame of a 10 fps stream for nothing, big enough to see hand shake.
@@ -25,7 +25,7 @@ _SIZE = 256
 def frame_score(image: np.ndarray) -> float:
     """Sharpness in the frame's blurriest direction (higher = sharper and steadier), 0..1.
 
-    Uses the same edge-blur measure as the focus check, but takes the worst of 8 directions,
+    Uses the same edge-blur measure as the focus check, but takes the worst of 12 directions,
     so both defocus and shake (motion blur in any direction) lower it.
     """
     h, w = image.shape[:2]
@@ -45,7 +45,7 @@ def frame_score(image: np.ndarray) -> float:
     mask[8:-8, 8:-8] = 255
     if not mask.any():
         mask[:] = 255
-    per_dir = _per_direction(directional_blur(gray, mask))
+    per_dir = per_direction(directional_blur(gray, mask))
     if np.all(np.isnan(per_dir)):
         return 0.0
     # Blur in the worst direction, as a sharpness: both defocus and shake lower it.
