@@ -326,3 +326,21 @@ def test_capture_moved_away_by_clinic_it_is_not_stored_again(gateway, device, st
         p.unlink()  # archived elsewhere
     assert device.transfer("m1", data).state == "committed"
     assert list((store / DEVICE).iterdir()) == []
+
+
+def test_gateway_disk_trouble_answers_retry_and_keeps_the_staging(gateway, device, store,
+                                                                   monkeypatch) -> None:
+    _, image, data = payload(3000)
+
+    def disk_full(*args: object) -> None:
+        raise OSError(28, "No space left on device")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(gateway, "_store", disk_full)
+        ack = device.transfer("d1", data)
+        assert (ack.state, ack.reason) == ("retry", "storage_error")
+    # Disk freed: the device's next attempt finds every chunk still staged.
+    again = device.manifest("d1", data)
+    assert (again.state, again.missing) == ("incomplete", ())
+    assert device.final("d1", data).state == "committed"
+    assert (store / DEVICE / "d1.jpg").read_bytes() == image
