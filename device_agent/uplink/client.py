@@ -149,6 +149,8 @@ class Uplink:
         # faster than ours); bounded, since a stale one only costs one window slot.
         self._early: OrderedDict[int, None] = OrderedDict()
         self._busy = False
+        #: Most QoS 1 messages ever awaiting PUBACK at once (the window, checked by tests).
+        self.peak_in_flight = 0
         self._req = 0
         self._close = threading.Event()  # end the connection (after stop's goodbye)
         self._connect_timeout = connect_timeout
@@ -453,6 +455,7 @@ class Uplink:
                 del self._early[info.mid]
             else:
                 self._inflight.add(info.mid)
+                self.peak_in_flight = max(self.peak_in_flight, len(self._inflight))
         return info
 
     def _publish_status(self) -> None:
