@@ -151,3 +151,33 @@ def test_captures_carry_the_calibration_id_and_are_corrected(tmp_path):
 
         metadata, _ = unpack(device.outbox.read(entry))
     assert metadata["calibration_id"] == cal.calibration_id
+
+
+def test_the_fast_srgb_tables_agree_with_colour_science():
+    from device_agent.camera.colour import (
+        linear_to_srgb,
+        srgb_lut_from_linear,
+        srgb_lut_to_linear,
+    )
+
+    np.testing.assert_allclose(srgb_lut_to_linear(), srgb_to_linear(np.arange(256) / 255),
+                               atol=1e-6)
+    steps = np.linspace(0, 1, 4096)
+    expected = np.rint(linear_to_srgb(steps) * 255)
+    np.testing.assert_array_equal(srgb_lut_from_linear(4096), expected)
+
+
+def test_applying_a_calibration_does_not_load_colour_science(tmp_path):
+    script = (
+        "import sys, numpy as np\n"
+        "from device_agent.camera.calibration import load_calibration\n"
+        f"cal = load_calibration(__import__('pathlib').Path({str(tmp_path / 'c.json')!r}))\n"
+        "cal.apply(np.full((64, 64, 3), 128, np.uint8), 'polarised')\n"
+        "print('colour' in sys.modules)\n")
+    config = parse_config({"device": {"id": "d1", "state_dir": str(tmp_path)}})
+    r = Response()
+    run_calibration(config, "polarised", render_white(r), render_chart(r))
+    (tmp_path / "calibration.json").rename(tmp_path / "c.json")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         timeout=60, check=True)
+    assert out.stdout.strip() == "False"

@@ -35,8 +35,8 @@ from device_agent.camera.colour import (
     colour,
     delta_e_2000,
     linear_rgb_to_lab,
-    linear_to_srgb,
-    srgb_to_linear,
+    srgb_lut_from_linear,
+    srgb_lut_to_linear,
 )
 from device_agent.camera.lens import find_lens_field
 
@@ -46,10 +46,12 @@ MODES = ("polarised", "non_polarised")
 # Rows per strip when applying to a frame: bounds the float working copy (12 MP at full
 # height would need ~150 MB).
 _STRIP = 256
-_TO_LINEAR = srgb_to_linear(np.arange(256) / 255.0).astype(np.float32)
 _ENCODE_STEPS = 4096
-_TO_SRGB = np.clip(np.rint(linear_to_srgb(np.linspace(0, 1, _ENCODE_STEPS)) * 255), 0, 255
-                   ).astype(np.uint8)
+# 8-bit sRGB -> linear, and linear (in _ENCODE_STEPS steps) -> 8-bit sRGB. From the IEC
+# formula rather than colour-science, so that applying a calibration on every capture does
+# not load colour-science's 30 MB; tests check both against colour-science.
+_TO_LINEAR = srgb_lut_to_linear()
+_TO_SRGB = srgb_lut_from_linear(_ENCODE_STEPS)
 
 
 class CalibrationError(ValueError):

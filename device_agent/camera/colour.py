@@ -35,6 +35,19 @@ def linear_to_srgb(values: np.ndarray) -> np.ndarray:
     return np.asarray(colour().cctf_encoding(np.clip(values, 0, 1), function="sRGB"))
 
 
+def srgb_lut_to_linear() -> np.ndarray:
+    """float32[256]: 8-bit sRGB code -> linear light (IEC 61966-2-1's piecewise curve)."""
+    v = np.arange(256) / 255.0
+    return np.where(v <= 0.04045, v / 12.92, ((v + 0.055) / 1.055) ** 2.4).astype(np.float32)
+
+
+def srgb_lut_from_linear(steps: int) -> np.ndarray:
+    """uint8[steps]: linear light in ``steps`` even steps over 0..1 -> 8-bit sRGB code."""
+    v = np.linspace(0.0, 1.0, steps)
+    encoded = np.where(v <= 0.0031308, v * 12.92, 1.055 * v ** (1 / 2.4) - 0.055)
+    return np.clip(np.rint(encoded * 255), 0, 255).astype(np.uint8)
+
+
 def linear_rgb_to_lab(rgb: np.ndarray) -> np.ndarray:
     c = colour()
     d65 = c.CCS_ILLUMINANTS["CIE 1931 2 Degree Standard Observer"]["D65"]
