@@ -132,6 +132,9 @@ class Agent:
         self._last_retake: _Retake | None = None
         self._full_at_bytes: int | None = None
         self._camera_fault = False
+        self._wake = threading.Event()
+        self._last_activity = time.monotonic()
+        self.asleep = False
         self._outcomes: list[CaptureOutcome] = []
         self.outcome_count = 0
         self._last_outcome_at = 0.0
@@ -192,6 +195,7 @@ class Agent:
 
     def close(self, timeout: float = 5.0) -> None:
         self._stop.set()
+        self._wake.set()
         self.camera.close()
         if self._camera_thread is not None:
             self._camera_thread.join(timeout)
@@ -202,6 +206,9 @@ class Agent:
     def _stream(self) -> None:
         timeout = self.config.camera.frame_timeout
         while not self._stop.is_set():
+            if self._sleep_due():
+                self._sleep()
+                continue
             try:
                 frame = self.camera.next_frame(timeout)
             except FrameTimeout as err:
@@ -216,9 +223,42 @@ class Agent:
             self._camera_fault = False
             self.ring.push(frame)
 
+    # -- sleeping while nobody uses the device ------------------------------------------
+    def _sleep_due(self) -> bool:
+        after = self.config.camera.sleep_after_s
+        return after > 0 and time.monotonic() - self._last_activity > after
+
+    def _sleep(self) -> None:
+        """Stop streaming and darken the ring until a gesture wakes the device: a
+        streaming camera costs CPU, power and heat for nothing on a device in its cradle."""
+        self.camera.close()
+        self.ring.clear()
+        self.lights.dark()
+        self.asleep = True
+        log_event(log, "camera.asleep", idle_s=self.config.camera.sleep_after_s)
+        self._wake.wait()  # set by a gesture, or by close()
+        self._wake.clear()
+        if self._stop.is_set():
+            return
+        self.ring_started_at = time.monotonic()
+        self.camera.start()
+        self._light_for(self.session.mode)
+        self.asleep = False
+        log_event(log, "camera.awake")
+
+    def wake(self) -> None:
+        self._last_activity = time.monotonic()
+        self._wake.set()
+
     # -- gestures -----------------------------------------------------------------------
     def handle(self, event: GestureEvent) -> CaptureOutcome | None:
         log_event(log, f"gesture.{event.gesture.value}")
+        if self.asleep:
+            # The press that wakes the device is not a capture: there are no frames around
+            # it to choose from. The LED turns steady once the camera streams again.
+            self.wake()
+            return None
+        self._last_activity = time.monotonic()
         if event.gesture is Gesture.PRESS:
             return self._record(self.capture(event.pressed_at))
         if event.gesture is Gesture.HOLD:
@@ -437,6 +477,8 @@ class Agent:
             self._full_at_bytes = None  # something was delivered: there is room again
         if self._camera_fault:
             standing = Signal.FAULT
+        elif self.asleep:
+            standing = Signal.ASLEEP
         elif self._full_at_bytes is not None:
             standing = Signal.STORAGE_FULL
         elif self.uplink is not None and not self.uplink.online:
@@ -463,7 +505,7 @@ class Agent:
             "signal": self.lights.standing.value,
             "case_open": self.session.case() is not None,
             "camera": {"model": self.camera.model, "streaming": streaming,
-                       "fps": round(fps, 2)},
+                       "fps": round(fps, 2), "asleep": self.asleep},
             "last_capture": None if last is None else {
                 "capture_id": last.capture_id, "verdict": last.verdict,
                 "reasons": list(last.reasons), "overridden": last.overridden,

@@ -45,6 +45,9 @@ class CameraConfig(_Section):
     window_after: Annotated[float, Field(ge=0, le=1)] = 0.1
     jpeg_quality: Annotated[int, Field(ge=50, le=100)] = 95
     frame_timeout: Annotated[float, Field(gt=0, le=30)] = 2.0
+    # Stop streaming (and darken the ring) after this long without a gesture; the next
+    # press wakes the device. 0 = stream for as long as the agent runs.
+    sleep_after_s: Annotated[float, Field(ge=0, le=24 * 3600)] = 300.0
 
 
 class SimConfig(_Section):

@@ -64,6 +64,9 @@ def check_camera(config: Config, live: dict | None, seen: list[np.ndarray]) -> C
         camera = live.get("camera", {})
         fps = float(camera.get("fps", 0.0))
         source = "running agent"
+        if camera.get("asleep"):
+            return Check("camera", "ok", f"{camera.get('model')} asleep after idling "
+                         "(a press wakes it)")
     else:
         fps, found, model = _probe_camera(config, seen)
         camera = {"streaming": fps > 0, "model": model}

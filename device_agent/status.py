@@ -64,9 +64,13 @@ def describe(status: dict[str, Any] | None, now: float | None = None) -> list[st
         lines = [f"agent     running, version {status.get('version')}, "
                  f"device {status.get('device_id')}"]
     camera = status.get("camera", {})
-    lines.append(f"camera    {camera.get('model')}, "
-                 + (f"streaming at {camera.get('fps', 0):.1f} fps" if camera.get("streaming")
-                    else "NOT streaming"))
+    if camera.get("asleep"):
+        state = "asleep (idle; a press wakes it)"
+    elif camera.get("streaming"):
+        state = f"streaming at {camera.get('fps', 0):.1f} fps"
+    else:
+        state = "NOT streaming"
+    lines.append(f"camera    {camera.get('model')}, {state}")
     lines.append(f"light     {status.get('illumination')}; LED shows {status.get('signal')}")
     lines.append("case      " + ("open" if status.get("case_open") else "none (captures are "
                                                                           "kept unassigned)"))

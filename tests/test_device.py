@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import time
 import json
 import os
 import signal
@@ -199,3 +200,26 @@ def test_status_tells_a_person_what_the_device_is_doing(tmp_path):
     assert record["running"] is True
     assert record["status"]["outbox"]["depth"] == 1
     assert record["status"]["last_capture"]["verdict"] == "accept"
+
+
+def test_an_idle_device_sleeps_and_the_next_press_only_wakes_it(tmp_path):
+    config = sim_config(tmp_path / "device", free_port(), camera={"sleep_after_s": 1.5})
+    with SimDevice(config, with_uplink=False) as device:
+        agent, board = device.agent, device.board
+        deadline = time.monotonic() + 10
+        while not agent.asleep and time.monotonic() < deadline:
+            time.sleep(0.05)  # waiting out the idle time is what is tested
+        assert agent.asleep
+        assert board.pin(board.pins.ring_polarised).state == 0  # ring dark while asleep
+        assert agent.status()["camera"]["asleep"] is True
+        count = agent.outcome_count
+        board.press()
+        deadline = time.monotonic() + 10
+        while agent.asleep and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not agent.asleep
+        assert agent.outcome_count == count  # waking is not a capture
+        assert agent.ring.wait_until(time.monotonic(), timeout=5)
+        assert board.pin(board.pins.ring_polarised).state > 0
+        device.show(None)
+        assert device.press().verdict == "accept"

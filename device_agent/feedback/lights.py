@@ -31,6 +31,7 @@ class Signal(enum.Enum):
     STORAGE_FULL = "storage_full"
     OFFLINE = "offline"
     FAULT = "fault"
+    ASLEEP = "asleep"
     MODE_POLARISED = "mode_polarised"
     MODE_NON_POLARISED = "mode_non_polarised"
     MODE_PAIR = "mode_pair"
@@ -49,6 +50,7 @@ PATTERNS: dict[Signal, Pattern] = {
     Signal.OFFLINE: Pattern(((True, 1.0), (False, 1.0)), standing=True),
     Signal.STORAGE_FULL: Pattern(((True, 0.1), (False, 0.9)), standing=True),
     Signal.FAULT: Pattern(((True, 0.05), (False, 0.05)), standing=True),
+    Signal.ASLEEP: Pattern(((True, 0.05), (False, 2.95)), standing=True),
     Signal.CAPTURING: Pattern(((False, 5.0),), standing=False),
     Signal.ACCEPTED: Pattern(((False, 0.15), (True, 1.0), (False, 0.15)), standing=False),
     Signal.RETAKE: Pattern(((False, 0.1), (True, 0.1)) * 5, standing=False),
