@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import hashlib
-import time
 import json
 import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
