@@ -14,7 +14,7 @@ from sim.scene import SceneSpec, render
 
 @pytest.fixture
 def capture():
-    ok, jpeg = cv2.imencode(".jpg", render(SceneSpec(seed=2)), [cv2.IMWRITE_JPEG_QUALITY, 95])
+    _ok, jpeg = cv2.imencode(".jpg", render(SceneSpec(seed=2)), [cv2.IMWRITE_JPEG_QUALITY, 95])
     metadata = {
         "capture_id": "c0ffee", "device_id": "derm-0042",
         "captured_at": "2026-11-25T12:30:00.123+00:00", "software_version": "0.1.0",
@@ -38,7 +38,8 @@ def test_export_reads_back_as_a_dermoscopic_photography_instance(tmp_path, captu
     assert ds.ContactMethod == "CONTACT"
     assert float(ds.OpticalMagnificationFactor) == 10.0
     assert ds.AccessionNumber == "TD-2026-000123"
-    assert ds.PatientName == "" and ds.PatientID == ""
+    assert ds.PatientName == ""
+    assert ds.PatientID == ""
     assert ds.DeviceSerialNumber == "derm-0042"
     assert (ds.Rows, ds.Columns) == (760, 1014)
     (frame,) = generate_frames(ds.PixelData, number_of_frames=1)
