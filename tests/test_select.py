@@ -26,9 +26,9 @@ def test_frame_score_falls_with_defocus() -> None:
 def test_choose_prefers_steady_frame_before_press() -> None:
     press = 100.0
     frames = [
-        _frame(0, 99.7, 2.0),
+        _frame(0, 99.7, 6.0),
         _frame(1, 99.8, 0.0),  # steady, just before the press
-        _frame(2, 99.9, 1.0),
+        _frame(2, 99.9, 5.0),
         _frame(3, 100.0, 14.0),  # the press shakes the device
         _frame(4, 100.1, 18.0),
         _frame(5, 100.2, 8.0),
