@@ -17,9 +17,7 @@ What it writes (all in the config file's folder, /etc/device-agent on a device):
 from __future__ import annotations
 
 import datetime as dt
-import os
 import re
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,6 +29,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from device_agent.config import load_config
+from device_agent.durable import write_atomic
 from device_agent.uplink.seal import KeyFileError, load_public_key, public_key_pem
 
 DEVICE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
@@ -50,27 +49,6 @@ class Report:
 
     def say(self, line: str) -> None:
         self.lines.append(line)
-
-
-def write_private(path: Path, data: bytes, mode: int = 0o600) -> None:
-    """Write atomically with ``mode`` from the first byte: the file is never readable by
-    others, not even for a moment, and a power cut leaves the old file or the new one."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        os.fchmod(fd, mode)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
 
 
 def _now() -> dt.datetime:
@@ -130,7 +108,7 @@ def ensure_key(path: Path, rotate: bool, report: Report) -> ec.EllipticCurvePriv
     key = ec.generate_private_key(ec.SECP256R1())
     pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                             serialization.NoEncryption())
-    write_private(path, pem)
+    write_atomic(path, pem)
     report.say(f"{'rotated' if rotate else 'created'}   device key {path} (mode 0600)")
     return key
 
@@ -139,7 +117,7 @@ def write_csr(key: ec.EllipticCurvePrivateKey, device_id: str, path: Path) -> No
     csr = (x509.CertificateSigningRequestBuilder()
            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, device_id)]))
            .sign(key, hashes.SHA256()))
-    write_private(path, csr.public_bytes(serialization.Encoding.PEM), mode=0o644)
+    write_atomic(path, csr.public_bytes(serialization.Encoding.PEM), mode=0o644)
 
 
 def check_device_cert(cert_path: Path, key: ec.EllipticCurvePrivateKey, ca: x509.Certificate,
@@ -188,7 +166,7 @@ def _update_config(path: Path, device_id: str, host: str, port: int, folder: Pat
         table = doc.setdefault(section, tomlkit.table())
         for key, value in keys.items():
             table[key] = value
-    write_private(path, tomlkit.dumps(doc).encode("utf-8"))
+    write_atomic(path, tomlkit.dumps(doc).encode("utf-8"))
 
 
 def provision(
@@ -230,8 +208,8 @@ def provision(
     key = ensure_key(key_path, rotate_key, report)
     write_csr(key, device_id, csr_path)
     report.say(f"wrote     {csr_path}: have the clinic CA sign it (CN={device_id})")
-    write_private(folder / "ca.crt", ca.public_bytes(serialization.Encoding.PEM), mode=0o644)
-    write_private(folder / "clinic-seal.pub.pem", public_key_pem(clinic_key), mode=0o644)
+    write_atomic(folder / "ca.crt", ca.public_bytes(serialization.Encoding.PEM), mode=0o644)
+    write_atomic(folder / "clinic-seal.pub.pem", public_key_pem(clinic_key), mode=0o644)
     report.say(f"installed clinic CA and clinic sealing key in {folder}")
 
     if rotate_key and crt_path.exists():
@@ -239,7 +217,7 @@ def provision(
         report.say("retired   device.crt (it belongs to the old key)")
     if cert_path is not None:
         cert = check_device_cert(cert_path, key, ca, device_id)
-        write_private(crt_path, cert.public_bytes(serialization.Encoding.PEM), mode=0o644)
+        write_atomic(crt_path, cert.public_bytes(serialization.Encoding.PEM), mode=0o644)
         report.say(f"installed {crt_path}, valid until {cert.not_valid_after_utc:%Y-%m-%d}")
 
     _update_config(config_path, device_id, host, port, folder)

@@ -9,10 +9,11 @@ fsynced: it is rewritten every second and worthless after a power cut.
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 from typing import Any
+
+from device_agent.durable import write_atomic
 
 STATUS_FILE = "status.json"
 #: A status file older than this means the agent is not running (it rewrites it every second).
@@ -24,9 +25,7 @@ def status_path(state_dir: Path) -> Path:
 
 
 def write_status(path: Path, status: dict[str, Any]) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(status, sort_keys=True), encoding="utf-8")
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(status, sort_keys=True).encode(), mode=0o644, durable=False)
 
 
 def read_status(path: Path) -> dict[str, Any] | None:

@@ -19,8 +19,6 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,6 +37,7 @@ from device_agent.camera.colour import (
     srgb_lut_to_linear,
 )
 from device_agent.camera.lens import find_lens_field
+from device_agent.durable import write_atomic
 
 CALIBRATION_FILE = "calibration.json"
 GRID_WIDTH = 64
@@ -261,9 +260,4 @@ def save_calibration(calibration: Calibration, path: Path) -> None:
     """Atomically, and durably: a calibration that was reported done must survive a
     power cut."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        json.dump(calibration.to_dict(), f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(calibration.to_dict()).encode(), mode=0o644)

@@ -1,0 +1,41 @@
+"""Writing files so that a power cut leaves the old version or the new one, never half.
+
+The recipe (POSIX): write a temporary file in the same folder, fsync it, rename it over the
+target, fsync the folder so the rename itself is on disk. Used by everything on the device
+that must survive a crash (provisioning, calibration) and by the reference gateway.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a rename or unlink in ``path`` durable."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_atomic(path: Path, data: bytes, *, mode: int = 0o600, durable: bool = True) -> None:
+    """Replace ``path`` with ``data`` atomically; ``mode`` applies from the first byte, so
+    the file is never readable by others, not even for a moment. ``durable=False`` skips
+    the fsyncs for files that are worthless after a power cut anyway."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        os.fchmod(fd, mode)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            if durable:
+                f.flush()
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    if durable:
+        fsync_dir(path.parent)
