@@ -89,7 +89,9 @@ def validate_capture_id(capture_id: str) -> str:
 class Outbox:
     """FIFO of captures on disk, bounded by ``quota_bytes`` (file sizes, headers included).
 
-    Thread-safe: the agent puts from its capture thread while the uplink reads and removes.
+    The quota counts pending entries only; quarantined ones wait for a technician outside it
+    (a truly full disk still surfaces as StorageFull). Thread-safe: the agent puts from its
+    capture thread while the uplink reads and removes.
     """
 
     def __init__(self, root: Path, quota_bytes: int) -> None:
