@@ -144,6 +144,18 @@ def test_replay_of_a_whole_transfer_is_stored_once(gateway, device, store, event
     assert (store / DEVICE / "c3.jpg").read_bytes() == image
 
 
+def test_every_message_duplicated_still_stores_once(gateway, device, store, events) -> None:
+    _, image, data = payload(5000)
+    device.manifest("c12", data)
+    device.manifest("c12", data)  # QoS 1 may deliver twice
+    device.chunks("c12", data)
+    device.chunks("c12", data)
+    assert device.final("c12", data).state == "committed"
+    assert device.final("c12", data).state == "committed"
+    assert len(events.named("capture.stored", capture_id="c12")) == 1
+    assert (store / DEVICE / "c12.jpg").read_bytes() == image
+
+
 def test_same_capture_id_with_other_content_is_rejected(gateway, device, store) -> None:
     _, image, data = payload(3000)
     assert device.transfer("c4", data).state == "committed"

@@ -476,6 +476,7 @@ class Uplink:
         return {
             "ts": datetime.now(UTC).isoformat(timespec="seconds"),
             "software_version": self.software_version,
+            "protocol": "mqtt5" if self._mqtt5 else "mqtt311",
             "outbox_depth": self.outbox.depth(),
             "outbox_bytes": self.outbox.used_bytes(),
             "oldest_pending_age_s": round(time.time() - oldest, 1) if oldest else None,
