@@ -749,3 +749,16 @@ def test_soak_kill9_and_broker_restarts(broker, store, tmp_path, events) -> None
     assert figures["captures_accepted"] > 0
     assert (figures["lost"], figures["duplicated"], figures["corrupt"]) == (0, 0, 0)
     assert figures["stored_unreported"] <= trials
+
+
+def test_uplink_can_be_started_again_after_stop(broker, gateway, outbox, store) -> None:
+    up = make_uplink(broker, outbox)
+    up.start()
+    up.stop()
+    capture_id, meta, image = put(outbox, 15)
+    up.start()
+    try:
+        assert up.wait_idle(30)
+    finally:
+        up.stop()
+    assert_stored(store, capture_id, meta, image)

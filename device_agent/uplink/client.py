@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import logging
 import random
 import shutil
@@ -30,6 +31,7 @@ import socket
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -122,8 +124,11 @@ def backoff_delay(attempt: int, lo: float, hi: float, rng: random.Random) -> flo
 class Uplink:
     def __init__(self, config: UplinkConfig, device_id: str, outbox: Outbox,
                  software_version: str, *, window: int = DEFAULT_WINDOW,
-                 connect_timeout: float = 5.0) -> None:
+                 connect_timeout: float = 5.0,
+                 on_command: Callable[[bytes], dict[str, Any]] | None = None) -> None:
         self.config = config
+        # Runs each command from the gateway and returns its answer (device_agent.commands).
+        self.on_command = on_command
         self.device_id = device_id
         self.outbox = outbox
         self.software_version = software_version
@@ -186,6 +191,13 @@ class Uplink:
                         status_payload("offline", self.device_id, reason="connection lost",
                                        software_version=self.software_version),
                         qos=1, retain=True)
+        if self.config.tls:
+            # Mutual TLS: our certificate for the broker, the clinic CA to check the
+            # broker's certificate and host name (paho's defaults: CERT_REQUIRED, hostname
+            # checked).
+            client.tls_set(ca_certs=str(self.config.ca_file),
+                           certfile=str(self.config.cert_file),
+                           keyfile=str(self.config.key_file))
         client.on_socket_open = tcp_nodelay
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
@@ -198,6 +210,8 @@ class Uplink:
         """Connect in the background; reconnects forever. A broker down now is fine."""
         if self._net is not None:
             return
+        self._stop.clear()  # start() after stop() works again
+        self._close.clear()
         self._net = threading.Thread(target=self._net_main,
                                      name=f"uplink-net-{self.device_id}", daemon=True)
         self._sender = threading.Thread(target=self._sender_main,
@@ -359,8 +373,10 @@ class Uplink:
             self._early.clear()
             self._connack = reason_code
             self._cond.notify_all()
-        # Subscriptions do not survive a clean start: renew them on every connect.
-        result, _mid = client.subscribe(self.topics.ack_filter, qos=1)
+        # Subscriptions do not survive a clean start: renew them on every connect. One
+        # SUBACK for both: its first reason code is the ack topic's, the second the commands'.
+        result, _mid = client.subscribe([(self.topics.ack_filter, 1),
+                                         (self.topics.command, 1)])
         if result != MQTTErrorCode.MQTT_ERR_SUCCESS:
             log_event(log, "uplink.subscribe_failed", level=logging.WARNING, rc=str(result))
         log_event(log, "uplink.connected", host=self.config.host, port=self.config.port,
@@ -369,11 +385,14 @@ class Uplink:
 
     def _on_subscribe(self, client: mqtt.Client, userdata: Any, mid: int,
                       reason_codes: list[ReasonCode], properties: Properties | None) -> None:
-        failed = [str(rc) for rc in reason_codes if rc.is_failure]
-        if failed:
+        if len(reason_codes) > 1 and reason_codes[1].is_failure:
+            log_event(log, "uplink.commands_refused", level=logging.WARNING,
+                      reason=str(reason_codes[1]))
+        if reason_codes and reason_codes[0].is_failure:
             # E.g. an ACL denies our ack topic: without acks nothing can ever be delivered.
-            self.last_error = f"ack subscription refused: {', '.join(failed)}"
-            log_event(log, "uplink.subscribe_refused", level=logging.ERROR, reasons=failed)
+            self.last_error = f"ack subscription refused: {reason_codes[0]}"
+            log_event(log, "uplink.subscribe_refused", level=logging.ERROR,
+                      reasons=[str(reason_codes[0])])
             return
         with self._cond:
             self._subscribed = True
@@ -396,6 +415,9 @@ class Uplink:
             log_event(log, "uplink.disconnected", level=level, reason=str(reason_code))
 
     def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
+        if message.topic == self.topics.command:
+            self._answer(client, message)
+            return
         try:
             capture_id = parse_ack_topic(self.config.topic_prefix, self.device_id, message.topic)
             ack = Ack.decode(message.payload)
@@ -410,6 +432,32 @@ class Uplink:
         with self._cond:
             self._acks[capture_id] = ack
             self._cond.notify_all()
+
+    def _answer(self, client: mqtt.Client, message: mqtt.MQTTMessage) -> None:
+        """Run a command and publish its answer: to the MQTT 5 Response Topic with the
+        Correlation Data when the gateway gave one inside our subtree, else to our
+        ``resp`` topic (MQTT 3.1.1), where the answer's ``id`` pairs it."""
+        if self.on_command is None:
+            answer: dict[str, Any] = {"id": None, "ok": False, "error": {
+                "code": "unavailable", "message": "this device takes no commands"}}
+        else:
+            try:
+                answer = self.on_command(message.payload)
+            except (ValueError, TypeError, OSError, RuntimeError) as err:
+                # A bug behind a command must not stop paho's loop (nor the uplink).
+                log_event(log, "uplink.command_failed", level=logging.ERROR, error=str(err))
+                answer = {"id": None, "ok": False,
+                          "error": {"code": "internal_error", "message": str(err)}}
+        props = message.properties if self._mqtt5 else None
+        topic = getattr(props, "ResponseTopic", None) or self.topics.response
+        if not topic.startswith(self.topics.response):
+            topic = self.topics.response  # the ACL lets us answer only inside our subtree
+        reply = None
+        correlation = getattr(props, "CorrelationData", None)
+        if self._mqtt5 and correlation is not None:
+            reply = Properties(PacketTypes.PUBLISH)
+            reply.CorrelationData = correlation
+        client.publish(topic, json.dumps(answer).encode(), qos=1, properties=reply)
 
     def _on_publish(self, client: mqtt.Client, userdata: Any, mid: int,
                     reason_code: ReasonCode, properties: Properties | None) -> None:
