@@ -23,7 +23,7 @@ from typing import Any, Protocol
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PublicKey
 from gpiozero.pins import Factory
 
-from device_agent import __version__
+from device_agent import __version__, commands
 from device_agent.buttons.gestures import Gesture, GestureButton, GestureEvent
 from device_agent.camera.base import Camera, CameraError, Frame, FrameTimeout
 from device_agent.camera.calibration import (
@@ -51,6 +51,8 @@ log = logging.getLogger(__name__)
 
 
 class UplinkLike(Protocol):
+    on_command: Callable[[bytes], dict[str, Any]] | None
+
     @property
     def online(self) -> bool: ...
 
@@ -111,6 +113,8 @@ class Agent:
         self.brightness = config.illumination.brightness
         self.override_window = config.button.override_window
         self.clinic_key = self._load_clinic_key()
+        if uplink is not None:
+            uplink.on_command = self.execute_command
         self.lights = Lights(
             config.pins.status_led,
             config.pins.ring_polarised,
@@ -166,6 +170,9 @@ class Agent:
 
     # -- life cycle ---------------------------------------------------------------------
     def start(self) -> None:
+        if not self.config.uplink.tls:
+            log_event(log, "security.insecure_transport", logging.WARNING,
+                      reason="uplink.insecure_dev_mode: plain MQTT, no TLS; development only")
         self.ring_started_at = time.monotonic()
         self.camera.start()
         self._light_for(self.session.mode)
@@ -428,6 +435,9 @@ class Agent:
         return self.calibration.calibration_id
 
     # -- remote commands (device_agent.commands), on the uplink's thread ----------------
+    def execute_command(self, payload: bytes) -> dict[str, Any]:
+        return commands.execute(payload, self)
+
     def open_case(self, args: OpenCase) -> dict[str, Any]:
         case = self.session.open_case(args.case_token, args.anatomic_site, args.timeout_s)
         log_event(log, "case.opened", anatomic_site=case.anatomic_site, timeout_s=case.timeout)

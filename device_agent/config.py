@@ -12,7 +12,14 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 DEFAULT_CONFIG_PATH = Path("/etc/device-agent/config.toml")
 
@@ -138,6 +145,20 @@ class Config(_Section):
     uplink: UplinkConfig = UplinkConfig()
     security: SecurityConfig = SecurityConfig()
     logging: LoggingConfig = LoggingConfig()
+
+    @model_validator(mode="after")
+    def _transport_is_secure_or_declared_insecure(self) -> Config:
+        up = self.uplink
+        tls = {"ca_file": up.ca_file, "cert_file": up.cert_file, "key_file": up.key_file}
+        missing = [name for name, path in tls.items() if path is None]
+        if missing and len(missing) < len(tls):
+            raise ValueError(f"uplink: mutual TLS needs ca_file, cert_file and key_file; "
+                             f"missing {', '.join(missing)}")
+        if missing and not up.insecure_dev_mode:
+            raise ValueError("uplink: no TLS configured; run device-agent provision (it sets "
+                             "ca_file, cert_file, key_file), or set insecure_dev_mode = true "
+                             "on a developer's bench only")
+        return self
 
     @field_validator("quality")
     @classmethod

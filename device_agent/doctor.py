@@ -148,11 +148,9 @@ def check_pins(config: Config, live: dict | None,
 
 def check_tls(config: Config) -> Check:
     up = config.uplink
-    if not up.tls:
-        if up.insecure_dev_mode:
-            return Check("tls", "warn", "plain MQTT (insecure_dev_mode): development only",
-                         "provision the device (device-agent provision) for a clinic")
-        return Check("tls", "fail", "no TLS configured", "run device-agent provision")
+    if not up.tls:  # the config allows this only with insecure_dev_mode
+        return Check("tls", "warn", "plain MQTT (insecure_dev_mode): development only",
+                     "provision the device (device-agent provision) for a clinic")
     try:
         ca = x509.load_pem_x509_certificate(up.ca_file.read_bytes())
         cert = x509.load_pem_x509_certificate(up.cert_file.read_bytes())

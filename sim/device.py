@@ -31,7 +31,8 @@ def sim_config(state_dir: Path, port: int, device_id: str = "sim-0001", **sectio
         "camera": {"backend": "sim", "fps": 15},
         "pins": {"pin_factory": "mock"},
         "uplink": {"host": "127.0.0.1", "port": port, "ack_timeout": 10.0,
-                   "retry_min": 0.2, "retry_max": 2.0, "heartbeat_interval": 5.0},
+                   "retry_min": 0.2, "retry_max": 2.0, "heartbeat_interval": 5.0,
+                   "insecure_dev_mode": True},
     }
     for name, values in sections.items():
         data[name] = {**data.get(name, {}), **values}

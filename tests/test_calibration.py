@@ -27,6 +27,11 @@ from sim.targets import CASTS, Response, render_chart, render_white
 DELTA_E_MEAN_GOAL, DELTA_E_MAX_GOAL, FALLOFF_GOAL = 3.0, 6.0, 0.02
 
 
+def bench_config(state_dir):
+    return parse_config({"device": {"id": "d1", "state_dir": str(state_dir)},
+                         "uplink": {"insecure_dev_mode": True}})
+
+
 @pytest.mark.parametrize("cast", sorted(CASTS))
 def test_every_cast_is_corrected_to_the_goals(cast):
     response = Response(cast=cast, seed=5)
@@ -39,7 +44,7 @@ def test_every_cast_is_corrected_to_the_goals(cast):
 
 
 def test_the_applied_calibration_makes_the_white_target_flat_and_neutral(tmp_path):
-    config = parse_config({"device": {"id": "d1", "state_dir": str(tmp_path)}})
+    config = bench_config(tmp_path)
     response = Response(cast="cool", seed=2)
     white = render_white(response)
     outcome = run_calibration(config, "polarised", white, render_chart(response))
@@ -53,7 +58,7 @@ def test_the_applied_calibration_makes_the_white_target_flat_and_neutral(tmp_pat
 
 
 def test_a_chart_patch_comes_out_as_its_published_colour(tmp_path):
-    config = parse_config({"device": {"id": "d1", "state_dir": str(tmp_path)}})
+    config = bench_config(tmp_path)
     response = Response(cast="magenta", seed=4)
     chart = render_chart(response)
     cal = run_calibration(config, "polarised", render_white(response), chart).calibration
@@ -68,7 +73,7 @@ def test_a_chart_patch_comes_out_as_its_published_colour(tmp_path):
 
 
 def test_stored_durably_with_an_id_and_the_other_mode_kept(tmp_path):
-    config = parse_config({"device": {"id": "d1", "state_dir": str(tmp_path)}})
+    config = bench_config(tmp_path)
     r = Response(seed=1)
     first = run_calibration(config, "polarised", render_white(r), render_chart(r))
     second = run_calibration(config, "non_polarised", render_white(r), render_chart(r))
@@ -110,7 +115,8 @@ def test_capture_from_the_camera_averages_frames():
 
 def test_the_command_line_reports_delta_e_and_writes_the_picture(tmp_path):
     config = tmp_path / "config.toml"
-    config.write_text(f'[device]\nid = "d1"\nstate_dir = "{tmp_path / "state"}"\n')
+    config.write_text(f'[device]\nid = "d1"\nstate_dir = "{tmp_path / "state"}"\n'
+                      '[uplink]\ninsecure_dev_mode = true\n')
     r = Response(cast="green", seed=9)
     cv2.imwrite(str(tmp_path / "white.png"), render_white(r))
     cv2.imwrite(str(tmp_path / "chart.png"), render_chart(r))
@@ -174,7 +180,7 @@ def test_applying_a_calibration_does_not_load_colour_science(tmp_path):
         f"cal = load_calibration(__import__('pathlib').Path({str(tmp_path / 'c.json')!r}))\n"
         "cal.apply(np.full((64, 64, 3), 128, np.uint8), 'polarised')\n"
         "print('colour' in sys.modules)\n")
-    config = parse_config({"device": {"id": "d1", "state_dir": str(tmp_path)}})
+    config = bench_config(tmp_path)
     r = Response()
     run_calibration(config, "polarised", render_white(r), render_chart(r))
     (tmp_path / "calibration.json").rename(tmp_path / "c.json")

@@ -144,3 +144,30 @@ def test_double_press_cycles_the_illumination_mode(device):
 def test_parse_returns_the_validated_arguments():
     request_id, name, args = parse(cmd("open_case", "x7", case_token="abc", timeout_s=60))
     assert (request_id, name, args.case_token, args.timeout_s) == ("x7", "open_case", "abc", 60)
+
+
+def test_commands_over_mqtt_are_answered_on_the_response_topic(tmp_path, broker):
+    from sim.commander import Commander
+
+    config = sim_config(tmp_path / "dev", broker.port)
+    with SimDevice(config) as device:
+        assert device.uplink.wait_idle(timeout=10)
+        deadline = time.monotonic() + 10
+        while not device.uplink.online and time.monotonic() < deadline:
+            time.sleep(0.05)  # the device subscribes to its command topic on connect
+        commander = Commander(broker.host, broker.port)
+        try:
+            opened = commander.send(config.device.id, "open_case", case_token="TD-77")
+            assert opened["ok"] is True
+            assert device.agent.status()["case_open"] is True
+            status = commander.send(config.device.id, "status")
+            assert status["result"]["device_id"] == config.device.id
+            bad = commander.send(config.device.id, "set_illumination", mode="ultraviolet")
+            assert bad["ok"] is False
+            assert bad["error"]["code"] == "invalid_args"
+            garbage = commander.send_raw(config.device.id, b"\xff garbage")
+            assert garbage["error"]["code"] == "bad_json"
+            # the device is still up and answering
+            assert commander.send(config.device.id, "close_case")["ok"] is True
+        finally:
+            commander.close()

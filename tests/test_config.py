@@ -13,10 +13,19 @@ def test_the_shipped_example_config_is_valid():
     assert config.uplink.chunk_size <= 128 * 1024  # fits managed brokers' packet caps
 
 
-def test_defaults_fill_everything_but_the_device_id():
-    config = parse_config({"device": {"id": "derm-0001"}})
+def test_defaults_fill_everything_but_the_device_id_and_the_transport():
+    config = parse_config({"device": {"id": "derm-0001"}, "uplink": {"insecure_dev_mode": True}})
     assert config.camera.backend == "sim"
     assert config.outbox_dir == Path("/var/lib/device-agent/outbox")
+
+
+def test_plain_mqtt_must_be_declared_and_tls_must_be_whole():
+    with pytest.raises(ConfigError, match="no TLS configured; run device-agent provision"):
+        parse_config({"device": {"id": "d1"}})
+    with pytest.raises(ConfigError, match="missing cert_file, key_file"):
+        parse_config({"device": {"id": "d1"}, "uplink": {"ca_file": "/etc/ca.crt"}})
+    tls = {"ca_file": "/a", "cert_file": "/b", "key_file": "/c"}
+    assert parse_config({"device": {"id": "d1"}, "uplink": tls}).uplink.tls
 
 
 @pytest.mark.parametrize(

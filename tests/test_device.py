@@ -153,7 +153,7 @@ def test_the_service_stops_cleanly_on_sigterm(tmp_path, signum):
     config.write_text(
         f'[device]\nid = "{DEVICE}"\nstate_dir = "{tmp_path / "state"}"\n'
         f'[camera]\nbackend = "sim"\n[pins]\npin_factory = "mock"\n'
-        f'[uplink]\nport = {free_port()}\n'
+        f'[uplink]\nport = {free_port()}\ninsecure_dev_mode = true\n'
     )
     proc = subprocess.Popen([sys.executable, "-m", "device_agent", "run", "--config",
                              str(config)], stdout=subprocess.PIPE, text=True)
@@ -177,7 +177,7 @@ def test_status_tells_a_person_what_the_device_is_doing(tmp_path):
     config_path.write_text(
         f'[device]\nid = "{DEVICE}"\nstate_dir = "{tmp_path / "state"}"\n'
         f'[camera]\nbackend = "sim"\n[pins]\npin_factory = "mock"\n'
-        f'[uplink]\nport = {port}\n'
+        f'[uplink]\nport = {port}\ninsecure_dev_mode = true\n'
     )
     status = [sys.executable, "-m", "device_agent", "status", "--config", str(config_path)]
     before = subprocess.run(status, capture_output=True, text=True, timeout=60, check=False)

@@ -48,15 +48,20 @@ def test_a_bench_device_on_plain_mqtt_is_fit_with_warnings(tmp_path, broker):
     assert checks["sealing"]["level"] == "warn"
 
 
-def test_an_unreachable_broker_and_no_tls_make_it_unfit(tmp_path):
-    config = write_config(tmp_path, free_port())
+def test_an_unreachable_broker_makes_it_unfit(tmp_path):
+    config = write_config(tmp_path, free_port(), "insecure_dev_mode = true\n")
     code, checks = doctor(config)
-    assert code == 1
-    assert not checks["fit"]
+    assert code == 1 and not checks["fit"]
     assert checks["broker"]["level"] == "fail"
     assert "unreachable" in checks["broker"]["detail"]
-    assert checks["tls"]["level"] == "fail"
-    assert checks["tls"]["action"]
+    assert checks["broker"]["action"]
+
+
+def test_an_unprovisioned_device_fails_at_the_config(tmp_path):
+    code, checks = doctor(write_config(tmp_path, free_port()))
+    assert code == 1
+    assert checks["config"]["level"] == "fail"
+    assert "run device-agent provision" in checks["config"]["detail"]
 
 
 def test_a_bad_config_is_the_one_failing_line(tmp_path):

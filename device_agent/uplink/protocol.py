@@ -80,6 +80,16 @@ class Topics:
     def status(self) -> str:
         return f"{self.prefix}/{self.device_id}/status"
 
+    @property
+    def command(self) -> str:
+        """The gateway's commands to this device (docs/protocol.md, "Commands")."""
+        return f"{self.prefix}/{self.device_id}/cmd"
+
+    @property
+    def response(self) -> str:
+        """Where answers go when the command named no (acceptable) response topic."""
+        return f"{self.prefix}/{self.device_id}/resp"
+
 
 def up_filter(prefix: str) -> str:
     """What a gateway subscribes to (all devices' uploads)."""
