@@ -61,6 +61,7 @@ from device_agent.uplink.protocol import (
     parse_up_topic,
     up_filter,
 )
+from sim import dicom_export
 
 log = logging.getLogger("sim.gateway")
 
@@ -202,9 +203,12 @@ class Gateway:
                  protocol: str = "mqtt5", group: str = "gateways",
                  max_size: int = DEFAULT_MAX_SIZE,
                  private_keys: Sequence[X25519PrivateKey] = (),
-                 staging_ttl: float = DEFAULT_STAGING_TTL) -> None:
+                 staging_ttl: float = DEFAULT_STAGING_TTL,
+                 tls: dict[str, str] | None = None, export_dicom: bool = True) -> None:
         """``private_keys``: the clinic's keys that open sealed captures (several during a key
-        rotation). Without any, sealed captures wait at the device (ack "retry")."""
+        rotation). Without any, sealed captures wait at the device (ack "retry").
+        ``tls``: paho ``tls_set`` arguments (``ca_certs``, ``certfile``, ``keyfile``) for a
+        broker with mutual TLS. ``export_dicom``: also write ``<capture>.dcm``."""
         if protocol not in ("mqtt5", "mqtt311"):
             raise ValueError(f"protocol must be 'mqtt5' or 'mqtt311' (got {protocol!r})")
         self.host = host
@@ -216,6 +220,8 @@ class Gateway:
         self.max_size = max_size
         self.private_keys = tuple(private_keys)
         self.staging_ttl = staging_ttl
+        self.tls = tls
+        self.export_dicom = export_dicom
         self._staging = self.store_dir / ".gateway" / "staging"
         self._ledger = self.store_dir / ".gateway" / "ledger"
         self._ready = threading.Event()
@@ -233,6 +239,8 @@ class Gateway:
         else:
             client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id,
                                  protocol=mqtt.MQTTv311, clean_session=True)
+        if self.tls:
+            client.tls_set(**self.tls)
         client.reconnect_delay_set(0.2, 5.0)
         client.connect_timeout = 5.0
         client.on_socket_open = tcp_nodelay
@@ -537,6 +545,13 @@ class Gateway:
         _write_atomic(device_dir / f"{capture_id}.json",
                       json.dumps(metadata, indent=2, sort_keys=True, ensure_ascii=False)
                       .encode("utf-8"), durable=True)
+        if self.export_dicom:
+            try:
+                dicom_export.export(image, metadata, device_dir / f"{capture_id}.dcm")
+            except dicom_export.DicomExportError as err:
+                # The verified image is what must not be lost; its export can be redone.
+                log_event(log, "gateway.dicom_failed", level=logging.WARNING,
+                          capture_id=capture_id, error=str(err))
         tmp = device_dir / f".{capture_id}.jpg.{os.getpid()}.tmp"
         _write_atomic(tmp, image, durable=True)
         try:
@@ -583,7 +598,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--key", type=Path, action="append", default=[],
                         help="clinic private key (PEM, X25519) that opens sealed captures; "
                              "repeat during a key rotation")
+    parser.add_argument("--ca", type=Path, help="clinic CA (PEM), for a mutual-TLS broker")
+    parser.add_argument("--cert", type=Path, help="the gateway's certificate (CN gateway)")
+    parser.add_argument("--cert-key", type=Path, help="the gateway's TLS private key")
     args = parser.parse_args(argv)
+    tls = None
+    if args.ca or args.cert or args.cert_key:
+        if not (args.ca and args.cert and args.cert_key):
+            parser.error("mutual TLS needs --ca, --cert and --cert-key together")
+        tls = {"ca_certs": str(args.ca), "certfile": str(args.cert),
+               "keyfile": str(args.cert_key)}
     try:
         keys = [seal.load_private_key(path) for path in args.key]
     except seal.KeyFileError as err:
@@ -596,7 +620,7 @@ def main(argv: list[str] | None = None) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: done.set())
     gateway = Gateway(args.host, args.port, args.store, args.prefix, args.protocol, args.group,
-                      private_keys=keys)
+                      private_keys=keys, tls=tls)
     gateway.start()
     while not done.wait(3600):
         pass

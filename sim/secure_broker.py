@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import getpass
 import re
-import shutil
 from pathlib import Path
 
 from sim.broker import MosquittoBroker
@@ -30,15 +29,18 @@ def render_conf(text: str, values: dict[str, str]) -> str:
 
 
 class SecureMosquitto(MosquittoBroker):
-    def __init__(self, workdir: Path, ca: TestCA, port: int | None = None) -> None:
+    def __init__(self, workdir: Path, ca: TestCA, port: int | None = None,
+                 extra_acl: str = "") -> None:
         super().__init__(workdir, port)
         self.ca = ca
+        self.extra_acl = extra_acl
         self.server = ca.issue("broker", server=True)
 
     def _write_conf(self) -> None:
         self.workdir.mkdir(parents=True, exist_ok=True)
         acl = self.workdir / "dermascope.acl"
-        shutil.copyfile(SHIPPED_ACL, acl)
+        acl.write_text(SHIPPED_ACL.read_text(encoding="utf-8") + self.extra_acl,
+                       encoding="utf-8")
         conf = render_conf(SHIPPED_CONF.read_text(encoding="utf-8"), {
             "listener": f"{self.port} {self.host}",
             "cafile": str(self.ca.cert_path),

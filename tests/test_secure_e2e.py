@@ -1,0 +1,118 @@
+"""The whole secure path: a provisioned device (mutual TLS, sealing to the clinic key)
+through Mosquitto running the shipped config and ACL, to a gateway holding the clinic key.
+An administrator subscribed to everything sees no image and no capture metadata."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import queue
+
+import paho.mqtt.client as mqtt
+import pytest
+from paho.mqtt.enums import CallbackAPIVersion
+
+from device_agent.uplink import bundle
+from device_agent.uplink.outbox import Outbox
+from device_agent.uplink.seal import generate_keypair, private_key_pem, public_key_pem, seal
+from sim.device import SimDevice, sim_config
+from sim.gateway import Gateway
+from sim.pki import TestCA
+from sim.secure_broker import SecureMosquitto
+
+DEVICE = "sim-0001"
+
+
+@pytest.fixture
+def clinic(tmp_path):
+    ca = TestCA(tmp_path / "pki")
+    private, public = generate_keypair()
+    (tmp_path / "pki" / "seal.pub.pem").write_bytes(public_key_pem(public))
+    (tmp_path / "pki" / "seal.key.pem").write_bytes(private_key_pem(private))
+    with SecureMosquitto(tmp_path / "broker", ca,
+                         extra_acl="\nuser admin\ntopic read #\n") as broker:
+        gw = ca.issue("gateway")
+        tls = {"ca_certs": str(ca.cert_path), "certfile": str(gw.cert), "keyfile": str(gw.key)}
+        with Gateway(broker.host, broker.port, tmp_path / "store", private_keys=[private],
+                     tls=tls) as gateway:
+            yield {"ca": ca, "broker": broker, "gateway": gateway, "public": public,
+                   "store": tmp_path / "store", "seal_pub": tmp_path / "pki" / "seal.pub.pem"}
+
+
+def device_config(tmp_path, clinic):
+    issued = clinic["ca"].issue(DEVICE)
+    return sim_config(
+        tmp_path / "device", clinic["broker"].port, DEVICE,
+        uplink={"insecure_dev_mode": False, "ca_file": str(clinic["ca"].cert_path),
+                "cert_file": str(issued.cert), "key_file": str(issued.key),
+                "host": "localhost"},
+        security={"clinic_public_key": str(clinic["seal_pub"])})
+
+
+def spy(clinic) -> tuple[mqtt.Client, queue.Queue]:
+    seen: queue.Queue = queue.Queue()
+    admin = clinic["ca"].issue("admin")
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+    client.tls_set(ca_certs=str(clinic["ca"].cert_path), certfile=str(admin.cert),
+                   keyfile=str(admin.key))
+    client.on_message = lambda c, u, m: seen.put((m.topic, bytes(m.payload)))
+    subscribed: queue.Queue = queue.Queue()
+    client.on_subscribe = lambda c, u, mid, codes, p: subscribed.put(codes)
+    client.connect(clinic["broker"].host, clinic["broker"].port)
+    client.loop_start()
+    client.subscribe("#", qos=1)
+    assert not subscribed.get(timeout=10)[0].is_failure
+    return client, seen
+
+
+def test_a_sealed_capture_crosses_the_broker_as_ciphertext_only(tmp_path, clinic):
+    client, seen = spy(clinic)
+    try:
+        with SimDevice(device_config(tmp_path, clinic)) as device:
+            device.show(None)
+            outcome = device.press()
+            assert outcome.verdict == "accept"
+            assert device.uplink.wait_idle(timeout=30)
+            assert device.outbox.depth() == 0
+    finally:
+        client.disconnect()
+        client.loop_stop()
+
+    stored = clinic["store"] / DEVICE / f"{outcome.capture_id}.jpg"
+    image = stored.read_bytes()
+    metadata = json.loads(stored.with_suffix(".json").read_text())
+    assert metadata["image"]["sha256"] == hashlib.sha256(image).hexdigest()
+    assert stored.with_suffix(".dcm").exists()
+
+    payloads = []
+    while not seen.empty():
+        payloads.append(seen.get_nowait())
+    uploads = [p for t, p in payloads if "/up/" in t]
+    assert uploads, "the spy saw the transfer"
+    everything = b"".join(p for _, p in payloads)
+    # No 64-byte run of the image, anywhere in any message.
+    for offset in range(0, len(image) - 64, max(1, len(image) // 50)):
+        assert image[offset:offset + 64] not in everything
+    for marker in (b"LightSourcePolarization", b"dermoscopic_type", b"frame_offset_s",
+                   b"calibration_id", b"\xff\xd8\xff"):
+        assert marker not in everything, marker
+
+
+def test_tampered_ciphertext_is_rejected_reported_and_not_stored(tmp_path, clinic, caplog):
+    config = device_config(tmp_path, clinic)
+    outbox = Outbox(config.outbox_dir, 1 << 30)
+    sealed = bytearray(seal(bundle.pack({"capture_id": "tampered1"}, b"\xff\xd8 image"),
+                            clinic["public"], DEVICE, "tampered1"))
+    sealed[len(sealed) // 2] ^= 0x40  # changed after sealing, as an attacker on disk would
+    outbox.put("tampered1", bytes(sealed))
+    with SimDevice(config) as device:
+        assert device.uplink.wait_idle(timeout=30)
+        device.show(None)
+        good = device.press()
+        assert device.uplink.wait_idle(timeout=30)
+        quarantined = [p.name for p in device.outbox.quarantined()]
+    assert "gateway.seal_error" in caplog.messages
+    assert "uplink.rejected" in caplog.messages
+    assert not (clinic["store"] / DEVICE / "tampered1.jpg").exists()
+    assert any("tampered1" in name for name in quarantined)
+    assert (clinic["store"] / DEVICE / f"{good.capture_id}.jpg").exists()
