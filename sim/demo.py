@@ -17,12 +17,18 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+
 from device_agent.config import Config
 from device_agent.logs import add_json_handler
-from sim.broker import MosquittoBroker
+from device_agent.uplink.seal import generate_keypair, public_key_pem
+from sim.commander import Commander
 from sim.device import SimDevice, sim_config
 from sim.gateway import Gateway
+from sim.pki import TestCA
+from sim.secure_broker import SecureMosquitto
 
+DEVICE_ID = "demo-0001"
 AGENT_LOG = "agent.jsonl"
 GATEWAY_LOG = "gateway.jsonl"
 
@@ -54,8 +60,38 @@ class Verification:
         return not self.bad and self.accepted <= set(self.stored)
 
 
-def demo_config(out: Path, port: int, seed: int) -> Config:
-    return sim_config(out / "device", port, "demo-0001", sim={"seed": seed})
+@dataclass(frozen=True)
+class Clinic:
+    """The demo's stand-in for a clinic: a CA, the broker's and gateway's certificates,
+    the device's identity, and the clinic's sealing key pair."""
+
+    ca: TestCA
+    device_cert: Path
+    device_key: Path
+    gateway_tls: dict[str, str]
+    seal_public: Path
+    seal_private: X25519PrivateKey
+
+
+def make_clinic(folder: Path, device_id: str) -> Clinic:
+    ca = TestCA(folder)
+    device = ca.issue(device_id)
+    gateway = ca.issue("gateway")
+    private, public = generate_keypair()
+    seal_public = folder / "clinic-seal.pub.pem"
+    seal_public.write_bytes(public_key_pem(public))
+    return Clinic(ca, device.cert, device.key,
+                  {"ca_certs": str(ca.cert_path), "certfile": str(gateway.cert),
+                   "keyfile": str(gateway.key)}, seal_public, private)
+
+
+def demo_config(out: Path, port: int, seed: int, clinic: Clinic) -> Config:
+    return sim_config(
+        out / "device", port, DEVICE_ID, sim={"seed": seed},
+        uplink={"insecure_dev_mode": False, "host": "localhost",
+                "ca_file": str(clinic.ca.cert_path), "cert_file": str(clinic.device_cert),
+                "key_file": str(clinic.device_key)},
+        security={"clinic_public_key": str(clinic.seal_public)})
 
 
 def _events(path: Path) -> list[dict]:
@@ -92,7 +128,7 @@ def _fresh(out: Path) -> None:
     """Remove what an earlier demo left in ``out`` (only the demo's own files)."""
     for name in (AGENT_LOG, GATEWAY_LOG):
         (out / name).unlink(missing_ok=True)
-    for name in ("device", "gateway", "broker"):
+    for name in ("device", "gateway", "broker", "clinic"):
         shutil.rmtree(out / name, ignore_errors=True)
 
 
@@ -109,14 +145,19 @@ def run_demo(out: Path, captures: int, seed: int = 7) -> int:
     ]
     started = time.monotonic()
     try:
-        with MosquittoBroker(out / "broker") as broker:
-            print(f"broker    Mosquitto on {broker.host}:{broker.port} (private, loopback)")
-            gateway = Gateway(broker.host, broker.port, out / "gateway")
-            gateway.start()
-            try:
-                _press_through(demo_config(out, broker.port, seed), captures, seed)
-            finally:
-                gateway.stop()
+        clinic = make_clinic(out / "clinic", DEVICE_ID)
+        with SecureMosquitto(out / "broker", clinic.ca) as broker:
+            print(f"broker    Mosquitto on {broker.host}:{broker.port} (private, loopback), "
+                  "mutual TLS with the shipped config and ACL")
+            with Gateway(broker.host, broker.port, out / "gateway",
+                         private_keys=[clinic.seal_private], tls=clinic.gateway_tls):
+                print("gateway   reference receiver, holds the clinic's sealing key")
+                commander = Commander(broker.host, broker.port, tls=clinic.gateway_tls)
+                try:
+                    _press_through(demo_config(out, broker.port, seed, clinic), captures,
+                                   seed, commander)
+                finally:
+                    commander.close()
     finally:
         for handler in handlers:
             for name in ("device_agent", "sim"):
@@ -128,7 +169,7 @@ def run_demo(out: Path, captures: int, seed: int = 7) -> int:
     print(f"summary   {captures} presses, {len(result.accepted)} accepted, "
           f"{len(result.delivered)} delivered, {len(result.stored)} stored and verified "
           f"at the gateway, in {seconds:.1f} s")
-    print(f"files     images and sidecars under {out / 'gateway'}")
+    print(f"files     images, JSON sidecars and DICOM files under {out / 'gateway'}")
     print(f"logs      {out / AGENT_LOG}, {out / GATEWAY_LOG}")
     for problem in result.bad:
         print(f"PROBLEM   {problem}")
@@ -137,8 +178,13 @@ def run_demo(out: Path, captures: int, seed: int = 7) -> int:
     return 0 if result.ok else 1
 
 
-def _press_through(config: Config, captures: int, seed: int) -> None:
+def _press_through(config: Config, captures: int, seed: int, commander: Commander) -> None:
     with SimDevice(config) as device:
+        print(f"device    {config.device.id}: sealed to the clinic key (HPKE), mutual TLS")
+        _wait_online(device)
+        answer = commander.send(config.device.id, "open_case", case_token="DEMO-CASE-1",
+                                anatomic_site="posterior torso")
+        print(f"command   open_case -> {'ok' if answer['ok'] else answer['error']}")
         for i in range(captures):
             defect, hold = PLAN[i % len(PLAN)]
             device.show(defect, seed=seed + i)
@@ -155,6 +201,17 @@ def _press_through(config: Config, captures: int, seed: int) -> None:
                 if kept is not None:
                     print(f"          hold (override)     -> {kept.verdict}, kept and "
                           f"flagged overridden  [{kept.capture_id[:8]}]")
+        answer = commander.send(config.device.id, "close_case")
+        print(f"command   close_case -> {'ok' if answer['ok'] else answer['error']}")
         print("uplink    waiting for the gateway to acknowledge every capture ...")
         if device.uplink is not None and not device.uplink.wait_idle(timeout=60.0):
             print("uplink    not everything was acknowledged within 60 s")
+
+
+def _wait_online(device: SimDevice, timeout: float = 15.0) -> None:
+    """The device connects in the background; commands need it subscribed."""
+    deadline = time.monotonic() + timeout
+    while device.uplink is not None and not device.uplink.online:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"the device did not come online within {timeout} s")
+        time.sleep(0.05)
