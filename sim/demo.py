@@ -181,7 +181,7 @@ def run_demo(out: Path, captures: int, seed: int = 7) -> int:
 def _press_through(config: Config, captures: int, seed: int, commander: Commander) -> None:
     with SimDevice(config) as device:
         print(f"device    {config.device.id}: sealed to the clinic key (HPKE), mutual TLS")
-        _wait_online(device)
+        device.wait_online()
         answer = commander.send(config.device.id, "open_case", case_token="DEMO-CASE-1",
                                 anatomic_site="posterior torso")
         print(f"command   open_case -> {'ok' if answer['ok'] else answer['error']}")
@@ -206,12 +206,3 @@ def _press_through(config: Config, captures: int, seed: int, commander: Commande
         print("uplink    waiting for the gateway to acknowledge every capture ...")
         if device.uplink is not None and not device.uplink.wait_idle(timeout=60.0):
             print("uplink    not everything was acknowledged within 60 s")
-
-
-def _wait_online(device: SimDevice, timeout: float = 15.0) -> None:
-    """The device connects in the background; commands need it subscribed."""
-    deadline = time.monotonic() + timeout
-    while device.uplink is not None and not device.uplink.online:
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"the device did not come online within {timeout} s")
-        time.sleep(0.05)

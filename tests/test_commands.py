@@ -151,10 +151,7 @@ def test_commands_over_mqtt_are_answered_on_the_response_topic(tmp_path, broker)
 
     config = sim_config(tmp_path / "dev", broker.port)
     with SimDevice(config) as device:
-        assert device.uplink.wait_idle(timeout=10)
-        deadline = time.monotonic() + 10
-        while not device.uplink.online and time.monotonic() < deadline:
-            time.sleep(0.05)  # the device subscribes to its command topic on connect
+        device.wait_online()
         commander = Commander(broker.host, broker.port)
         try:
             opened = commander.send(config.device.id, "open_case", case_token="TD-77")

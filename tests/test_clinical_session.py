@@ -1,0 +1,78 @@
+"""A whole clinical session on the simulator, driven as a clinic would: the gateway opens a
+case, the clinician takes images in both light modes, gets a retake, overrides it, takes a
+pair, and the case is closed. Checked at the gateway, DICOM files read back."""
+
+from __future__ import annotations
+
+import json
+
+from pydicom.filereader import dcmread
+
+from sim.commander import Commander
+from sim.device import SimDevice, sim_config
+from sim.gateway import Gateway
+
+DEVICE = "sim-0001"
+
+
+def test_a_clinical_session_end_to_end(tmp_path, broker):
+    store = tmp_path / "store"
+    config = sim_config(tmp_path / "device", broker.port, DEVICE, button={"hold_time": 0.5})
+    with Gateway(broker.host, broker.port, store), SimDevice(config) as device:
+        device.wait_online()
+        commander = Commander(broker.host, broker.port)
+        try:
+            assert commander.send(DEVICE, "open_case", case_token="TD-2026-42",
+                                  anatomic_site="lower extremity")["ok"]
+            device.show(None, seed=1)
+            polarised = device.press()
+            commander.send(DEVICE, "set_illumination", mode="non_polarised")
+            device.show(None, seed=2)
+            non_polarised = device.press()
+            device.show("defocus", severity=2.0, seed=3)
+            retake = device.press()
+            overridden = device.hold()
+            commander.send(DEVICE, "set_illumination", mode="pair")
+            device.show(None, seed=4)
+            pair = device.press()
+            assert commander.send(DEVICE, "close_case")["ok"]
+            device.show(None, seed=5)
+            after = device.press()
+            assert device.uplink.wait_idle(timeout=60)
+        finally:
+            commander.close()
+
+    assert (polarised.verdict, non_polarised.verdict) == ("accept", "accept")
+    assert retake.verdict == "retake"
+    assert retake.reasons == ("focus",)
+    assert overridden.overridden
+    assert overridden.capture_id == retake.capture_id
+    assert len(pair.linked) == 2
+
+    def sidecar(capture_id: str) -> dict:
+        return json.loads((store / DEVICE / f"{capture_id}.json").read_text())
+
+    stored = {p.stem for p in (store / DEVICE).glob("*.jpg")}
+    expected = {polarised.capture_id, non_polarised.capture_id, retake.capture_id,
+                *pair.linked, *after.linked}  # still in pair mode after the case
+    assert stored == expected
+
+    for capture_id in expected - set(after.linked):
+        meta = sidecar(capture_id)
+        assert meta["case"] == {"token": "TD-2026-42", "assigned": True}
+        assert meta["isic"]["anatom_site_general"] == "lower extremity"
+    assert sidecar(after.capture_id)["case"]["assigned"] is False
+    assert sidecar(polarised.capture_id)["dicom"]["LightSourcePolarization"] == "POLARIZED"
+    assert sidecar(non_polarised.capture_id)["dicom"]["LightSourcePolarization"] == \
+        "NON_POLARIZED"
+    kept = sidecar(retake.capture_id)
+    assert kept["overridden"] is True
+    assert kept["quality"]["reasons"] == ["focus"]
+    first, second = (sidecar(c) for c in pair.linked)
+    assert first["pair"]["pair_id"] == second["pair"]["pair_id"]
+
+    ds = dcmread(store / DEVICE / f"{non_polarised.capture_id}.dcm")
+    assert ds.SOPClassUID.name == "Dermoscopic Photography Image Storage"
+    assert ds.LightSourcePolarization == "NON_POLARIZED"
+    assert ds.AccessionNumber == "TD-2026-42"
+    assert ds.DeviceSerialNumber == DEVICE
