@@ -140,10 +140,14 @@ def _ratio(num: int, den: int) -> float | None:
 
 
 def summarise(outcomes: Iterable[Outcome], source: str) -> dict[str, Any]:
-    """Figures for the outcomes of one source ("sim" or "photos")."""
+    """Figures for the outcomes of one source: "sim", "photos" (all photographs) or one
+    photograph's file name."""
     from sim.scene import expected_reasons
 
-    outs = [o for o in outcomes if (o.case.source == "sim") == (source == "sim")]
+    if source in ("sim", "photos"):
+        outs = [o for o in outcomes if (o.case.source == "sim") == (source == "sim")]
+    else:
+        outs = [o for o in outcomes if o.case.source == source]
     pristine = [o for o in outs if o.case.defect is None]
     graded = pristine + [o for o in outs if o.case.defect is not None and o.case.severity >= 1.0]
 
@@ -309,11 +313,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     }
     if not args.no_photos and any(o.case.source != "sim" for o in outcomes):
         result["photos"] = summarise(outcomes, "photos")
+        result["per_photo"] = {
+            name: summarise(outcomes, name)
+            for name in PHOTOS
+            if any(o.case.source == name for o in outcomes)
+        }
     if not args.json:
         print(format_table(result["sim"], f"simulator {args.width}x{args.height}"))
         if "photos" in result:
             print()
             print(format_table(result["photos"], "real photographs in a simulated lens field"))
+            for name, summary in result["per_photo"].items():
+                w, h = _PHOTO_SIZE[name]
+                checks = ", ".join(
+                    f"{c} P/R {_fmt(m['precision'])}/{_fmt(m['recall'])}"
+                    for c, m in summary["per_check"].items()
+                    if c in ("focus", "motion")
+                )
+                print(
+                    f"  {name} in {w}x{h}: false retake {summary['false_retake_rate']}, "
+                    f"focus monotonic {summary['focus_monotonic_share']}; {checks}"
+                )
         print()
     json.dump(result, sys.stdout)
     print()

@@ -100,11 +100,12 @@ class Thresholds:
     """
 
     # Sharpness: 4 / (estimated blur sigma in the sharpest direction, px at 800 wide). 1.0 is
-    # the blur the check must catch (sigma 4 px at 800x600); sharp frames score 2-4.
+    # the blur the check must catch (sigma 4 px at 800x600); sharp frames score 2-3.5. Any
+    # frame blurred by sigma >= 4 scores <= 1.0 (blurs add), so 1.15 leaves room for noise.
     # Pass when score >= focus.
-    focus: float = 1.1
-    # Directional blur: widest minus narrowest directional blur sigma, px at 800 wide. About 0
-    # for sharp or defocused frames, 2-3 for a 21 px straight smear. Pass when <=.
+    focus: float = 1.15
+    # Directional blur: widest minus narrowest directional blur sigma, px at 800 wide. Under
+    # 1 for sharp or defocused frames, about 3.3 for a 21 px straight smear. Pass when <=.
     motion: float = 1.8
     # Brightness: 90th percentile of luma inside the field, 0..255. Pass when >=.
     underexposed: float = 40.0
@@ -280,15 +281,21 @@ def _field_mask(work: np.ndarray) -> tuple[LensField | None, np.ndarray]:
     return field, mask
 
 
+_BRIGHT_CLIP_LUMA = 170
+
+
 def _inner_mask(mask: np.ndarray, work: np.ndarray) -> np.ndarray:
     """Mask for the gradient measures: away from the rim (the coarse blur must not reach the
     black outside) and away from clipped pixels (a saturated blob's edge is not focus, and a
     clipped area has lost its detail). May be empty: then there is nothing to judge focus by."""
     k = math.ceil(3 * _COARSE_SIGMA) * 2 + 1
     inner = cv2.erode(mask, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (k, k)))
-    # Two or more clipped channels: the pixel's detail is gone. (One clipped channel, as under
-    # a strong colour cast, leaves the luma's structure mostly intact.)
-    clipped = (_clipped_channels(work) >= 2).astype(np.uint8)
+    # Two or more clipped channels, or one on a bright pixel (overexposure): the pixel's detail
+    # is flattened, and the flattening has directions of its own. (One clipped channel on a
+    # pixel of moderate luma, as under a strong colour cast, leaves the luma's structure.)
+    n_clipped = _clipped_channels(work)
+    gray = cv2.cvtColor(work, cv2.COLOR_BGR2GRAY)
+    clipped = ((n_clipped >= 2) | ((n_clipped >= 1) & (gray >= _BRIGHT_CLIP_LUMA))).astype(np.uint8)
     if clipped.any():
         clipped = cv2.dilate(clipped, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (k, k)))
         inner[clipped > 0] = 0
