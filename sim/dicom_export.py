@@ -17,8 +17,6 @@ import datetime as dt
 from pathlib import Path
 from typing import Any
 
-import cv2
-import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import encapsulate, generate_frames
 from pydicom.filereader import dcmread
@@ -37,10 +35,27 @@ def _uid(*parts: str) -> str:
     return generate_uid(entropy_srcs=["dermascope", *parts])
 
 
+def jpeg_size(jpeg: bytes) -> tuple[int, int]:
+    """(rows, columns) from the JPEG's start-of-frame header, without decoding the image
+    (decoding 12 MP would cost more than everything else the gateway does)."""
+    if jpeg[:2] != b"\xff\xd8":
+        raise DicomExportError("the stored image is not a JPEG (no SOI marker)")
+    at = 2
+    while at + 9 < len(jpeg):
+        if jpeg[at] != 0xFF:
+            raise DicomExportError("the stored image is not a well-formed JPEG")
+        marker = jpeg[at + 1]
+        length = int.from_bytes(jpeg[at + 2:at + 4], "big")
+        if marker in (0xC0, 0xC1, 0xC2):  # baseline, extended, progressive
+            rows = int.from_bytes(jpeg[at + 5:at + 7], "big")
+            columns = int.from_bytes(jpeg[at + 7:at + 9], "big")
+            return rows, columns
+        at += 2 + length
+    raise DicomExportError("the stored image has no JPEG frame header")
+
+
 def build_dataset(jpeg: bytes, metadata: dict[str, Any]) -> Dataset:
-    image = cv2.imdecode(np.frombuffer(jpeg, np.uint8), cv2.IMREAD_COLOR)
-    if image is None:
-        raise DicomExportError("the stored image is not a decodable JPEG")
+    rows, columns = jpeg_size(jpeg)
     try:
         capture_id = metadata["capture_id"]
         device_id = metadata["device_id"]
@@ -87,7 +102,7 @@ def build_dataset(jpeg: bytes, metadata: dict[str, Any]) -> Dataset:
     ds.AnatomicRegionSequence = []
     ds.AcquisitionContextSequence = []
     # Image pixel: the JPEG as it was stored.
-    ds.Rows, ds.Columns = image.shape[:2]
+    ds.Rows, ds.Columns = rows, columns
     ds.SamplesPerPixel = 3
     ds.PhotometricInterpretation = "YBR_FULL_422"
     ds.PlanarConfiguration = 0

@@ -30,6 +30,7 @@ import hashlib
 import json
 import logging
 import os
+import queue
 import shutil
 import signal
 import struct
@@ -222,6 +223,12 @@ class Gateway:
         self.staging_ttl = staging_ttl
         self.tls = tls
         self.export_dicom = export_dicom
+        # DICOM files are made on their own thread, after the ack: they are a derived export
+        # (redone from the stored JPEG and sidecar at any time), not part of the promise.
+        self._exports: queue.Queue[tuple[bytes, dict, Path] | None] = queue.Queue()
+        self._exporter: threading.Thread | None = None
+        self._exports_pending = 0
+        self._exports_done = threading.Condition()
         self._staging = self.store_dir / ".gateway" / "staging"
         self._ledger = self.store_dir / ".gateway" / "ledger"
         self._ready = threading.Event()
@@ -262,6 +269,10 @@ class Gateway:
         for d in (self.store_dir, self._staging, self._ledger):
             d.mkdir(parents=True, exist_ok=True)
         self._expire_staging()
+        if self.export_dicom and self._exporter is None:
+            self._exporter = threading.Thread(target=self._export_loop, name="gateway-dicom",
+                                              daemon=True)
+            self._exporter.start()
         kwargs: dict[str, Any] = {"clean_start": True} if self._mqtt5 else {}
         self._client.connect_async(self.host, self.port, keepalive=30, **kwargs)
         self._client.loop_start()
@@ -291,8 +302,29 @@ class Gateway:
         self._client.disconnect()
         self._client.loop_stop()
         self._ready.clear()
+        if self._exporter is not None:
+            self._exports.put(None)
+            self._exporter.join(timeout)
+            self._exporter = None
         while self._open:
             self._open.popitem()[1].close()
+
+    def _export_loop(self) -> None:
+        while (job := self._exports.get()) is not None:
+            image, metadata, path = job
+            try:
+                dicom_export.export(image, metadata, path)
+            except (dicom_export.DicomExportError, OSError) as err:
+                log_event(log, "gateway.dicom_failed", level=logging.WARNING,
+                          capture_id=metadata.get("capture_id"), error=str(err))
+            with self._exports_done:
+                self._exports_pending -= 1
+                self._exports_done.notify_all()
+
+    def wait_exported(self, timeout: float) -> bool:
+        """True once every DICOM export queued so far is written (tests, demo)."""
+        with self._exports_done:
+            return self._exports_done.wait_for(lambda: self._exports_pending == 0, timeout)
 
     def __enter__(self) -> Gateway:
         self.start()
@@ -545,13 +577,6 @@ class Gateway:
         _write_atomic(device_dir / f"{capture_id}.json",
                       json.dumps(metadata, indent=2, sort_keys=True, ensure_ascii=False)
                       .encode("utf-8"), durable=True)
-        if self.export_dicom:
-            try:
-                dicom_export.export(image, metadata, device_dir / f"{capture_id}.dcm")
-            except dicom_export.DicomExportError as err:
-                # The verified image is what must not be lost; its export can be redone.
-                log_event(log, "gateway.dicom_failed", level=logging.WARNING,
-                          capture_id=capture_id, error=str(err))
         tmp = device_dir / f".{capture_id}.jpg.{os.getpid()}.tmp"
         _write_atomic(tmp, image, durable=True)
         try:
@@ -572,6 +597,10 @@ class Gateway:
             "size": m.size, "image_sha256": image_sha, "image": image_path.name,
         }).encode(), durable=False)
         self.stored_count += 1
+        if self.export_dicom:
+            with self._exports_done:
+                self._exports_pending += 1
+            self._exports.put((image, metadata, device_dir / f"{capture_id}.dcm"))
         log_event(log, "capture.stored", capture_id=capture_id, device_id=device_id,
                   path=str(image_path.resolve()), sha256=image_sha, size=len(image))
 

@@ -59,8 +59,12 @@ def test_the_same_capture_exports_to_the_same_instance(tmp_path, capture):
 
 def test_bad_inputs_are_named(tmp_path, capture):
     jpeg, metadata = capture
-    with pytest.raises(DicomExportError, match="not a decodable JPEG"):
+    with pytest.raises(DicomExportError, match="not a JPEG"):
         export(b"nope", metadata, tmp_path / "x.dcm")
+    with pytest.raises(DicomExportError, match="no JPEG frame header"):
+        export(b"\xff\xd8\xff\xe0\x00\x04ab", metadata, tmp_path / "x.dcm")
+    with pytest.raises(DicomExportError, match="not a well-formed JPEG"):
+        export(b"\xff\xd8\xff\xe0\x00\x04ab" + b"\x00" * 20, metadata, tmp_path / "x.dcm")
     with pytest.raises(DicomExportError, match="capture_id"):
         export(jpeg, {k: v for k, v in metadata.items() if k != "capture_id"},
                tmp_path / "x.dcm")

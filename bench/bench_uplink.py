@@ -1,0 +1,197 @@
+"""Delivery throughput: a 5 MB capture delivered AND acknowledged through Mosquitto on
+loopback with 64 KiB chunks, against one raw single-message publish of the same bytes.
+
+Both sides are measured the same way, in the same run: from the moment the device side
+starts sending until it holds the receiver's answer. The raw baseline is one 5 MB QoS 1
+PUBLISH to a receiver process that answers with a small message when it has the bytes;
+ours is the real uplink (manifest, chunks, final) to the reference gateway process, which
+verifies, opens, stores (fsync), exports DICOM and only then acknowledges.
+Goal (issue 5): ours >= 0.5x the raw throughput. The uplink's own protocol events split a
+delivery into phases, so a shortfall shows where the time goes.
+
+    python bench/bench_uplink.py [--repeat 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import queue
+import statistics
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+import uuid
+from pathlib import Path
+
+import cv2
+import paho.mqtt.client as mqtt
+from common import emit
+from paho.mqtt.enums import CallbackAPIVersion
+
+from device_agent.config import UplinkConfig
+from device_agent.uplink.bundle import pack
+from device_agent.uplink.client import Uplink
+from device_agent.uplink.outbox import Outbox
+from sim.broker import MosquittoBroker
+from sim.scene import SceneSpec, render
+
+GOAL = 0.5
+CHUNK = 64 * 1024
+
+# The raw receiver: answers "got" on <topic>/ack for every message it receives whole.
+_ECHO = textwrap.dedent("""
+    import sys, paho.mqtt.client as mqtt
+    from paho.mqtt.enums import CallbackAPIVersion
+    port = int(sys.argv[1])
+    c = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+    def on_connect(c, u, f, rc, p):
+        c.subscribe("bench/raw", qos=1)
+    def on_subscribe(c, u, mid, codes, p):
+        print("ready", flush=True)
+    c.on_connect = on_connect
+    c.on_subscribe = on_subscribe
+    c.on_message = lambda c, u, m: c.publish("bench/raw/ack", str(len(m.payload)), qos=1)
+    c.connect("127.0.0.1", port)
+    c.loop_forever()
+""")
+
+
+def five_mb_capture() -> bytes:
+    """A realistic capture: a 12 MP simulated frame as JPEG (about 5 MB with metadata)."""
+    image = render(SceneSpec(seed=4, width=4056, height=3040))
+    ok, jpeg = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, 99])
+    assert ok
+    return jpeg.tobytes()
+
+
+def raw_publish(port: int, payload: bytes, repeat: int) -> float:
+    echo = subprocess.Popen([sys.executable, "-c", _ECHO, str(port)], stdout=subprocess.PIPE,
+                            text=True)
+    answers: queue.Queue = queue.Queue()
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+    client.on_message = lambda c, u, m: answers.put(m.payload)
+    try:
+        assert echo.stdout is not None
+        assert echo.stdout.readline().strip() == "ready"
+        client.connect("127.0.0.1", port)
+        client.loop_start()
+        client.subscribe("bench/raw/ack", qos=1)
+        time.sleep(0.5)  # the subscription settles; not part of any timing
+        times = []
+        for _ in range(repeat + 1):
+            started = time.perf_counter()
+            client.publish("bench/raw", payload, qos=1)
+            answers.get(timeout=60)
+            times.append(time.perf_counter() - started)
+        return statistics.median(times[1:])  # the first pays for warm-up
+    finally:
+        client.disconnect()
+        client.loop_stop()
+        echo.terminate()
+        echo.wait(timeout=10)
+
+
+class _Phases(logging.Handler):
+    """Times the uplink's own protocol events, to show where a delivery's time goes."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.marks: list[tuple[float, str]] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.marks.append((time.perf_counter(), str(getattr(record, "event", record.msg))))
+
+    def phases(self, started: float) -> dict[str, float]:
+        names = [name for _, name in self.marks]
+        at = {}
+        for when, name in self.marks:
+            at.setdefault(name, []).append(when)
+        try:
+            manifest = at["uplink.manifest_sent"][0]
+            first_ack, final = at["uplink.ack"][0], at["uplink.final_sent"][0]
+            last_ack, done = at["uplink.ack"][-1], at["capture.delivered"][0]
+        except (KeyError, IndexError):
+            raise RuntimeError(f"unexpected protocol events: {names}") from None
+        return {"read_entry_ms": (manifest - started) * 1000,
+                "manifest_round_trip_ms": (first_ack - manifest) * 1000,
+                "chunks_ms": (final - first_ack) * 1000,
+                "gateway_verify_store_ack_ms": (last_ack - final) * 1000,
+                "outbox_remove_ms": (done - last_ack) * 1000}
+
+
+def uplink_delivery(port: int, workdir: Path, capture: bytes, repeat: int
+                    ) -> tuple[float, dict[str, float]]:
+    log = workdir / "gateway.jsonl"
+    gateway = subprocess.Popen([sys.executable, "-m", "sim.gateway", "--port", str(port),
+                                "--store", str(workdir / "store"), "--log", str(log)],
+                               stdout=subprocess.DEVNULL)
+    outbox = Outbox(workdir / "outbox", 1 << 30)
+    config = UplinkConfig(port=port, chunk_size=CHUNK, insecure_dev_mode=True,
+                          heartbeat_interval=3600.0)
+    uplink = Uplink(config, "bench-dev", outbox, "bench")
+    tracer = _Phases()
+    logger = logging.getLogger("device_agent")
+    logger.addHandler(tracer)
+    logger.setLevel(logging.DEBUG)
+    try:
+        deadline = time.monotonic() + 30
+        while not (log.exists() and "gateway.connected" in log.read_text()):
+            assert time.monotonic() < deadline, "gateway did not connect"
+            time.sleep(0.05)
+        uplink.start()
+        times, phases = [], []
+        for _ in range(repeat + 1):
+            capture_id = uuid.uuid4().hex
+            payload = pack({"capture_id": capture_id, "device_id": "bench-dev",
+                            "captured_at": "2026-11-25T12:00:00+00:00"}, capture)
+            outbox.put(capture_id, payload)
+            tracer.marks.clear()
+            started = time.perf_counter()
+            uplink.notify()
+            assert uplink.wait_idle(timeout=120), "not delivered"
+            times.append(time.perf_counter() - started)
+            phases.append(tracer.phases(started))
+        median = {k: statistics.median(p[k] for p in phases[1:]) for k in phases[0]}
+        return statistics.median(times[1:]), median
+    finally:
+        logger.removeHandler(tracer)
+        uplink.stop()
+        gateway.terminate()
+        gateway.wait(timeout=10)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeat", type=int, default=5)
+    args = parser.parse_args(argv)
+    capture = five_mb_capture()
+    with tempfile.TemporaryDirectory(prefix="bench-uplink-") as name, \
+            MosquittoBroker(Path(name) / "broker") as broker:
+        raw = raw_publish(broker.port, capture, args.repeat)
+        ours, phases = uplink_delivery(broker.port, Path(name), capture, args.repeat)
+    ratio = raw / ours
+    mb = len(capture) / 1e6
+    lines = [
+        f"capture        : {mb:.1f} MB JPEG (12 MP simulated frame), {CHUNK // 1024} KiB chunks",
+        f"raw publish    : {raw * 1000:.0f} ms ({mb / raw:.0f} MB/s), one QoS 1 message, "
+        "answered on receipt",
+        f"uplink         : {ours * 1000:.0f} ms ({mb / ours:.0f} MB/s), delivered, verified, "
+        "stored with fsync, DICOM exported and acknowledged",
+        f"ratio          : {ratio:.2f}x raw throughput (goal >= {GOAL}x: "
+        f"{'met' if ratio >= GOAL else 'NOT met'})",
+        "where it goes  : " + ", ".join(f"{k[:-3].replace('_', ' ')} {v:.0f} ms"
+                                         for k, v in phases.items()),
+        f"chunks alone   : {raw / (phases['chunks_ms'] / 1000):.2f}x raw throughput",
+    ]
+    emit("uplink", lines, {"bytes": len(capture), "chunk_size": CHUNK,
+                           "raw_ms": raw * 1000, "uplink_ms": ours * 1000,
+                           "ratio": round(ratio, 3), "goal_met": ratio >= GOAL,
+                           "phases_ms": {k: round(v, 1) for k, v in phases.items()}})
+    return 0 if ratio >= GOAL else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
