@@ -21,10 +21,12 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def write_atomic(path: Path, data: bytes, *, mode: int = 0o600, durable: bool = True) -> None:
+def write_atomic(path: Path, data: bytes, *, mode: int = 0o600, durable: bool = True,
+                 sync_dir: bool | None = None) -> None:
     """Replace ``path`` with ``data`` atomically; ``mode`` applies from the first byte, so
     the file is never readable by others, not even for a moment. ``durable=False`` skips
-    the fsyncs for files that are worthless after a power cut anyway."""
+    the fsyncs for files that are worthless after a power cut anyway; ``sync_dir=False``
+    leaves the folder's fsync to the caller, who may make several files durable with one."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
         os.fchmod(fd, mode)
@@ -37,5 +39,5 @@ def write_atomic(path: Path, data: bytes, *, mode: int = 0o600, durable: bool = 
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    if durable:
+    if durable if sync_dir is None else sync_dir:
         fsync_dir(path.parent)

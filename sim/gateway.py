@@ -49,6 +49,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
+from device_agent.durable import fsync_dir, write_atomic
 from device_agent.logs import add_json_handler, log_event
 from device_agent.uplink import bundle, seal
 from device_agent.uplink.client import tcp_nodelay
@@ -114,8 +115,8 @@ class _Staging:
     def create(cls, directory: Path, manifest: Manifest) -> _Staging:
         shutil.rmtree(directory, ignore_errors=True)
         directory.mkdir(parents=True, exist_ok=True)
-        _write_atomic(directory / "manifest.json", dataclasses.replace(manifest, req=0).encode(),
-                      durable=False)
+        write_atomic(directory / "manifest.json", dataclasses.replace(manifest, req=0).encode(),
+                     mode=0o644, durable=False)
         return cls(directory, manifest)
 
     def matches(self, sha256: str, size: int | None, chunk_size: int) -> bool:
@@ -179,24 +180,6 @@ class _Staging:
             if fd is not None:
                 os.close(fd)
         self._data_fd = self._log_fd = None
-
-
-def _write_atomic(path: Path, data: bytes, *, durable: bool) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-    with tmp.open("wb") as f:
-        f.write(data)
-        if durable:
-            f.flush()
-            os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class Gateway:
@@ -574,11 +557,11 @@ class Gateway:
         ledger_dir.mkdir(parents=True, exist_ok=True)
         image_path = self._image_path(device_id, capture_id)
         image_sha = hashlib.sha256(image).hexdigest()
-        _write_atomic(device_dir / f"{capture_id}.json",
-                      json.dumps(metadata, indent=2, sort_keys=True, ensure_ascii=False)
-                      .encode("utf-8"), durable=True)
+        write_atomic(device_dir / f"{capture_id}.json",
+                     json.dumps(metadata, indent=2, sort_keys=True, ensure_ascii=False)
+                     .encode("utf-8"), mode=0o644, sync_dir=False)
         tmp = device_dir / f".{capture_id}.jpg.{os.getpid()}.tmp"
-        _write_atomic(tmp, image, durable=True)
+        write_atomic(tmp, image, mode=0o644, sync_dir=False)
         try:
             # The commit point: a link never replaces, so a second receiver (or a replay)
             # racing us finds the image there and stores nothing.
@@ -587,15 +570,15 @@ class Gateway:
             tmp.unlink(missing_ok=True)
             return
         tmp.unlink(missing_ok=True)
-        _fsync_dir(device_dir)
+        fsync_dir(device_dir)
         # After the commit: the ledger answers duplicates (and tells other content apart)
         # even once the image has been moved away. A crash before it is harmless: the image
         # itself still says "committed". Not fsynced: losing it needs a power cut right now
         # AND the image archived away before a replay; the image is what must be durable.
-        _write_atomic(self._ledger_path(device_id, capture_id), json.dumps({
+        write_atomic(self._ledger_path(device_id, capture_id), json.dumps({
             "capture_id": capture_id, "device_id": device_id, "transfer_sha256": m.sha256,
             "size": m.size, "image_sha256": image_sha, "image": image_path.name,
-        }).encode(), durable=False)
+        }).encode(), mode=0o644, durable=False)
         self.stored_count += 1
         if self.export_dicom:
             with self._exports_done:

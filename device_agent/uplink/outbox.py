@@ -39,6 +39,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from device_agent.durable import fsync_dir
 from device_agent.logs import log_event
 
 log = logging.getLogger(__name__)
@@ -67,14 +68,6 @@ class OutboxEntry:
     path: Path
     size: int
     created: float
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def validate_capture_id(capture_id: str) -> str:
@@ -199,7 +192,7 @@ class Outbox:
                 finally:
                     os.close(fd)
                 os.rename(tmp, final)
-                _fsync_dir(self.root)
+                fsync_dir(self.root)
             except OSError as err:
                 tmp.unlink(missing_ok=True)
                 if err.errno in (errno.ENOSPC, errno.EDQUOT):
@@ -270,7 +263,7 @@ class Outbox:
             if entry is None:
                 return
             entry.path.unlink(missing_ok=True)
-            _fsync_dir(self.root)
+            fsync_dir(self.root)
 
     def quarantine(self, capture_id: str, reason: str) -> None:
         """Move an entry aside (kept on disk, out of the queue), e.g. rejected by the gateway."""
@@ -310,8 +303,8 @@ class Outbox:
             n += 1
         try:
             os.rename(path, target)
-            _fsync_dir(self.root)
-            _fsync_dir(self._quarantine)
+            fsync_dir(self.root)
+            fsync_dir(self._quarantine)
         except OSError as err:
             # Cannot move it: leave it where it is; it is already out of the queue in memory.
             log_event(log, "outbox.quarantine_failed", level=logging.ERROR,
