@@ -69,6 +69,16 @@ def make_uplink(broker: MosquittoBroker, outbox: Outbox, **over: object) -> Upli
     return Uplink(uplink_config(broker, **over), DEVICE, outbox, "test-1.0")
 
 
+def deliver_all(broker, outbox: Outbox, timeout: float = 30) -> None:
+    """Run an uplink until the outbox is empty (and fail if it does not empty in time)."""
+    up = make_uplink(broker, outbox)
+    up.start()
+    try:
+        assert up.wait_idle(timeout)
+    finally:
+        up.stop()
+
+
 def put(outbox: Outbox, n: int, size: int = 50_000) -> tuple[str, dict, bytes]:
     capture_id, meta, image = capture(n, size)
     outbox.put(capture_id, bundle.pack(meta, image))
@@ -84,12 +94,7 @@ def test_capture_is_delivered_end_to_end_and_removed_only_then(
     broker, gateway, outbox, store, events
 ) -> None:
     items = [put(outbox, n, size=120_000) for n in range(3)]
-    up = make_uplink(broker, outbox)
-    up.start()
-    try:
-        assert up.wait_idle(30)
-    finally:
-        up.stop()
+    deliver_all(broker, outbox, timeout=30)
     for capture_id, meta, image in items:
         assert_stored(store, capture_id, meta, image)
     assert outbox.depth() == 0
@@ -108,12 +113,7 @@ def test_sealed_capture_is_delivered_and_opened_at_the_gateway(
     outbox.put(capture_id, seal.seal(bundle.pack(meta, image), public, DEVICE, capture_id))
     with Gateway(broker.host, broker.port, store, private_keys=[private]) as gw:
         assert gw.wait_ready(10)
-        up = make_uplink(broker, outbox)
-        up.start()
-        try:
-            assert up.wait_idle(30)
-        finally:
-            up.stop()
+        deliver_all(broker, outbox, timeout=30)
     assert_stored(store, capture_id, meta, image)
 
 
@@ -196,12 +196,7 @@ def test_corrupt_entry_is_quarantined_and_the_next_is_delivered(
     raw[-1] ^= 1
     bad.path.write_bytes(bytes(raw))
     capture_id, meta, image = put(outbox, 4)
-    up = make_uplink(broker, outbox)
-    up.start()
-    try:
-        assert up.wait_idle(30)
-    finally:
-        up.stop()
+    deliver_all(broker, outbox, timeout=30)
     assert_stored(store, capture_id, meta, image)
     assert events.named("outbox.quarantined", capture_id="cap-bad")
     assert not (store / DEVICE / "cap-bad.jpg").exists()
