@@ -33,7 +33,7 @@ from device_agent.camera.calibration import (
     load_calibration,
 )
 from device_agent.camera.encode import MEDIA_TYPE, encode_jpeg
-from device_agent.camera.metadata import build_metadata
+from device_agent.camera.metadata import SCHEMA, build_metadata
 from device_agent.camera.quality import CHECK_NAMES, assess
 from device_agent.camera.ring import FrameRing
 from device_agent.camera.select import choose_frame
@@ -41,6 +41,7 @@ from device_agent.commands import NoArgs, OpenCase, SetIllumination, SetSettings
 from device_agent.config import Config
 from device_agent.feedback.lights import MODE_SIGNALS, Lights, Signal
 from device_agent.logs import log_event
+from device_agent.report import render_report
 from device_agent.session import Case, Session, SessionError
 from device_agent.status import status_path, write_status
 from device_agent.uplink.bundle import pack
@@ -470,11 +471,30 @@ class Agent:
                 "override_window": self.override_window}
 
     def self_test(self, args: NoArgs) -> dict[str, Any]:
+        """Judge the newest frame and send the self-test picture to the clinic the way
+        captures travel (sealed, through the outbox), marked ``kind: self_test``."""
         latest = self.ring.latest()
         if latest is None:
-            return {"camera": "no frames", "verdict": None}
+            return {"camera": "asleep" if self.asleep else "no frames", "verdict": None}
         report = assess(latest.image, self.thresholds)
-        return {"camera": "streaming", **report.to_dict()}
+        picture = render_report(latest.image, report, f"self-test  {self.config.device.id}  "
+                                f"{dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC")
+        report_id = uuid.uuid4().hex
+        metadata = {"schema": SCHEMA, "kind": "self_test", "capture_id": report_id,
+                    "device_id": self.config.device.id,
+                    "captured_at": dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds"),
+                    "quality": report.to_dict(), "software_version": __version__}
+        bundle = pack(metadata, encode_jpeg(picture, 90))
+        payload = (bundle if self.clinic_key is None else
+                   seal(bundle, self.clinic_key, self.config.device.id, report_id))
+        try:
+            self.outbox.put(report_id, payload)
+        except OSError as err:
+            return {"camera": "streaming", **report.to_dict(), "report_sent": False,
+                    "error": str(err)}
+        if self.uplink is not None:
+            self.uplink.notify()
+        return {"camera": "streaming", **report.to_dict(), "report_capture_id": report_id}
 
     def resend_pending(self, args: NoArgs) -> dict[str, Any]:
         if self.uplink is not None:

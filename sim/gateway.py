@@ -580,7 +580,7 @@ class Gateway:
             "size": m.size, "image_sha256": image_sha, "image": image_path.name,
         }).encode(), mode=0o644, durable=False)
         self.stored_count += 1
-        if self.export_dicom:
+        if self.export_dicom and metadata.get("kind", "capture") == "capture":
             with self._exports_done:
                 self._exports_pending += 1
             self._exports.put((image, metadata, device_dir / f"{capture_id}.dcm"))

@@ -76,3 +76,25 @@ def test_a_clinical_session_end_to_end(tmp_path, broker):
     assert ds.LightSourcePolarization == "NON_POLARIZED"
     assert ds.AccessionNumber == "TD-2026-42"
     assert ds.DeviceSerialNumber == DEVICE
+
+
+def test_a_self_test_requested_by_the_gateway_arrives_as_a_picture(tmp_path, broker):
+    import cv2
+
+    store = tmp_path / "store"
+    config = sim_config(tmp_path / "device", broker.port, DEVICE)
+    with Gateway(broker.host, broker.port, store), SimDevice(config) as device:
+        device.wait_online()
+        commander = Commander(broker.host, broker.port)
+        try:
+            answer = commander.send(DEVICE, "self_test")
+        finally:
+            commander.close()
+        assert device.uplink.wait_idle(timeout=30)
+    result = answer["result"]
+    assert result["camera"] == "streaming" and result["verdict"] in {"accept", "retake"}
+    picture = store / DEVICE / f"{result['report_capture_id']}.jpg"
+    assert cv2.imread(str(picture)).shape == (860, 1400, 3)
+    sidecar = json.loads(picture.with_suffix(".json").read_text())
+    assert sidecar["kind"] == "self_test"
+    assert not picture.with_suffix(".dcm").exists()  # not a dermoscopic image

@@ -128,7 +128,9 @@ def test_status_self_test_and_resend(device):
     test = execute(cmd("self_test"), device.agent)["result"]
     assert test["camera"] == "streaming"
     assert test["verdict"] in {"accept", "retake"}
-    assert execute(cmd("resend_pending"), device.agent)["result"] == {"pending": 0}
+    # the self-test picture waits in the outbox (no uplink in this test)
+    assert execute(cmd("resend_pending"), device.agent)["result"] == {"pending": 1}
+    assert device.outbox.pending()[0].capture_id == test["report_capture_id"]
 
 
 def test_double_press_cycles_the_illumination_mode(device):

@@ -64,6 +64,7 @@ def build_metadata(
     polarised = illumination_mode == "polarised"
     return {
         "schema": SCHEMA,
+        "kind": "capture",  # or "self_test" for a self-test picture sent on request
         "capture_id": capture_id,
         "device_id": device_id,
         "captured_at": captured_at.astimezone(dt.UTC).isoformat(timespec="milliseconds"),
