@@ -24,6 +24,9 @@ colour_cast    white balance wrong: a shift of 0.6 * severity in log-chromaticit
                (ln R/G, ln B/G) towards blue, cyan or green (direction from the seed)
 =============  =============================================================================
 
+:func:`photo_frame` puts a real photograph into the same lens field, with the same defects, so
+the checks can be tried on real image content too.
+
 The noise-free frame is cached per (spec, shake), so a stream of frames costs one noise pass
 each: noise comes from a per-size bank of Gaussian noise read at an offset that depends on
 ``frame_index`` (a view, not a fresh draw).

@@ -486,40 +486,16 @@ def per_direction(blurs: np.ndarray) -> np.ndarray:
 _MIN_TILES = 2
 
 
-# Direction (degrees) of each column of directional_blur's result: along x, then along y, of
-# the image turned by each rotation.
-DIRECTIONS = tuple(d for a in _ROTATIONS for d in (a, a + 90.0))
-
-
-def blur_model(per_dir: np.ndarray) -> tuple[float, float] | None:
-    """Split directional blur into an isotropic part and a straight smear.
-
-    Defocus (Gaussian, sigma b0) and a straight motion of length L at angle m add their
-    variances along each direction phi: b(phi)^2 = b0^2 + (L^2 / 12) cos^2(phi - m), which is
-    linear in (1, cos 2phi, sin 2phi). A least-squares fit over the directions seen gives
-    (b0, L). None when fewer than 5 directions were seen.
-    """
-    seen = ~np.isnan(per_dir)
-    if np.count_nonzero(seen) < 5:
-        return None
-    phi = np.radians(np.asarray(DIRECTIONS))[seen]
-    design = np.column_stack([np.ones_like(phi), np.cos(2 * phi), np.sin(2 * phi)])
-    (mean, c, s), *_ = np.linalg.lstsq(design, per_dir[seen] ** 2, rcond=None)
-    amp = math.hypot(c, s)  # = L^2 / 24
-    b0 = math.sqrt(max(mean - amp, 0.0))
-    length = math.sqrt(24.0 * amp)
-    return b0, length
-
-
 def _focus_and_motion(gray: np.ndarray, mask: np.ndarray, px_per_ref: float) -> tuple[float, float]:
     """(focus score, motion score) from the directional blur widths.
 
     Each direction's blur is the median over the tiles that saw edges across it, in px of an
     800-wide frame. focus = 4 / (blur sigma in the sharpest direction): 1.0 is exactly the
     blur the check must catch (Gaussian sigma 4 px at 800x600); a sharp frame scores 2-4.
-    motion = widest minus narrowest directional blur (px at 800 wide): 0 for isotropic blur,
-    2-3.5 for a 21 px straight smear. (The smear-length fit of blur_model amplifies noise at
-    large blur, so the plain spread separates motion from defocus better.)
+    motion = widest minus narrowest directional blur (px at 800 wide): under 1 for isotropic
+    blur, about 3.3 for a 21 px straight smear. (Fitting b(phi)^2 = b0^2 + (L^2/12) cos^2(phi
+    - m) for a smear length L was tried: it amplifies noise at large blur, and the plain spread
+    separates motion from defocus better.)
     """
     per_dir = per_direction(directional_blur(gray, mask)) / px_per_ref
     seen = ~np.isnan(per_dir)
