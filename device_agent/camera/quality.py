@@ -113,7 +113,7 @@ class Thresholds:
     # Pass when <=.
     overexposed: float = 0.25
     # Fraction of the field covered by saturated specular blobs (not tiny glints). Pass when <=.
-    glare: float = 0.004
+    glare: float = 0.008
     # Fraction of the centred ideal lens field that is lit. Pass when >=.
     field: float = 0.85
     # Distance of the field's median colour from the skin gamut, in log-chromaticity x100
@@ -231,7 +231,7 @@ def assess(image: np.ndarray, thresholds: Thresholds | None = None) -> QualityRe
 
 # Focus and motion are judged only when at least this fraction of the field is free of
 # clipping, and the field's brightness (90th percentile of luma) is at least this.
-_MIN_JUDGED_FRACTION = 0.1
+_MIN_JUDGED_FRACTION = 0.35
 _MIN_JUDGED_BRIGHTNESS = 20.0
 # With no field found, the field check is judged only if the frame's 99th percentile of luma
 # reaches this: below it the frame is simply black.
@@ -551,19 +551,22 @@ def _clipped_fraction(work: np.ndarray, gray: np.ndarray, mask: np.ndarray) -> f
 
 
 _GLARE_MAX_SATURATED = 0.15
+# A specular reflection of the LEDs clips every channel; a white object in a well-exposed frame
+# (a scar, a label, a white strap in a photograph) usually does not, so the level is clipping.
+_GLARE_LEVEL = 250
 
 
 def _glare_fraction(work: np.ndarray, gray: np.ndarray, mask: np.ndarray) -> float:
     """Area of specular blobs as a fraction of the field.
 
-    A specular blob is a connected patch of near-white saturated pixels that is (a) bigger than
+    A specular blob is a connected patch of clipped white pixels that is (a) bigger than
     an LED glint, (b) local — much smaller than the field, brighter than its surroundings.
     (b) keeps a globally overexposed frame from reading as glare.
     """
     field_area = cv2.countNonZero(mask)
     if field_area == 0:
         return 0.0
-    white = cv2.min(cv2.min(work[..., 0], work[..., 1]), work[..., 2]) >= 230
+    white = cv2.min(cv2.min(work[..., 0], work[..., 1]), work[..., 2]) >= _GLARE_LEVEL
     white = cv2.bitwise_and(white.astype(np.uint8) * 255, mask)
     # When much of the field is saturated the frame is overexposed, and saturated patches are
     # exposure, not reflections: that is the overexposed check's finding, not glare's.
