@@ -92,7 +92,8 @@ def test_a_self_test_requested_by_the_gateway_arrives_as_a_picture(tmp_path, bro
             commander.close()
         assert device.uplink.wait_idle(timeout=30)
     result = answer["result"]
-    assert result["camera"] == "streaming" and result["verdict"] in {"accept", "retake"}
+    assert result["camera"] == "streaming"
+    assert result["verdict"] in {"accept", "retake"}
     picture = store / DEVICE / f"{result['report_capture_id']}.jpg"
     assert cv2.imread(str(picture)).shape == (860, 1400, 3)
     sidecar = json.loads(picture.with_suffix(".json").read_text())
