@@ -91,6 +91,18 @@ def _stored_events(logs: list[Path]) -> Counter:
     return counts
 
 
+def _kill_when_stored(proc: subprocess.Popen, logs: list[Path], after: int,
+                      killed: threading.Event, done: threading.Event) -> None:
+    """SIGKILL ``proc`` as soon as ``after`` captures are stored. Its own thread, polling
+    every 10 ms: a loop that also waits on the devices checks too seldom, and a small fleet
+    can finish before it looks."""
+    while not done.wait(0.01):
+        if sum(_stored_events(logs).values()) >= after:
+            os.kill(proc.pid, signal.SIGKILL)
+            killed.set()
+            return
+
+
 def run_fleet(workdir: Path, devices: int = 100, captures: int = 10, workers: int = 2,
               kill_worker_after: int | None = None, timeout: float = 600.0) -> FleetResult:
     """Deliver ``devices`` x ``captures`` captures; if ``kill_worker_after`` is set, SIGKILL
@@ -116,21 +128,26 @@ def run_fleet(workdir: Path, devices: int = 100, captures: int = 10, workers: in
                                              "schema": "dermascope.capture/1"}, image))
                 accepted.add(capture_id)
             uplinks.append(Uplink(config, device_id, outbox, __version__))
-        killed = False
+        killed = threading.Event()
+        done = threading.Event()
+        killer = threading.Thread(
+            target=_kill_when_stored, name="fleet-killer",
+            args=(procs[0], logs, kill_worker_after, killed, done), daemon=True)
         started = time.monotonic()
         try:
+            if kill_worker_after is not None:
+                killer.start()
             for uplink in uplinks:
                 uplink.start()
             deadline = started + timeout
             remaining = list(uplinks)
             while remaining and time.monotonic() < deadline:
-                if (kill_worker_after is not None and not killed
-                        and sum(_stored_events(logs).values()) >= kill_worker_after):
-                    os.kill(procs[0].pid, signal.SIGKILL)
-                    killed = True
                 remaining = [u for u in remaining if not u.wait_idle(timeout=0.2)]
             seconds = time.monotonic() - started
         finally:
+            done.set()
+            if killer.is_alive():
+                killer.join(timeout=5.0)
             stoppers = [threading.Thread(target=u.stop, args=(5.0,)) for u in uplinks]
             for t in stoppers:
                 t.start()
@@ -143,7 +160,8 @@ def run_fleet(workdir: Path, devices: int = 100, captures: int = 10, workers: in
     events = _stored_events(logs)
     on_disk = {p.stem for p in store.glob("fleet-*/*.jpg")}
     return FleetResult(
-        devices=devices, captures_per_device=captures, workers=workers, killed_worker=killed,
+        devices=devices, captures_per_device=captures, workers=workers,
+        killed_worker=killed.is_set(),
         accepted=len(accepted), stored=len(on_disk & accepted),
         lost=len(accepted - on_disk),
         duplicated=sum(n - 1 for n in events.values() if n > 1),
