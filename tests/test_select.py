@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import random
+
+import numpy as np
+import pytest
+
 from device_agent.camera.base import Frame
-from device_agent.camera.select import choose_frame, frame_score
+from device_agent.camera.select import choose_frame, frame_score, gradient_energy
 from sim.scene import SceneSpec, render
 
 
@@ -47,3 +52,28 @@ def test_choose_respects_window() -> None:
     assert chosen[0].sequence == 1
     assert choose_frame(frames, 100.0, before=0.01, after=0.01) is None
     assert choose_frame([], 100.0, before=1.0, after=1.0) is None
+
+
+def test_gradient_energy_falls_with_shake_and_defocus() -> None:
+    spec = SceneSpec(seed=6)
+    energies = [gradient_energy(render(spec, 0, s)) for s in (0.0, 4.0, 10.0, 20.0)]
+    assert energies == sorted(energies, reverse=True)
+    assert gradient_energy(render(SceneSpec(seed=6, defect="defocus"))) < energies[0]
+
+
+def test_gradient_energy_ignores_an_exposure_change() -> None:
+    image = render(SceneSpec(seed=6))
+    darker = (image.astype(np.float32) * 0.7).astype(np.uint8)
+    assert gradient_energy(darker) == pytest.approx(gradient_energy(image), rel=0.1)
+
+
+def test_the_shortlist_chooses_as_well_as_scoring_every_frame() -> None:
+    # Windows as a press makes them: shake of varying strength, steady frames among them.
+    # Scoring only the shortlist in full must still pick one of the steadiest frames.
+    rng = random.Random(5)
+    for seed in range(1, 13):
+        shakes = [rng.choice((0.0, 3.0, 6.0, 10.0, 16.0)) for _ in range(6)]
+        frames = [_frame(i, 100.0 + 0.1 * i, s, seed=seed) for i, s in enumerate(shakes)]
+        chosen = choose_frame(frames, 100.3, before=0.3, after=0.3)
+        assert chosen is not None
+        assert shakes[chosen[0].sequence] == min(shakes), (seed, shakes, chosen[0].sequence)

@@ -1,9 +1,13 @@
 """Zero-shutter-lag frame choice: the best frame in a window around the button press.
 
 Pressing the button shakes a handheld dermatoscope, so the steadiest frame is often one from
-just before the press. :func:`frame_score` is a cheap per-frame figure computed on a small
-gray copy of the frame's centre; :func:`choose_frame` picks the best-scoring frame whose
-timestamp lies in ``[press_time - before, press_time + after]``.
+just before the press. :func:`frame_score` is a per-frame figure computed on a small gray copy
+of the frame's centre; :func:`choose_frame` picks the best-scoring frame whose timestamp lies
+in ``[press_time - before, press_time + after]``.
+
+The press waits for the choice, so it must be quick: every frame in the window is first
+ranked by :func:`gradient_energy` (a tenth of the cost), and only the best few get the full
+:func:`frame_score`.
 """
 
 from __future__ import annotations
@@ -20,6 +24,39 @@ from device_agent.camera.quality import directional_blur, per_direction
 # enough to score every frame of a 10 fps stream for nothing, big enough to see hand shake.
 _CROP = 0.5
 _SIZE = 256
+# How many frames of a window, ranked by gradient energy, get the full frame_score.
+SHORTLIST = 2
+# The gradient-energy ranking works on the same centre crop at this size: the averaging
+# beats the sensor noise down, and shake of a few pixels is still plain at this scale.
+_RANK_SIZE = 128
+
+
+def _centre(image: np.ndarray, size: int) -> np.ndarray:
+    """Gray copy of the frame's central part, reduced so its longer side is at most ``size``."""
+    h, w = image.shape[:2]
+    ch, cw = max(8, int(h * _CROP)), max(8, int(w * _CROP))
+    y0, x0 = (h - ch) // 2, (w - cw) // 2
+    crop = image[y0 : y0 + ch, x0 : x0 + cw]
+    factor = min(1.0, size / max(ch, cw))
+    if factor < 1.0:
+        crop = cv2.resize(
+            crop,
+            (max(8, round(cw * factor)), max(8, round(ch * factor))),
+            interpolation=cv2.INTER_AREA,
+        )
+    return cv2.cvtColor(crop, cv2.COLOR_BGR2GRAY) if crop.ndim == 3 else crop
+
+
+def gradient_energy(image: np.ndarray) -> float:
+    """Variance of the Laplacian of the centre, over its squared mean brightness.
+
+    Not content-independent (a lesion or hairs raise it), so it only ranks frames of one
+    window, which all show the same skin: there it falls with shake and defocus alike. The
+    division keeps an exposure change between frames from counting as sharpness.
+    """
+    gray = _centre(image, _RANK_SIZE)
+    mean = float(cv2.mean(gray)[0])
+    return float(cv2.Laplacian(gray, cv2.CV_32F).var()) / max(mean, 1.0) ** 2
 
 
 def frame_score(image: np.ndarray) -> float:
@@ -28,18 +65,7 @@ def frame_score(image: np.ndarray) -> float:
     Uses the same edge-blur measure as the focus check, but takes the worst of 12 directions,
     so both defocus and shake (motion blur in any direction) lower it.
     """
-    h, w = image.shape[:2]
-    ch, cw = max(8, int(h * _CROP)), max(8, int(w * _CROP))
-    y0, x0 = (h - ch) // 2, (w - cw) // 2
-    crop = image[y0 : y0 + ch, x0 : x0 + cw]
-    factor = min(1.0, _SIZE / max(ch, cw))
-    if factor < 1.0:
-        crop = cv2.resize(
-            crop,
-            (max(8, round(cw * factor)), max(8, round(ch * factor))),
-            interpolation=cv2.INTER_AREA,
-        )
-    gray = cv2.cvtColor(crop, cv2.COLOR_BGR2GRAY) if crop.ndim == 3 else crop
+    gray = _centre(image, _SIZE)
     # Away from the borders, where the filters would read the reflected edge.
     mask = np.zeros(gray.shape, np.uint8)
     mask[8:-8, 8:-8] = 255
@@ -58,11 +84,14 @@ def choose_frame(
     """The best frame with ``press_time - before <= timestamp <= press_time + after``.
 
     Returns ``(frame, frame.timestamp - press_time)``, or None when no frame is in the window.
-    Ties go to the frame closest to the press.
+    The :data:`SHORTLIST` frames with the most gradient energy are scored in full; ties go to
+    the frame closest to the press.
     """
     lo, hi = press_time - before, press_time + after
     candidates = [f for f in frames if lo <= f.timestamp <= hi]
     if not candidates:
         return None
-    best = max(candidates, key=lambda f: (frame_score(f.image), -abs(f.timestamp - press_time)))
+    shortlist = sorted(candidates, key=lambda f: gradient_energy(f.image), reverse=True)
+    best = max(shortlist[:SHORTLIST],
+               key=lambda f: (frame_score(f.image), -abs(f.timestamp - press_time)))
     return best, best.timestamp - press_time
