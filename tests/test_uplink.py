@@ -9,7 +9,6 @@ import os
 import queue
 import random
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -29,6 +28,7 @@ from device_agent.uplink.outbox import Outbox
 from device_agent.uplink.protocol import Manifest, Topics, chunk_count_for, encode_chunk
 from sim.broker import AmqttBroker, MosquittoBroker, free_port
 from sim.gateway import Gateway
+from sim.netfault import FaultProxy
 
 DEVICE = "dev-1"
 
@@ -233,99 +233,30 @@ def test_falls_back_to_mqtt311_when_the_broker_refuses_mqtt5(
     assert_stored(store, capture_id, meta, image)
 
 
-class _Refuses5Proxy:
+def _refuse_mqtt5(connect: bytes) -> bytes | None:
     """A broker front that speaks only MQTT 3.1.1, like RabbitMQ's plugin: it answers an MQTT
-    5 CONNECT with the 3.1.1 refusal "unacceptable protocol version" and pipes 3.1.1
-    connections through to the real broker."""
-
-    def __init__(self, target: MosquittoBroker) -> None:
-        self.target = target
-        self.host = "127.0.0.1"
-        self._server = socket.create_server((self.host, 0))
-        self._server.settimeout(0.2)
-        self.port = self._server.getsockname()[1]
-        self.refused = 0
-        self._stop = threading.Event()
-        self._threads = [threading.Thread(target=self._accept, name="proxy-accept", daemon=True)]
-        self._threads[0].start()
-
-    def _accept(self) -> None:
-        while not self._stop.is_set():
-            try:
-                conn, _ = self._server.accept()
-            except TimeoutError:
-                continue
-            t = threading.Thread(target=self._serve, args=(conn,), name="proxy-conn",
-                                 daemon=True)
-            self._threads.append(t)
-            t.start()
-
-    def _serve(self, conn: socket.socket) -> None:
-        conn.settimeout(5)
-        with conn:
-            head = b""
-            while len(head) < 12:
-                more = conn.recv(4096)
-                if not more:
-                    return
-                head += more
-            n = 1
-            while head[n] & 0x80:  # the remaining-length varint
-                n += 1
-            level = head[n + 1 + 2 + 4]
-            if level == 5:
-                self.refused += 1
-                conn.sendall(b"\x20\x02\x00\x01")  # CONNACK, 3.1.1 return code 1
-                return
-            with socket.create_connection((self.target.host, self.target.port), 5) as up:
-                up.sendall(head)
-                pump = threading.Thread(target=self._pipe, args=(up, conn), daemon=True,
-                                        name="proxy-pump")
-                pump.start()
-                self._pipe(conn, up)
-                pump.join(5)
-
-    def _pipe(self, src: socket.socket, dst: socket.socket) -> None:
-        src.settimeout(0.2)
-        while not self._stop.is_set():
-            try:
-                data = src.recv(65536)
-            except TimeoutError:
-                continue
-            except OSError:
-                break
-            if not data:
-                break
-            try:
-                dst.sendall(data)
-            except OSError:
-                break
-        with contextlib.suppress(OSError):
-            dst.shutdown(socket.SHUT_RDWR)
-
-    def close(self) -> None:
-        self._stop.set()
-        for t in self._threads:
-            t.join(5)
-        self._server.close()
+    5 CONNECT with the 3.1.1 refusal "unacceptable protocol version" and lets 3.1.1 through
+    to the real broker (a first-packet hook of sim.netfault.FaultProxy)."""
+    n = 1
+    while connect[n] & 0x80:  # the remaining-length varint
+        n += 1
+    level = connect[n + 1 + 2 + 4]
+    return b"\x20\x02\x00\x01" if level == 5 else None  # CONNACK, 3.1.1 return code 1
 
 
 def test_falls_back_to_mqtt311_when_the_broker_refuses_mqtt5_explicitly(
     broker, outbox, store, events
 ) -> None:
-    proxy = _Refuses5Proxy(broker)
     capture_id, meta, image = put(outbox, 14, size=70_000)
-    try:
-        with Gateway(broker.host, broker.port, store) as gw:
-            assert gw.wait_ready(10)
-            up = Uplink(uplink_config(broker, port=proxy.port), DEVICE, outbox, "test-1.0")
-            up.start()
-            try:
-                assert up.wait_idle(30)
-            finally:
-                up.stop()
-    finally:
-        proxy.close()
+    with FaultProxy(broker.host, broker.port, first_packet=_refuse_mqtt5) as proxy, \
+            Gateway(broker.host, broker.port, store) as gw:
+        assert gw.wait_ready(10)
+        up = Uplink(uplink_config(broker, port=proxy.port), DEVICE, outbox, "test-1.0")
+        up.start()
+        try:
+            assert up.wait_idle(30)
+        finally:
+            up.stop()
     assert proxy.refused == 1
     assert len(events.named("uplink.protocol_fallback")) == 1
     assert events.named("uplink.connected")[-1]["protocol"] == "mqtt311"
