@@ -3,9 +3,9 @@
 - press -> feedback latency on the simulator, in frame periods, against 1.5 + the verdict's
   own time in frame periods (measured in the same run);
 - sealing + durable outbox write of a 5 MB capture / a plain write + fsync of the same bytes;
-- CPU of the running agent (`device-agent run` on the simulator) as % of one core: idle
-  (camera asleep after `camera.sleep_after_s`), and streaming, with the simulator's own
-  frame rendering measured separately and taken out;
+- CPU of the running agent (`device-agent run` on the simulator, with the systemd unit's
+  environment) as % of one core: idle (camera asleep after `camera.sleep_after_s`), and
+  streaming, with the simulator's own frame rendering measured separately and taken out;
 - RSS of the running agent, and RSS growth over 1000 captures in one process.
 
     python bench/bench_device.py [--captures 1000]
@@ -22,7 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import cpu_seconds, emit, median_seconds, rss_mb
+from common import cpu_seconds, emit, median_seconds, rss_mb, unit_environment
 from tqdm import tqdm
 
 from device_agent.camera.quality import assess
@@ -96,7 +96,8 @@ def _agent_cpu(tmp: Path, name: str, sleep_after: float, settle: float, seconds:
         f'[pins]\npin_factory = "mock"\n'
         f'[uplink]\nport = {free_port()}\ninsecure_dev_mode = true\n')
     proc = subprocess.Popen([sys.executable, "-m", "device_agent", "run", "--config",
-                             str(config)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                             str(config)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env={**os.environ, **unit_environment()})
     try:
         time.sleep(settle)  # start-up (imports, first frames) and, asleep, the idle wait
         cpu0, wall0 = cpu_seconds(proc.pid), time.monotonic()
@@ -188,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
                            "rss_growth": growth,
                            "goals": {"latency": latency_ok, "idle_cpu": idle_ok,
                                      "rss": rss_ok}})
-    return 0
+    return 0 if latency_ok and idle_ok and rss_ok else 1
 
 
 if __name__ == "__main__":

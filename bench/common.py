@@ -37,6 +37,21 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+UNIT = Path(__file__).resolve().parent.parent / "systemd" / "device-agent.service"
+
+
+def unit_environment() -> dict[str, str]:
+    """The ``Environment=`` settings of the shipped systemd unit, so that a bench runs the
+    agent as the Pi does."""
+    env = {}
+    for line in UNIT.read_text().splitlines():
+        if line.startswith("Environment="):
+            for pair in line.removeprefix("Environment=").split():
+                key, _, value = pair.partition("=")
+                env[key] = value
+    return env
+
+
 def emit(name: str, lines: list[str], figures: dict) -> None:
     for line in lines:
         print(line)

@@ -38,7 +38,7 @@ import sys
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -206,12 +206,13 @@ class Gateway:
         self.staging_ttl = staging_ttl
         self.tls = tls
         self.export_dicom = export_dicom
-        # DICOM files are made on their own thread, after the ack: they are a derived export
-        # (redone from the stored JPEG and sidecar at any time), not part of the promise.
-        self._exports: queue.Queue[tuple[bytes, dict, Path] | None] = queue.Queue()
-        self._exporter: threading.Thread | None = None
-        self._exports_pending = 0
-        self._exports_done = threading.Condition()
+        # Work that is no part of the promise runs on its own thread, after the ack: the
+        # DICOM export (derived, redone from the stored JPEG and sidecar at any time) and
+        # removing a committed transfer's staging (the ledger already answers replays).
+        self._later: queue.Queue[Callable[[], None] | None] = queue.Queue()
+        self._later_thread: threading.Thread | None = None
+        self._later_pending = 0
+        self._later_done = threading.Condition()
         self._staging = self.store_dir / ".gateway" / "staging"
         self._ledger = self.store_dir / ".gateway" / "ledger"
         self._ready = threading.Event()
@@ -252,10 +253,10 @@ class Gateway:
         for d in (self.store_dir, self._staging, self._ledger):
             d.mkdir(parents=True, exist_ok=True)
         self._expire_staging()
-        if self.export_dicom and self._exporter is None:
-            self._exporter = threading.Thread(target=self._export_loop, name="gateway-dicom",
-                                              daemon=True)
-            self._exporter.start()
+        if self._later_thread is None:
+            self._later_thread = threading.Thread(target=self._after_ack_loop,
+                                                  name="gateway-after-ack", daemon=True)
+            self._later_thread.start()
         kwargs: dict[str, Any] = {"clean_start": True} if self._mqtt5 else {}
         self._client.connect_async(self.host, self.port, keepalive=30, **kwargs)
         self._client.loop_start()
@@ -285,29 +286,39 @@ class Gateway:
         self._client.disconnect()
         self._client.loop_stop()
         self._ready.clear()
-        if self._exporter is not None:
-            self._exports.put(None)
-            self._exporter.join(timeout)
-            self._exporter = None
+        if self._later_thread is not None:
+            self._later.put(None)
+            self._later_thread.join(timeout)
+            self._later_thread = None
         while self._open:
             self._open.popitem()[1].close()
 
-    def _export_loop(self) -> None:
-        while (job := self._exports.get()) is not None:
-            image, metadata, path = job
+    def _after_ack(self, job: Callable[[], None]) -> None:
+        with self._later_done:
+            self._later_pending += 1
+        self._later.put(job)
+
+    def _after_ack_loop(self) -> None:
+        while (job := self._later.get()) is not None:
             try:
-                dicom_export.export(image, metadata, path)
-            except (dicom_export.DicomExportError, OSError) as err:
-                log_event(log, "gateway.dicom_failed", level=logging.WARNING,
-                          capture_id=metadata.get("capture_id"), error=str(err))
-            with self._exports_done:
-                self._exports_pending -= 1
-                self._exports_done.notify_all()
+                job()
+            finally:
+                with self._later_done:
+                    self._later_pending -= 1
+                    self._later_done.notify_all()
 
     def wait_exported(self, timeout: float) -> bool:
-        """True once every DICOM export queued so far is written (tests, demo)."""
-        with self._exports_done:
-            return self._exports_done.wait_for(lambda: self._exports_pending == 0, timeout)
+        """True once every DICOM export (and staging removal) queued so far is done (tests,
+        demo)."""
+        with self._later_done:
+            return self._later_done.wait_for(lambda: self._later_pending == 0, timeout)
+
+    def _export(self, image: bytes, metadata: dict, path: Path) -> None:
+        try:
+            dicom_export.export(image, metadata, path)
+        except (dicom_export.DicomExportError, OSError) as err:
+            log_event(log, "gateway.dicom_failed", level=logging.WARNING,
+                      capture_id=metadata.get("capture_id"), error=str(err))
 
     def __enter__(self) -> Gateway:
         self.start()
@@ -431,11 +442,16 @@ class Gateway:
             _key, oldest = self._open.popitem(last=False)
             oldest.close()
 
-    def _drop_staging(self, device_id: str, capture_id: str) -> None:
+    def _drop_staging(self, device_id: str, capture_id: str, later: bool = False) -> None:
         staging = self._open.pop((device_id, capture_id), None)
         if staging is not None:
             staging.close()
-        shutil.rmtree(self._staging_dir(device_id, capture_id), ignore_errors=True)
+        directory = self._staging_dir(device_id, capture_id)
+        if later:
+            # A committed transfer: its staged megabytes can go once the device has its ack.
+            self._after_ack(lambda: shutil.rmtree(directory, ignore_errors=True))
+        else:
+            shutil.rmtree(directory, ignore_errors=True)
 
     def _handle_manifest(self, device_id: str, capture_id: str, m: Manifest) -> Ack:
         if m.capture_id != capture_id:
@@ -535,7 +551,7 @@ class Gateway:
             self._drop_staging(device_id, capture_id)
             return Ack(capture_id, "rejected", req=f.req, reason="bad_bundle")
         self._store(device_id, capture_id, m, metadata, image)
-        self._drop_staging(device_id, capture_id)
+        self._drop_staging(device_id, capture_id, later=True)
         return Ack(capture_id, "committed", req=f.req, sha256=m.sha256)
 
     def _open_sealed(self, data: bytes, device_id: str, capture_id: str) -> bytes | None:
@@ -581,9 +597,8 @@ class Gateway:
         }).encode(), mode=0o644, durable=False)
         self.stored_count += 1
         if self.export_dicom and metadata.get("kind", "capture") == "capture":
-            with self._exports_done:
-                self._exports_pending += 1
-            self._exports.put((image, metadata, device_dir / f"{capture_id}.dcm"))
+            dcm = device_dir / f"{capture_id}.dcm"
+            self._after_ack(lambda: self._export(image, metadata, dcm))
         log_event(log, "capture.stored", capture_id=capture_id, device_id=device_id,
                   path=str(image_path.resolve()), sha256=image_sha, size=len(image))
 
