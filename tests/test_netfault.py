@@ -215,7 +215,9 @@ def assert_resumed_not_restarted(events, capture_id: str) -> None:
 def test_stall_mid_transfer_is_detected_then_resumed_and_stored_once(
     broker, gateway, outbox, store, events  # noqa: F811
 ) -> None:
-    items = [put(outbox, n, size=150_000) for n in range(3)]
+    # 49 chunks each: with 40 kB through, a window of 16 cannot carry cap-1's final out, so
+    # even what the dead connection still held when the link came back cannot finish it.
+    items = [put(outbox, n, size=400_000) for n in range(3)]
     with FaultProxy(broker.host, broker.port) as proxy:
         # 40 kB of cap-1's chunks reach the broker, then the link goes dead without a word.
         struck = strike_mid_transfer(events, lambda: proxy.stall(after_bytes=40_000))
@@ -240,7 +242,7 @@ def test_stall_mid_transfer_is_detected_then_resumed_and_stored_once(
 def test_cut_mid_transfer_reconnects_and_stores_once(
     broker, gateway, outbox, store, events  # noqa: F811
 ) -> None:
-    items = [put(outbox, n, size=150_000) for n in range(3)]
+    items = [put(outbox, n, size=400_000) for n in range(3)]
     with FaultProxy(broker.host, broker.port) as proxy:
         struck = strike_mid_transfer(events, lambda: proxy.cut(after_bytes=40_000))
         up = uplink_via(proxy, broker, outbox, chunk_size=8192)
