@@ -197,7 +197,8 @@ class Gateway:
             raise ValueError(f"protocol must be 'mqtt5' or 'mqtt311' (got {protocol!r})")
         self.host = host
         self.port = port
-        self.store_dir = Path(store_dir)
+        # Absolute once: capture.stored names the file by its absolute path.
+        self.store_dir = Path(store_dir).resolve()
         self.prefix = topic_prefix
         self.protocol = protocol
         self.group = group
@@ -600,7 +601,7 @@ class Gateway:
             dcm = device_dir / f"{capture_id}.dcm"
             self._after_ack(lambda: self._export(image, metadata, dcm))
         log_event(log, "capture.stored", capture_id=capture_id, device_id=device_id,
-                  path=str(image_path.resolve()), sha256=image_sha, size=len(image))
+                  path=str(image_path), sha256=image_sha, size=len(image))
 
 
 def _req_of(payload: bytes) -> int:
