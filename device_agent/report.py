@@ -97,9 +97,12 @@ def render_report(image: np.ndarray, report: QualityReport, title: str,
     x = 20
     for check in report.checks:
         colour = _GREEN if check.passed else _RED
-        text = f"{check.name} {check.score:.3g} ({'ok' if check.passed else 'FAIL'})"
+        # Plain decimals (a tiny clipped fraction in e-notation reads as noise), each label
+        # placed after the last one's measured width so that none overlaps.
+        score = f"{check.score:.3f}" if abs(check.score) < 10 else f"{check.score:.0f}"
+        text = f"{check.name} {score} ({'ok' if check.passed else 'FAIL'})"
         cv2.putText(canvas, text, (x, y), _FONT, 0.55, colour, 1, cv2.LINE_AA)
-        x += 190
+        x += cv2.getTextSize(text, _FONT, 0.55, 1)[0][0] + 28
     verdict = report.verdict.upper()
     cv2.putText(canvas, f"verdict: {verdict}", (20, y + 32), _FONT, 0.65,
                 _GREEN if verdict == "ACCEPT" else _RED, 2, cv2.LINE_AA)
