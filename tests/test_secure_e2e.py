@@ -15,6 +15,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from device_agent.uplink import bundle
 from device_agent.uplink.outbox import Outbox
 from device_agent.uplink.seal import generate_keypair, private_key_pem, public_key_pem, seal
+from sim.commander import Commander
 from sim.device import SimDevice, sim_config
 from sim.gateway import Gateway
 from sim.pki import TestCA
@@ -116,3 +117,46 @@ def test_tampered_ciphertext_is_rejected_reported_and_not_stored(tmp_path, clini
     assert not (clinic["store"] / DEVICE / "tampered1.jpg").exists()
     assert any("tampered1" in name for name in quarantined)
     assert (clinic["store"] / DEVICE / f"{good.capture_id}.jpg").exists()
+
+
+def test_the_case_token_is_in_no_topic_no_upload_and_no_log(tmp_path, clinic, events):
+    # The clinic's system knows the patient; the device holds only an opaque case token.
+    # It reaches the clinic inside the sealed capture, and nowhere else: not in a topic, not
+    # in any upload or status message an administrator of the broker could read, not in a log.
+    token, site = "TD-2026-004711", "posterior torso"
+    client, seen = spy(clinic)
+    gateway = clinic["ca"].issue("gateway")
+    commander = Commander(clinic["broker"].host, clinic["broker"].port,
+                          tls={"ca_certs": str(clinic["ca"].cert_path),
+                               "certfile": str(gateway.cert), "keyfile": str(gateway.key)})
+    try:
+        with SimDevice(device_config(tmp_path, clinic)) as device:
+            device.wait_online()
+            assert commander.send(DEVICE, "open_case", case_token=token,
+                                  anatomic_site=site)["ok"]
+            device.show(None)
+            outcome = device.press()
+            assert outcome.verdict == "accept"
+            assert commander.send(DEVICE, "close_case")["ok"]
+            assert device.uplink.wait_idle(timeout=30)
+    finally:
+        commander.close()
+        client.disconnect()
+        client.loop_stop()
+
+    sidecar = json.loads((clinic["store"] / DEVICE / f"{outcome.capture_id}.json").read_text())
+    assert sidecar["case"]["token"] == token  # it did travel, sealed
+    messages = []
+    while not seen.empty():
+        messages.append(seen.get_nowait())
+    assert any("/up/" in topic for topic, _ in messages)
+    for topic, payload in messages:
+        assert token not in topic, topic
+        assert site not in topic, topic
+        if topic.split("/")[3] != "cmd":  # the clinic's own command to the device has it
+            assert token.encode() not in payload, topic
+            assert site.encode() not in payload, topic
+    assert events.records, "the agent and the gateway logged nothing"
+    for record in events.records:
+        text = json.dumps(record, default=str)
+        assert token not in text, record["event"]
