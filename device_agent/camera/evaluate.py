@@ -20,6 +20,7 @@ it is a development tool, not part of the device's runtime.
 from __future__ import annotations
 
 import argparse
+import functools
 import itertools
 import json
 import os
@@ -32,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from tqdm import tqdm
 
 from device_agent.camera.quality import CHECK_NAMES, Thresholds, assess
 
@@ -126,13 +128,17 @@ def _run(args: tuple[Case, Thresholds, str]) -> Outcome:
 
 
 def run_cases(
-    cases: Sequence[Case], thresholds: Thresholds, data_dir: Path, workers: int
+    cases: Sequence[Case], thresholds: Thresholds, data_dir: Path, workers: int,
+    progress: bool = False,
 ) -> list[Outcome]:
+    """Assess every case; ``progress`` shows a bar on stderr (a full run takes minutes)."""
     jobs = [(c, thresholds, str(data_dir)) for c in cases]
+    bar = functools.partial(tqdm, total=len(jobs), desc="frames", unit="frame",
+                            disable=not progress)
     if workers <= 1:
-        return [_run(j) for j in jobs]
+        return list(bar(map(_run, jobs)))
     with ProcessPoolExecutor(max_workers=workers) as pool:
-        return list(pool.map(_run, jobs, chunksize=4))
+        return list(bar(pool.map(_run, jobs, chunksize=4)))
 
 
 def _ratio(num: int, den: int) -> float | None:
@@ -300,7 +306,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     cases = build_cases(
         args.seeds, args.width, args.height, not args.no_photos, args.photo_seeds, args.data
     )
-    outcomes = run_cases(cases, thresholds, args.data, args.workers)
+    outcomes = run_cases(cases, thresholds, args.data, args.workers,
+                         progress=sys.stderr.isatty())
     result: dict[str, Any] = {
         "thresholds": thresholds.as_dict(),
         "set": {
