@@ -13,7 +13,7 @@ a NAT or firewall resets a connection mid-transfer; a weak link crawls. ::
         proxy.cut()              # RST both ways
         proxy.throttle(200_000)  # bytes per second, each direction
 
-One thread (``netfault-<port>``) owns every socket and moves the bytes with a selector. The
+One thread (``netfault-<port>``) owns every socket and moves the bytes with select(). The
 controls change its state under a lock, wake it and wait (bounded) until it has taken the
 change in, so when ``stall()`` returns not one more byte moves. Loopback only: it listens on
 127.0.0.1 and nowhere else.
@@ -22,7 +22,7 @@ change in, so when ``stall()`` returns not one more byte moves. Loopback only: i
 from __future__ import annotations
 
 import contextlib
-import selectors
+import select
 import socket
 import struct
 import threading
@@ -34,7 +34,6 @@ from types import TracebackType
 _BUF = 64 * 1024  # bytes held per direction of a connection; beyond that TCP pushes back
 _PACE = 0.05  # a throttled direction reads at most this many seconds' worth at once
 _TICK = 1.0  # the thread also wakes this often, although every change wakes it at once
-_READ, _WRITE = selectors.EVENT_READ, selectors.EVENT_WRITE
 
 
 def mqtt_packet_length(data: bytes | bytearray) -> int | None:
@@ -113,8 +112,7 @@ class FaultProxy:
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
-        self._sel = selectors.DefaultSelector()
-        self._sel.register(self._wake_r, _READ)
+        self._owner: dict[socket.socket, _Link] = {}  # each link's sockets, as last watched
         self._thread = threading.Thread(target=self._run, name=f"netfault-{self.port}",
                                         daemon=True)
         self._thread.start()
@@ -126,42 +124,31 @@ class FaultProxy:
         goodbye (half-open TCP). New connections wait in the listen backlog. With
         ``after_bytes``, first let that many more bytes through towards the broker, to strike
         at a byte-exact point mid-transfer; then this returns once the fault is armed."""
-        with self._lock:
-            self._strike = ("stall", after_bytes)
-        self._sync()
+        self._set(strike=("stall", after_bytes))
 
     def cut(self, after_bytes: int = 0) -> None:
         """Reset every live connection, both sides (RST), as a NAT or firewall that drops
         them; ``after_bytes`` as for :meth:`stall`. New connections are not affected."""
-        with self._lock:
-            self._strike = ("cut", after_bytes)
-        self._sync()
+        self._set(strike=("cut", after_bytes))
 
     def resume(self) -> None:
         """Forward again (and disarm a pending strike). What stalled connections held goes
         through, as TCP delivers it once a link is back."""
-        with self._lock:
-            self._stalled = False
-            self._strike = None
-        self._sync()
+        self._set(stalled=False, strike=None)
 
     def throttle(self, bytes_per_second: float | None) -> None:
         """Limit each direction of each connection to ``bytes_per_second`` (a weak link);
         None lifts the limit."""
         if bytes_per_second is not None and bytes_per_second <= 0:
             raise ValueError("bytes_per_second must be positive (or None)")
-        with self._lock:
-            self._rate = bytes_per_second
-        self._sync()
+        self._set(rate=bytes_per_second)
 
     def unthrottle(self) -> None:
         self.throttle(None)
 
     def refuse(self, on: bool = True) -> None:
         """Reset new connections at once, as a closed or firewalled port; live ones go on."""
-        with self._lock:
-            self._refusing = on
-        self._sync()
+        self._set(refusing=on)
 
     def live(self) -> int:
         """Connections open right now."""
@@ -187,14 +174,18 @@ class FaultProxy:
         with contextlib.suppress(OSError):  # full: a wake-up is pending anyway; closed: done
             self._wake_w.send(b"\0")
 
-    def _sync(self, timeout: float = 5.0) -> None:
+    def _set(self, **state: object) -> None:
+        """Change the thread's state (``_stalled``, ``_rate``, ...), wake it and wait until
+        it has taken the change in: the caller's next step meets the link in its new state."""
         if self._closing.is_set():
             return
         taken = threading.Event()
         with self._lock:
+            for name, value in state.items():
+                setattr(self, f"_{name}", value)
             self._taken.append(taken)
         self._wake()
-        if not taken.wait(timeout) and not self._closing.is_set():
+        if not taken.wait(5.0) and not self._closing.is_set():
             raise RuntimeError(f"{self._thread.name} did not take the change in")
 
     # ------------------------------------------------------------------------- the thread
@@ -202,77 +193,72 @@ class FaultProxy:
     def _run(self) -> None:
         try:
             while not self._closing.is_set():
-                timeout = self._arrange()
-                events = self._sel.select(timeout)
+                readers, writers, timeout = self._arrange()
+                readable, writable, _ = select.select(readers, writers, [], timeout)
                 with self._lock:
-                    for key, mask in events:
-                        self._handle(key, mask)
+                    for sock in writable:
+                        self._on_writable(sock)
+                    for sock in readable:
+                        self._on_readable(sock)
         finally:
             with self._lock:
                 for link in list(self._links):
                     self._drop(link, reset=True)
-                for done in self._taken:
-                    done.set()
+                for taken in self._taken:
+                    taken.set()
             for sock in (self._listener, self._wake_r, self._wake_w):
                 sock.close()
-            self._sel.close()
 
-    def _arrange(self) -> float:
-        """Apply pending controls, then say which sockets to watch for what. Returns how
-        long the selector may sleep (until the next throttled read is due, at most _TICK)."""
+    def _arrange(self) -> tuple[list[socket.socket], list[socket.socket], float]:
+        """Apply pending controls, then say which sockets to watch for reading and writing,
+        and for how long at most (until the next throttled read is due)."""
         with self._lock:
             if self._strike is not None and self._strike[1] <= 0:
                 self._strike_now()
-            for done in self._taken:
-                done.set()
+            for taken in self._taken:
+                taken.set()
             self._taken.clear()
             now = time.monotonic()
             due = now + _TICK
-            self._watch(self._listener, 0 if self._stalled else _READ)
-            for link in self._links:
-                for sock in (link.client, link.server):
-                    mask = 0
-                    if not self._stalled:
+            readers, writers = [self._wake_r], []
+            self._owner = {}
+            if not self._stalled:
+                readers.append(self._listener)
+                for link in self._links:
+                    for sock in (link.client, link.server):
+                        self._owner[sock] = link
                         if link.owed(sock) and not (sock is link.server and link.greeting):
-                            mask |= _WRITE
+                            writers.append(sock)
                         at = link.ready_at.get(sock, now)
-                        if not link.ending and len(link.owed(link.peer(sock))) < _BUF:
-                            if at <= now:
-                                mask |= _READ
-                            else:
-                                due = min(due, at)  # throttled: wake when it may read again
-                    self._watch(sock, mask, link)
-            return max(0.0, due - now)
+                        if link.ending or len(link.owed(link.peer(sock))) >= _BUF:
+                            continue
+                        if at <= now:
+                            readers.append(sock)
+                        else:
+                            due = min(due, at)  # throttled: wake when it may read again
+            return readers, writers, due - now
 
-    def _watch(self, sock: socket.socket, mask: int, link: _Link | None = None) -> None:
-        try:
-            key = self._sel.get_key(sock)
-        except KeyError:
-            if mask:
-                self._sel.register(sock, mask, link)
-            return
-        if not mask:
-            self._sel.unregister(sock)
-        elif key.events != mask:
-            self._sel.modify(sock, mask, link)
+    def _on_writable(self, sock: socket.socket) -> None:
+        link = self._owner.get(sock)
+        if link is not None and not link.closed and not self._stalled:
+            self._write(link, sock)
+            self._end_if_done(link)
 
-    def _handle(self, key: selectors.SelectorKey, mask: int) -> None:
-        sock, link = key.fileobj, key.data
+    def _on_readable(self, sock: socket.socket) -> None:
         if sock is self._wake_r:
             with contextlib.suppress(OSError):
                 self._wake_r.recv(4096)
-        elif self._stalled or (link is not None and link.closed):
+        elif self._stalled:
             return  # a strike earlier in this round: nothing more moves
         elif sock is self._listener:
             self._accept()
-        else:
-            sock = link.client if sock is link.client else link.server
-            if mask & _WRITE:
-                self._write(link, sock)
-            if mask & _READ and not link.closed and not self._stalled:
-                self._read(link, sock)
-            if link.ending and not link.closed and not link.to_server and not link.to_client:
-                self._drop(link, reset=False)
+        elif (link := self._owner.get(sock)) is not None and not link.closed:
+            self._read(link, sock)
+            self._end_if_done(link)
+
+    def _end_if_done(self, link: _Link) -> None:
+        if link.ending and not link.closed and not link.to_server and not link.to_client:
+            self._drop(link, reset=False)
 
     def _accept(self) -> None:
         try:
@@ -366,7 +352,6 @@ class FaultProxy:
         link.closed = True
         self._links.remove(link)
         for sock in (link.client, link.server):
-            self._watch(sock, 0)
             if reset:
                 _reset(sock)
             else:

@@ -88,9 +88,19 @@ def test_stall_forwards_nothing_either_way_until_resume(proxy, target) -> None:
         assert_nothing_arrives(server)
         assert_nothing_arrives(client)
         assert proxy.live() == 1  # held open, like a half-open connection
-        proxy.resume()
-        assert recv_exactly(server, 2) == b"up"
-        assert recv_exactly(client, 4) == b"down"
+        with socket.create_connection((proxy.host, proxy.port), timeout=5) as late:
+            target.settimeout(0.3)
+            with pytest.raises(TimeoutError):
+                target.accept()  # a new connection waits too: nothing reaches the broker
+            target.settimeout(5)
+            proxy.resume()
+            assert recv_exactly(server, 2) == b"up"
+            assert recv_exactly(client, 4) == b"down"
+            late_server, _ = target.accept()
+            late_server.settimeout(5)
+            with late_server:
+                late.sendall(b"late")
+                assert recv_exactly(late_server, 4) == b"late"
 
 
 def test_stall_after_bytes_strikes_at_that_byte(proxy, target) -> None:
