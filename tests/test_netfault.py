@@ -293,3 +293,32 @@ def test_throttled_link_delivers_a_multi_chunk_capture_intact(
     assert not events.named("uplink.retry")
     assert not events.named("uplink.disconnected", levelname="WARNING")  # only the stop's
     assert_each_stored_once(store, events, items)
+
+
+def test_cuts_during_chunks_keep_the_chunk_size_on_mqtt5(
+    broker, gateway, outbox, store, events  # noqa: F811
+) -> None:
+    # Over MQTT 5 the broker states its packet cap, so a lost connection says nothing about
+    # the chunk size: halving it would only make the gateway start the capture over.
+    items = [put(outbox, n, size=400_000) for n in range(2)]
+    cuts: list[int] = []
+    with FaultProxy(broker.host, broker.port) as proxy:
+
+        def cut_twice(record: dict) -> None:
+            if record.get("capture_id") == "cap-1" and record.get("state") == "incomplete" \
+                    and len(cuts) < 2:
+                cuts.append(1)
+                proxy.cut(after_bytes=30_000)
+
+        events.on("uplink.ack", cut_twice)
+        up = uplink_via(proxy, broker, outbox, chunk_size=8192)
+        up.start()
+        try:
+            assert up.wait_idle(30)
+        finally:
+            up.stop()
+        assert proxy.resets == 2
+    assert not events.named("uplink.chunk_size_reduced")
+    assert {d["chunk_size"] for d in events.named("capture.delivered")} == {8192}
+    assert_each_stored_once(store, events, items)
+    assert_resumed_not_restarted(events, "cap-1")

@@ -70,6 +70,7 @@ DEFAULT_WINDOW = 16
 MAX_STALLED_ROUNDS = 3
 #: CONNACK reason "Unsupported Protocol Version" (paho maps a 3.1.1 broker's refusal to it).
 _UNSUPPORTED_PROTOCOL_VERSION = 0x84
+_PACKET_TOO_LARGE = 0x95
 _THERMAL = Path("/sys/class/thermal/thermal_zone0/temp")
 
 
@@ -147,6 +148,8 @@ class Uplink:
         # but drop the connection on a too large packet: halved after repeated drops.
         self._learnt_cap: int | None = None
         self._drops_while_chunking = 0
+        # The last connection ended with MQTT 5 "Packet too large" (0x95).
+        self._dropped_for_size = False
         self._receive_max = 65535
         self._acks: dict[str, Ack] = {}
         self._inflight: set[int] = set()
@@ -405,6 +408,7 @@ class Uplink:
             if client is not self._client:
                 return
             was = self._connected
+            self._dropped_for_size = reason_code == _PACKET_TOO_LARGE
             self._connected = False
             self._subscribed = False
             self._conn_ended = True
@@ -707,7 +711,14 @@ class Uplink:
         """Brokers without a stated packet cap (3.1.1) close the connection on a too large
         PUBLISH. Two drops in a row between sending chunks and the next ack: halve the chunk
         size (not below 1 KiB) for the next attempts. If the cause was something else, this
-        only costs some efficiency."""
+        only costs some efficiency.
+
+        Over MQTT 5 only a drop the broker explains as "Packet too large" counts: a broker
+        states its cap in the CONNACK (the chunks fit under it) and must say so when a packet
+        is over it, so any other drop is the link, and halving would only restart the
+        transfer from zero (another chunk size) for nothing."""
+        if self._mqtt5 and not self._dropped_for_size:
+            return
         self._drops_while_chunking += 1
         if self._drops_while_chunking < 2 or t.chunk_size <= 1024:
             return
