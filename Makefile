@@ -23,8 +23,8 @@ demo: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 
-# The fault-injection soak runs in `make test` as a short version (10 kill -9 trials,
-# 3 broker restarts); `make soak` is the long one, with its figures printed as JSON.
+# The fault-injection soak runs in `make test` as a short version (20 kill -9 trials,
+# 4 broker restarts); `make soak` is the long one, with its figures printed as JSON.
 test: $(STAMP) lint
 	$(PY) -m pytest -q
 

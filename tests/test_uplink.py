@@ -20,6 +20,7 @@ from pathlib import Path
 import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
+from tqdm import tqdm
 
 from device_agent.config import UplinkConfig
 from device_agent.uplink import bundle, seal
@@ -630,8 +631,8 @@ def test_soak_kill9_and_broker_restarts(broker, store, tmp_path, events) -> None
     random moments: every capture reported accepted is stored exactly once and intact.
     The counts come from the gateway's stored files and the device's own "accepted" lines.
     Short by default; SOAK_TRIALS=500 SOAK_RESTARTS=50 for the long run."""
-    trials = int(os.environ.get("SOAK_TRIALS", "10"))
-    restarts = min(trials, int(os.environ.get("SOAK_RESTARTS", "3")))
+    trials = int(os.environ.get("SOAK_TRIALS", "20"))
+    restarts = min(trials, int(os.environ.get("SOAK_RESTARTS", "4")))
     rng = random.Random(int(os.environ.get("SOAK_SEED", "1")))
     box = tmp_path / "soak-outbox"
     accepted: dict[str, str] = {}
@@ -643,7 +644,9 @@ def test_soak_kill9_and_broker_restarts(broker, store, tmp_path, events) -> None
 
     with Gateway(broker.host, broker.port, store) as gw:
         assert gw.wait_ready(10)
-        for trial in range(trials):
+        # A bar on a terminal: `make soak` runs for many minutes.
+        for trial in tqdm(range(trials), desc="soak trials", unit="trial",
+                          disable=not sys.stderr.isatty()):
             command = [sys.executable, "-c", _SOAK_DEVICE, str(broker.port), str(box),
                        f"t{trial}", "run"]
             _soak_trial(command, accepted, rng.uniform(0.4, 2.0),
