@@ -139,6 +139,10 @@ class Agent:
         self._camera_fault = False
         self._wake = threading.Event()
         self._last_activity = time.monotonic()
+        # Autofocus (cameras that have it): due when the camera (re)starts, after a "focus"
+        # retake, and every camera.autofocus_every_s; never while a capture takes frames.
+        self._autofocus_due_at = 0.0
+        self._capturing = threading.Event()
         self.asleep = False
         self._outcomes: list[CaptureOutcome] = []
         self.outcome_count = 0
@@ -230,6 +234,24 @@ class Agent:
                 return
             self._camera_fault = False
             self.ring.push(frame)
+            if self._autofocus_due():
+                self._autofocus()
+
+    # -- autofocus ----------------------------------------------------------------------
+    def _autofocus_due(self) -> bool:
+        return (self.camera.has_autofocus and not self._capturing.is_set()
+                and time.monotonic() >= self._autofocus_due_at)
+
+    def _autofocus(self) -> None:
+        """One focus cycle, on the camera thread: the stream pauses for it (a few frames),
+        which is why it never runs while a capture is choosing frames."""
+        started = time.monotonic()
+        converged = self.camera.autofocus(self.config.camera.frame_timeout)
+        # A cycle that did not converge (nothing in view, the lens lifted) is tried again soon.
+        every = self.config.camera.autofocus_every_s
+        self._autofocus_due_at = time.monotonic() + (every if converged else min(every, 5.0))
+        log_event(log, "camera.autofocus", converged=converged,
+                  seconds=round(time.monotonic() - started, 3))
 
     # -- sleeping while nobody uses the device ------------------------------------------
     def _sleep_due(self) -> bool:
@@ -250,6 +272,7 @@ class Agent:
             return
         self.ring_started_at = time.monotonic()
         self.camera.start()
+        self._autofocus_due_at = 0.0  # the lens may have moved while the camera slept
         self._light_for(self.session.mode)
         self.asleep = False
         log_event(log, "camera.awake")
@@ -293,11 +316,15 @@ class Agent:
         cam = self.config.camera
         self.lights.show(Signal.CAPTURING)
         mode = self.session.mode
-        first = self._shoot(pressed_at, "polarised" if mode == "pair" else mode,
-                            cam.window_before, cam.window_after)
-        shots = [first]
-        if first is not None and mode == "pair":
-            shots.append(self._second_of_pair())
+        self._capturing.set()
+        try:
+            first = self._shoot(pressed_at, "polarised" if mode == "pair" else mode,
+                                cam.window_before, cam.window_after)
+            shots = [first]
+            if first is not None and mode == "pair":
+                shots.append(self._second_of_pair())
+        finally:
+            self._capturing.clear()
         if any(shot is None for shot in shots):
             capture_id = first.capture_id if first else uuid.uuid4().hex
             log_event(log, "capture.failed", logging.ERROR, capture_id=capture_id,
@@ -309,6 +336,8 @@ class Agent:
         reasons = tuple(name for name in CHECK_NAMES if name in failed)
         if reasons:
             self._last_retake = _Retake(tuple(judged), time.monotonic())
+            if "focus" in reasons:
+                self._autofocus_due_at = 0.0  # before the clinician's retake, if it can help
             for shot in judged:
                 log_event(log, "capture.rejected", capture_id=shot.capture_id,
                           reasons=list(reasons), scores=shot.quality["scores"],

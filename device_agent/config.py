@@ -52,6 +52,9 @@ class CameraConfig(_Section):
     window_after: Annotated[float, Field(ge=0, le=1)] = 0.1
     jpeg_quality: Annotated[int, Field(ge=50, le=100)] = 95
     frame_timeout: Annotated[float, Field(gt=0, le=30)] = 2.0
+    # Cameras with autofocus: a cycle when the camera starts or wakes, after a "focus"
+    # retake, and when the last cycle is older than this (s).
+    autofocus_every_s: Annotated[float, Field(gt=0, le=24 * 3600)] = 60.0
     # Stop streaming (and darken the ring) after this long without a gesture; the next
     # press wakes the device. 0 = stream for as long as the agent runs.
     sleep_after_s: Annotated[float, Field(ge=0, le=24 * 3600)] = 300.0
@@ -62,6 +65,8 @@ class SimConfig(_Section):
     # Defect of the simulated scene at start; the demo and tests change it per press.
     defect: str | None = None
     severity: Annotated[float, Field(ge=0)] = 1.0
+    # The simulated camera has an autofocus lens (as the Camera Module 3), else fixed focus.
+    autofocus: bool = False
 
 
 class PinsConfig(_Section):

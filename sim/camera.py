@@ -29,8 +29,13 @@ class SimCamera(Camera):
         seed: int = 1,
         defect: str | None = None,
         severity: float = 1.0,
+        autofocus: bool = False,
     ) -> None:
         self._period = 1.0 / fps
+        self.has_autofocus = autofocus
+        # How far the lens has drifted from focus (a defocus severity), until a cycle.
+        self._drift = 0.0
+        self.autofocus_cycles = 0
         self._lock = threading.Lock()
         self._spec = SceneSpec(seed=seed, width=width, height=height)
         self.set_scene(defect=defect, severity=severity)
@@ -67,6 +72,26 @@ class SimCamera(Camera):
         with self._lock:
             self._shake = (now, now + duration, length)
 
+    def drift_lens(self, severity: float = 1.5) -> None:
+        """The focus motor's position goes stale, as after a move to other skin or a warm-up:
+        frames come out defocused until the next autofocus cycle (cameras with autofocus)."""
+        if not self.has_autofocus:
+            raise CameraError("this simulated camera has a fixed-focus lens")
+        with self._lock:
+            self._drift = severity
+
+    def autofocus(self, timeout: float) -> bool:
+        """A cycle takes three frame periods, as the Camera Module 3's PDAF roughly does;
+        close() interrupts it."""
+        if not self.has_autofocus:
+            return False
+        if self._closed.wait(min(timeout, 3 * self._period)):
+            return False
+        with self._lock:
+            self._drift = 0.0
+        self.autofocus_cycles += 1
+        return True
+
     def start(self) -> None:
         self._closed.clear()
         self._started = True
@@ -84,7 +109,9 @@ class SimCamera(Camera):
         now = time.monotonic()
         self._next_due = max(self._next_due + self._period, now)
         with self._lock:
-            spec, shake, still = self._spec, self._shake, self._still
+            spec, shake, still, drift = self._spec, self._shake, self._still, self._drift
+        if drift > 0 and spec.defect is None:
+            spec = replace(spec, defect="defocus", severity=drift)
         length = shake[2] if shake and shake[0] <= now <= shake[1] else 0.0
         self._sequence += 1
         image = still.copy() if still is not None else render(spec, self._sequence, length)
@@ -94,6 +121,8 @@ class SimCamera(Camera):
             "AnalogueGain": 1.0,
             "FrameDuration": int(self._period * 1e6),
         }
+        if self.has_autofocus:
+            metadata["LensPosition"] = 7.5  # dioptres, as libcamera reports it
         return Frame(image=image, timestamp=now, sequence=self._sequence, metadata=metadata)
 
     def close(self) -> None:

@@ -45,7 +45,8 @@ class SimDevice:
         self.board = SimBoard(config.pins)
         cam = config.camera
         self.camera = SimCamera(cam.width, cam.height, cam.fps, seed=config.sim.seed,
-                                defect=config.sim.defect, severity=config.sim.severity)
+                                defect=config.sim.defect, severity=config.sim.severity,
+                                autofocus=config.sim.autofocus)
         self.outbox = Outbox(config.outbox_dir, int(config.outbox.quota_mb * 1024 * 1024))
         self.uplink = (
             Uplink(config.uplink, config.device.id, self.outbox, __version__)

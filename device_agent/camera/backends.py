@@ -16,5 +16,5 @@ def open_camera(camera: CameraConfig, sim: SimConfig) -> Camera:
 
     return SimCamera(
         camera.width, camera.height, camera.fps, seed=sim.seed, defect=sim.defect,
-        severity=sim.severity,
+        severity=sim.severity, autofocus=sim.autofocus,
     )

@@ -45,6 +45,8 @@ class Camera(ABC):
 
     #: Sensor/camera model for the capture metadata, e.g. "imx477".
     model: str = "unknown"
+    #: Whether :meth:`autofocus` moves a lens (Camera Module 3), known once started.
+    has_autofocus: bool = False
 
     @abstractmethod
     def start(self) -> None:

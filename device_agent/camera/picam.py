@@ -59,6 +59,8 @@ class PicameraCamera(Camera):
         )
         cam.configure(config)
         cam.start()
+        # The HQ camera's focus is set by hand on its lens; the Camera Module 3 has a motor.
+        self.has_autofocus = "AfMode" in cam.camera_controls
         self._cam = cam
 
     def _camera(self) -> Any:
@@ -87,8 +89,8 @@ class PicameraCamera(Camera):
 
     def autofocus(self, timeout: float) -> bool:
         cam = self._camera()
-        if "AfMode" not in cam.camera_controls:
-            return False  # fixed-focus camera (HQ camera): focus is set on the lens
+        if not self.has_autofocus:
+            return False
         try:
             return bool(cam.autofocus_cycle(wait=timeout))
         except TimeoutError:
