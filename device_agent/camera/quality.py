@@ -251,16 +251,23 @@ def _result(name: str, score: float, threshold: float) -> CheckResult:
 def working_copy(image: np.ndarray, size: int = WORK_SIZE) -> tuple[np.ndarray, float]:
     """The image reduced (never enlarged) so its longer side is at most ``size``; and the factor.
 
-    Halving with pyrDown is far cheaper on 12 MP than one big area resize, and its small
-    Gaussian pre-blur is what anti-aliasing needs anyway; an area resize finishes the job.
+    A large frame is first reduced by the whole factor k that keeps it at least ``size``
+    long: with a whole factor OpenCV's area resize averages k x k blocks in one pass (its
+    fast path), half the cost of a pyramid on 12 MP and a quarter of a general area resize,
+    anti-aliased all the same. An area resize of the small result finishes the job.
     """
     h, w = image.shape[:2]
     factor = min(1.0, size / max(h, w))
     if factor == 1.0:
         return image, 1.0
+    k = max(h, w) // size
     small = image
-    while max(small.shape[:2]) >= 4 * size:
-        small = cv2.pyrDown(small)
+    if k >= 2:
+        # The last rows and columns beyond a multiple of k are left out: at most k - 1
+        # pixels at the frame's edge, outside any lens field.
+        rows, cols = h // k, w // k
+        small = cv2.resize(image[: rows * k, : cols * k], (cols, rows),
+                           interpolation=cv2.INTER_AREA)
     target = (max(1, round(w * factor)), max(1, round(h * factor)))
     return cv2.resize(small, target, interpolation=cv2.INTER_AREA), factor
 
