@@ -17,26 +17,16 @@ import argparse
 import json
 import statistics
 import sys
-import time
-from collections.abc import Callable
 
 import cv2
 import numpy as np
+from common import median_seconds
 
 from device_agent.camera.quality import assess
 from device_agent.camera.select import frame_score
 from sim.scene import SceneSpec, render
 
 GOAL_RATIO = 40.0
-
-
-def _median_seconds(fn: Callable[[], object], repeat: int) -> float:
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def measure(image: np.ndarray, repeat: int) -> dict[str, float]:
@@ -46,8 +36,8 @@ def measure(image: np.ndarray, repeat: int) -> dict[str, float]:
     cv2.mean(image)
     mean_t, assess_t = [], []
     for _ in range(repeat):
-        mean_t.append(_median_seconds(lambda: cv2.mean(image), 5))
-        assess_t.append(_median_seconds(lambda: assess(image), 1))
+        mean_t.append(median_seconds(lambda: cv2.mean(image), 5))
+        assess_t.append(median_seconds(lambda: assess(image), 1))
     m, a = statistics.median(mean_t), statistics.median(assess_t)
     return {"mean_ms": m * 1000, "assess_ms": a * 1000, "ratio": a / m}
 
@@ -70,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     frame_stream = render(SceneSpec(seed=2))  # the simulated stream's 1014x760
     big = measure(frame_12mp, args.repeat)
     small = measure(frame_stream, args.repeat)
-    score_ms = _median_seconds(lambda: frame_score(frame_stream), 3 * args.repeat) * 1000
+    score_ms = median_seconds(lambda: frame_score(frame_stream), 3 * args.repeat) * 1000
     verdict = assess(frame_12mp)
 
     result = {
