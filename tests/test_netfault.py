@@ -232,8 +232,7 @@ def test_stall_mid_transfer_is_detected_then_resumed_and_stored_once(
         # 40 kB of cap-1's chunks reach the broker, then the link goes dead without a word.
         struck = strike_mid_transfer(events, lambda: proxy.stall(after_bytes=40_000))
         up = uplink_via(proxy, broker, outbox, chunk_size=8192, keepalive=5)
-        up.start()
-        try:
+        with up:
             assert struck.wait(20)
             # Unanswered: first the ack timeout notices (and retries, into the void), then
             # the MQTT keepalive gives the connection up (~2 keepalives).
@@ -242,8 +241,6 @@ def test_stall_mid_transfer_is_detected_then_resumed_and_stored_once(
             assert outbox.depth() == 2
             proxy.resume()
             assert up.wait_idle(30)
-        finally:
-            up.stop()
         assert proxy.accepted >= 2  # it came back over a new connection
     assert_each_stored_once(store, events, items)
     assert_resumed_not_restarted(events, "cap-1")
@@ -256,13 +253,10 @@ def test_cut_mid_transfer_reconnects_and_stores_once(
     with FaultProxy(broker.host, broker.port) as proxy:
         struck = strike_mid_transfer(events, lambda: proxy.cut(after_bytes=40_000))
         up = uplink_via(proxy, broker, outbox, chunk_size=8192)
-        up.start()
-        try:
+        with up:
             assert struck.wait(20)
             events.wait_for("uplink.disconnected")
             assert up.wait_idle(30)
-        finally:
-            up.stop()
         assert proxy.resets == 1
         assert proxy.accepted >= 2
     assert_each_stored_once(store, events, items)
@@ -312,11 +306,8 @@ def test_cuts_during_chunks_keep_the_chunk_size_on_mqtt5(
 
         events.on("uplink.ack", cut_twice)
         up = uplink_via(proxy, broker, outbox, chunk_size=8192)
-        up.start()
-        try:
+        with up:
             assert up.wait_idle(30)
-        finally:
-            up.stop()
         assert proxy.resets == 2
     assert not events.named("uplink.chunk_size_reduced")
     assert {d["chunk_size"] for d in events.named("capture.delivered")} == {8192}

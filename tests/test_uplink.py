@@ -73,11 +73,8 @@ def make_uplink(broker: MosquittoBroker, outbox: Outbox, **over: object) -> Upli
 def deliver_all(broker, outbox: Outbox, timeout: float = 30) -> None:
     """Run an uplink until the outbox is empty (and fail if it does not empty in time)."""
     up = make_uplink(broker, outbox)
-    up.start()
-    try:
+    with up:
         assert up.wait_idle(timeout)
-    finally:
-        up.stop()
 
 
 def put(outbox: Outbox, n: int, size: int = 50_000) -> tuple[str, dict, bytes]:
@@ -121,15 +118,12 @@ def test_sealed_capture_is_delivered_and_opened_at_the_gateway(
 def test_entry_stays_until_gateway_acks(broker, outbox, store, events) -> None:
     capture_id, meta, image = put(outbox, 1)
     up = make_uplink(broker, outbox)
-    up.start()
-    try:
+    with up:
         # The broker PUBACKs the manifest, but no gateway answers: the entry must stay.
         events.wait_for("uplink.retry", capture_id=capture_id)
         assert [e.capture_id for e in outbox.pending()] == [capture_id]
         with Gateway(broker.host, broker.port, store):
             assert up.wait_idle(30)
-    finally:
-        up.stop()
     assert_stored(store, capture_id, meta, image)
     assert outbox.depth() == 0
 
@@ -155,13 +149,10 @@ def test_broker_down_at_start_then_up(tmp_path, outbox, store, events) -> None:
 def test_broker_restart_mid_queue_loses_nothing(broker, gateway, outbox, store, events) -> None:
     items = [put(outbox, n, size=200_000) for n in range(4)]
     up = make_uplink(broker, outbox, chunk_size=4096)
-    up.start()
-    try:
+    with up:
         events.wait_for("capture.delivered")
         broker.restart()
         assert up.wait_idle(40)
-    finally:
-        up.stop()
     for capture_id, meta, image in items:
         assert_stored(store, capture_id, meta, image)
     assert len(events.named("capture.stored")) == 4
@@ -172,16 +163,13 @@ def test_duplicate_after_lost_removal_is_stored_once(
 ) -> None:
     capture_id, meta, image = put(outbox, 3)
     up = make_uplink(broker, outbox)
-    up.start()
-    try:
+    with up:
         assert up.wait_idle(30)
         # As if the device crashed after the ack but before remove(): the same capture again.
         put(outbox, 3)
         up.notify()
         events.wait_for("capture.delivered", count=2, capture_id=capture_id)
         assert up.wait_idle(30)
-    finally:
-        up.stop()
     assert len(events.named("capture.stored", capture_id=capture_id)) == 1
     assert len(events.named("gateway.duplicate", capture_id=capture_id)) == 1
     assert sorted(p.name for p in (store / DEVICE).iterdir()) == [
@@ -207,12 +195,8 @@ def test_corrupt_entry_is_quarantined_and_the_next_is_delivered(
 def test_mqtt311_end_to_end(broker, outbox, store) -> None:
     capture_id, meta, image = put(outbox, 5, size=100_000)
     up = make_uplink(broker, outbox, protocol="mqtt311")
-    with Gateway(broker.host, broker.port, store, protocol="mqtt311"):
-        up.start()
-        try:
-            assert up.wait_idle(30)
-        finally:
-            up.stop()
+    with Gateway(broker.host, broker.port, store, protocol="mqtt311"), up:
+        assert up.wait_idle(30)
     assert_stored(store, capture_id, meta, image)
 
 
@@ -225,11 +209,8 @@ def test_falls_back_to_mqtt311_when_the_broker_refuses_mqtt5(
             Gateway(broker.host, broker.port, store, protocol="mqtt311") as gw:
         assert gw.wait_ready(10)
         up = make_uplink(broker, outbox)  # configured for MQTT 5
-        up.start()
-        try:
+        with up:
             assert up.wait_idle(30)
-        finally:
-            up.stop()
     assert events.named("uplink.protocol_fallback")
     assert_stored(store, capture_id, meta, image)
 
@@ -253,11 +234,8 @@ def test_falls_back_to_mqtt311_when_the_broker_refuses_mqtt5_explicitly(
             Gateway(broker.host, broker.port, store) as gw:
         assert gw.wait_ready(10)
         up = Uplink(uplink_config(broker, port=proxy.port), DEVICE, outbox, "test-1.0")
-        up.start()
-        try:
+        with up:
             assert up.wait_idle(30)
-        finally:
-            up.stop()
     assert proxy.refused == 1
     assert len(events.named("uplink.protocol_fallback")) == 1
     assert events.named("uplink.connected")[-1]["protocol"] == "mqtt311"
@@ -270,11 +248,8 @@ def test_chunks_fit_the_brokers_maximum_packet_size(tmp_path, outbox, store, eve
         assert gw.wait_ready(10)
         capture_id, meta, image = put(outbox, 6, size=60_000)
         up = make_uplink(broker, outbox, chunk_size=64 * 1024)
-        up.start()
-        try:
+        with up:
             assert up.wait_idle(30)
-        finally:
-            up.stop()
     assert_stored(store, capture_id, meta, image)
     (delivered,) = events.named("capture.delivered")
     assert delivered["chunk_size"] <= 8192 - 56
@@ -286,11 +261,8 @@ def test_receive_maximum_is_respected(tmp_path, outbox, store, events) -> None:
         assert gw.wait_ready(10)
         capture_id, meta, image = put(outbox, 7, size=100_000)
         up = make_uplink(broker, outbox, chunk_size=2048)
-        up.start()
-        try:
+        with up:
             assert up.wait_idle(30)
-        finally:
-            up.stop()
     assert events.named("uplink.connected")[0]["receive_max"] == 2
     assert 1 <= up.peak_in_flight <= 2  # Mosquitto 2.0 would not even complain
     assert_stored(store, capture_id, meta, image)
@@ -320,11 +292,8 @@ def test_resume_sends_only_the_missing_chunks(broker, gateway, outbox, store, ev
         raw.disconnect()
         raw.loop_stop()
     up = make_uplink(broker, outbox, chunk_size=chunk_size)
-    up.start()
-    try:
+    with up:
         assert up.wait_idle(30)
-    finally:
-        up.stop()
     resumed = events.named("gateway.manifest", capture_id=capture_id)[-1]
     assert resumed["resumed"] is True
     assert resumed["missing"] == count - count // 2
@@ -434,14 +403,11 @@ def test_broker_killed_at_a_protocol_step_loses_and_duplicates_nothing(
 
     events.on(moment, strike)
     up = make_uplink(broker, outbox, chunk_size=8192)
-    up.start()
-    try:
+    with up:
         assert struck.wait(30)
         events.wait_for("uplink.disconnected")
         broker.start()
         assert up.wait_idle(40)
-    finally:
-        up.stop()
     assert_each_stored_once(store, events, items)
 
 
@@ -462,8 +428,7 @@ def test_gateway_killed_mid_transfer_resumes_and_stores_once(
     received = store / ".gateway" / "staging" / DEVICE / capture_id / "received"
     first = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
     up = make_uplink(broker, outbox, chunk_size=2048)
-    up.start()
-    try:
+    with up:
         # Another process: its staging file is all we can watch (bounded polling).
         deadline = time.monotonic() + 30
         while not (received.exists() and received.stat().st_size >= 4 * 500):
@@ -477,8 +442,6 @@ def test_gateway_killed_mid_transfer_resumes_and_stores_once(
         finally:
             second.terminate()
             out, _ = second.communicate(timeout=10)
-    finally:
-        up.stop()
         first.kill()
     logged = _json_lines(out)
     # The restarted gateway resumed from the staged chunks (whether the device learnt what
@@ -552,11 +515,8 @@ def test_mqtt311_broker_with_an_unstated_packet_cap_gets_smaller_chunks(
         assert gw.wait_ready(10)
         capture_id, meta, image = put(outbox, 12, size=100_000)
         up = make_uplink(broker, outbox, protocol="mqtt311", chunk_size=64 * 1024)
-        up.start()
-        try:
+        with up:
             assert up.wait_idle(60)
-        finally:
-            up.stop()
     assert events.named("uplink.chunk_size_reduced")
     (delivered,) = events.named("capture.delivered")
     assert delivered["chunk_size"] <= 8192
@@ -685,9 +645,6 @@ def test_uplink_can_be_started_again_after_stop(broker, gateway, outbox, store) 
     up.start()
     up.stop()
     capture_id, meta, image = put(outbox, 15)
-    up.start()
-    try:
+    with up:
         assert up.wait_idle(30)
-    finally:
-        up.stop()
     assert_stored(store, capture_id, meta, image)

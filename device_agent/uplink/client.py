@@ -315,6 +315,13 @@ class Uplink:
         with self._cond:
             self._cond.notify_all()
 
+    def __enter__(self) -> Uplink:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
     def stop(self, timeout: float = 5.0) -> None:
         """Stop sending, say "offline" (retained), disconnect, join the threads."""
         self._stop.set()
