@@ -211,6 +211,8 @@ class Gateway:
         # DICOM export (derived, redone from the stored JPEG and sidecar at any time) and
         # removing a committed transfer's staging (the ledger already answers replays).
         self._later: queue.Queue[Callable[[], None] | None] = queue.Queue()
+        # Jobs of the message being handled, released once its ack is published.
+        self._held: list[Callable[[], None]] = []
         self._later_thread: threading.Thread | None = None
         self._later_pending = 0
         self._later_done = threading.Condition()
@@ -295,9 +297,15 @@ class Gateway:
             self._open.popitem()[1].close()
 
     def _after_ack(self, job: Callable[[], None]) -> None:
-        with self._later_done:
-            self._later_pending += 1
-        self._later.put(job)
+        """Run ``job`` on the after-ack thread once the current message's ack is out."""
+        self._held.append(job)
+
+    def _release_held(self) -> None:
+        jobs, self._held = self._held, []
+        for job in jobs:
+            with self._later_done:
+                self._later_pending += 1
+            self._later.put(job)
 
     def _after_ack_loop(self) -> None:
         while (job := self._later.get()) is not None:
@@ -384,6 +392,7 @@ class Gateway:
                       capture_id=capture_id, error=str(err))
             ack = Ack(capture_id, "retry", req=_req_of(message.payload), reason="storage_error")
         self._send_ack(device_id, ack, correlation)
+        self._release_held()
 
     def _send_ack(self, device_id: str, ack: Ack, correlation: bytes | None) -> None:
         props = None
