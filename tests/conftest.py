@@ -10,7 +10,9 @@ from typing import Any
 
 import pytest
 
+from device_agent.uplink.outbox import Outbox
 from sim.broker import MosquittoBroker
+from sim.gateway import Gateway
 
 
 @pytest.fixture
@@ -18,6 +20,25 @@ def broker(tmp_path: Path) -> Iterator[MosquittoBroker]:
     """A fresh Mosquitto per test (MQTT 5 and 3.1.1 on one listener), stopped afterwards."""
     with MosquittoBroker(tmp_path / "broker") as b:
         yield b
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Path:
+    """Where the reference gateway stores captures."""
+    return tmp_path / "store"
+
+
+@pytest.fixture
+def gateway(broker: MosquittoBroker, store: Path) -> Iterator[Gateway]:
+    """The reference gateway on the test's broker, subscribed before the test starts."""
+    with Gateway(broker.host, broker.port, store) as gw:
+        assert gw.wait_ready(10)
+        yield gw
+
+
+@pytest.fixture
+def outbox(tmp_path: Path) -> Outbox:
+    return Outbox(tmp_path / "outbox", 50 * 1024 * 1024)
 
 
 class EventLog(logging.Handler):

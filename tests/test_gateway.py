@@ -81,18 +81,6 @@ class RawDevice:
 
 
 @pytest.fixture
-def store(tmp_path: Path) -> Path:
-    return tmp_path / "store"
-
-
-@pytest.fixture
-def gateway(broker: MosquittoBroker, store: Path) -> Iterator[Gateway]:
-    with Gateway(broker.host, broker.port, store) as gw:
-        assert gw.wait_ready(10)
-        yield gw
-
-
-@pytest.fixture
 def device(broker: MosquittoBroker) -> Iterator[RawDevice]:
     dev = RawDevice(broker)
     yield dev

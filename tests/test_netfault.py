@@ -13,13 +13,10 @@ import pytest
 
 from device_agent.uplink.client import Uplink
 from sim.netfault import FaultProxy, mqtt_packet_length
-from tests.test_uplink import (  # fixtures too: one outbox, store and gateway for all tests
+from tests.test_uplink import (
     DEVICE,
     assert_each_stored_once,
-    gateway,  # noqa: F401
-    outbox,  # noqa: F401
     put,
-    store,  # noqa: F401
     uplink_config,
 )
 
@@ -223,7 +220,7 @@ def assert_resumed_not_restarted(events, capture_id: str) -> None:
 
 
 def test_stall_mid_transfer_is_detected_then_resumed_and_stored_once(
-    broker, gateway, outbox, store, events  # noqa: F811
+    broker, gateway, outbox, store, events
 ) -> None:
     # 49 chunks each: with 40 kB through, a window of 16 cannot carry cap-1's final out, so
     # even what the dead connection still held when the link came back cannot finish it.
@@ -247,7 +244,7 @@ def test_stall_mid_transfer_is_detected_then_resumed_and_stored_once(
 
 
 def test_cut_mid_transfer_reconnects_and_stores_once(
-    broker, gateway, outbox, store, events  # noqa: F811
+    broker, gateway, outbox, store, events
 ) -> None:
     items = [put(outbox, n, size=400_000) for n in range(3)]
     with FaultProxy(broker.host, broker.port) as proxy:
@@ -264,7 +261,7 @@ def test_cut_mid_transfer_reconnects_and_stores_once(
 
 
 def test_throttled_link_delivers_a_multi_chunk_capture_intact(
-    broker, gateway, outbox, store, events  # noqa: F811
+    broker, gateway, outbox, store, events
 ) -> None:
     rate = 200_000
     items = [put(outbox, 30, size=400_000)]
@@ -290,7 +287,7 @@ def test_throttled_link_delivers_a_multi_chunk_capture_intact(
 
 
 def test_cuts_during_chunks_keep_the_chunk_size_on_mqtt5(
-    broker, gateway, outbox, store, events  # noqa: F811
+    broker, gateway, outbox, store, events
 ) -> None:
     # Over MQTT 5 the broker states its packet cap, so a lost connection says nothing about
     # the chunk size: halving it would only make the gateway start the capture over.

@@ -14,7 +14,7 @@ import sys
 import textwrap
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import paho.mqtt.client as mqtt
@@ -45,25 +45,6 @@ def uplink_config(broker: MosquittoBroker, **over: object) -> UplinkConfig:
 def capture(n: int, size: int = 50_000) -> tuple[str, dict, bytes]:
     image = random.Random(n).randbytes(size)
     return f"cap-{n}", {"capture_id": f"cap-{n}", "device_id": DEVICE, "n": n}, image
-
-
-@pytest.fixture
-def outbox(tmp_path: Path) -> Outbox:
-    return Outbox(tmp_path / "outbox", 50 * 1024 * 1024)
-
-
-@pytest.fixture
-def store(tmp_path: Path) -> Path:
-    return tmp_path / "store"
-
-
-@pytest.fixture
-def gateway(broker: MosquittoBroker, store: Path) -> Iterator[Gateway]:
-    gw = Gateway(broker.host, broker.port, store)
-    gw.start()
-    assert gw.wait_ready(10)
-    yield gw
-    gw.stop()
 
 
 def make_uplink(broker: MosquittoBroker, outbox: Outbox, **over: object) -> Uplink:
