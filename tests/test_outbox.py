@@ -157,3 +157,92 @@ def test_kill_9_at_any_moment_keeps_every_reported_entry_intact(
     # At most the one put that was interrupted after its rename may be there unreported.
     assert len(set(stored) - set(reported)) <= 1
     assert box.quarantined() == []
+
+
+# A pair writer that kills itself with SIGKILL right after its Nth rename: aimed exactly
+# between the two entries of a pair (or after both, before the journal is gone).
+_PAIR_WRITER = textwrap.dedent(
+    """
+    import os, signal, sys
+    from pathlib import Path
+    from device_agent.uplink.outbox import Outbox
+    box = Outbox(Path(sys.argv[1]), 10**9)
+    kill_at = int(sys.argv[2])
+    renames = 0
+    real_rename = os.rename
+    def rename(src, dst):
+        global renames
+        real_rename(src, dst)
+        if str(dst).endswith(".entry"):
+            renames += 1
+            if renames == kill_at:
+                os.kill(os.getpid(), signal.SIGKILL)
+    os.rename = rename
+    i = 0
+    while True:
+        box.put_group([(f"a-{i}", os.urandom(30000)), (f"b-{i}", os.urandom(40000))])
+        print(f"pair-{i}", flush=True)
+        i += 1
+    """
+)
+
+
+@pytest.mark.parametrize("kill_at", [1, 2, 3, 4, 5])
+def test_kill_9_between_the_writes_of_a_pair_leaves_both_or_neither(
+    tmp_path: Path, kill_at: int
+) -> None:
+    proc = subprocess.run([sys.executable, "-c", _PAIR_WRITER, str(tmp_path), str(kill_at)],
+                          capture_output=True, text=True, timeout=60, check=False)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    reported = set(proc.stdout.split())
+    box = Outbox(tmp_path, 10**9)
+    stored = {e.capture_id for e in box.pending()}
+    pairs = {capture_id.split("-")[1] for capture_id in stored}
+    for n in pairs:
+        assert {f"a-{n}", f"b-{n}"} <= stored, f"half of pair {n} survived: {sorted(stored)}"
+    for line in reported:
+        n = line.split("-")[1]
+        assert {f"a-{n}", f"b-{n}"} <= stored
+    # Killed after an odd rename the interrupted pair is gone; after an even one (both
+    # renamed, the journal not yet removed) it is kept whole.
+    assert len(pairs) == kill_at // 2
+    assert list((tmp_path / "groups").iterdir()) == []
+    assert box.quarantined() == []
+
+
+def test_a_failed_group_write_leaves_nothing(tmp_path: Path) -> None:
+    box = Outbox(tmp_path, quota_bytes=50_000)
+    box.put("old", b"o" * 1000)
+    with pytest.raises(StorageFull):
+        box.put_group([("a", b"a" * 20_000), ("b", b"b" * 40_000)])
+    assert [e.capture_id for e in box.pending()] == ["old"]
+    assert sorted(p.name for p in (tmp_path / "tmp").iterdir()) == []
+
+
+def test_held_entries_wait_until_released_or_are_withdrawn(tmp_path: Path) -> None:
+    box = Outbox(tmp_path, 10**9)
+    box.put("first", b"1")
+    box.put_group([("kept", b"k")], hold=True)
+    box.put_group([("taken-back", b"t")], hold=True)
+    assert [e.capture_id for e in box.pending()] == ["first"]
+    box.release(["kept"])
+    box.withdraw(["taken-back"])
+    box.withdraw(["first"])  # only held entries can be withdrawn
+    assert [e.capture_id for e in box.pending()] == ["first", "kept"]
+    assert [e.capture_id for e in Outbox(tmp_path, 10**9).pending()] == ["first", "kept"]
+
+
+def test_entries_never_announced_are_found_again_after_a_restart(tmp_path: Path) -> None:
+    box = Outbox(tmp_path, 10**9)
+    box.put("told", b"1")
+    box.put("crashed-before-telling", b"2")
+    box.put("self-test", b"3", announced=True)
+    box.mark_announced(["told"])
+    assert [e.capture_id for e in box.unannounced()] == ["crashed-before-telling"]
+    again = Outbox(tmp_path, 10**9)
+    assert [e.capture_id for e in again.unannounced()] == ["crashed-before-telling"]
+    again.mark_announced(["crashed-before-telling"])
+    again.remove("told")
+    assert Outbox(tmp_path, 10**9).unannounced() == []
+    assert sorted(p.name for p in (tmp_path / "announced").iterdir()) == [
+        "crashed-before-telling", "self-test"]

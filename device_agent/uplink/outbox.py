@@ -13,7 +13,18 @@ On-disk layout under ``root``::
 
     <seq:012d>.<capture_id>.entry   the entries; seq gives FIFO order across restarts
     tmp/                            writes in progress (cleared at start)
+    groups/<capture_id>.group       a group (the two images of a pair) being committed
+    announced/<capture_id>          the agent has told the clinician (capture.accepted)
     quarantine/                     corrupt entries and captures the gateway rejected
+
+A group is all or nothing: its entries are written to ``tmp/``, then a journal naming them
+is made durable, then they are renamed into place and the journal removed. A journal found
+at start means a crash during the renames: if any of its entries is missing, the others are
+removed too (the clinician was never told; half a pair never reaches the clinic).
+
+An entry without an ``announced/`` marker at start was stored but the crash came before the
+agent said "accepted": the agent announces it then (``recovered``), so the device's count of
+accepted captures and the clinic's agree.
 
 Entry file format (all integers big-endian)::
 
@@ -30,16 +41,19 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import json
 import logging
 import os
 import re
+import shutil
 import struct
 import threading
 import time
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from device_agent.durable import fsync_dir
+from device_agent.durable import fsync_dir, write_atomic
 from device_agent.logs import log_event
 
 log = logging.getLogger(__name__)
@@ -93,13 +107,18 @@ class Outbox:
         self.root = Path(root)
         self.quota_bytes = int(quota_bytes)
         self._tmp = self.root / "tmp"
+        self._groups = self.root / "groups"
+        self._announced = self.root / "announced"
         self._quarantine = self.root / "quarantine"
         self._lock = threading.RLock()
         self._entries: dict[str, OutboxEntry] = {}
         self._seq: dict[str, int] = {}
         self._disk: dict[str, int] = {}
+        # Stored but not yet announced, and held back from delivery (see put's ``hold``).
+        self._unannounced: set[str] = set()
+        self._held: set[str] = set()
         self._next_seq = 1
-        for d in (self.root, self._tmp, self._quarantine):
+        for d in (self.root, self._tmp, self._groups, self._announced, self._quarantine):
             d.mkdir(parents=True, exist_ok=True)
         self._recover()
 
@@ -109,6 +128,8 @@ class Outbox:
         # A temp file is a write that never returned: the capture was never reported written.
         for stray in self._tmp.iterdir():
             stray.unlink(missing_ok=True)
+        for journal in sorted(self._groups.iterdir()):
+            self._finish_group(journal)
         found: list[tuple[int, str, Path]] = []
         for path in self.root.iterdir():
             m = _NAME_RE.match(path.name)
@@ -128,6 +149,36 @@ class Outbox:
                 self._move_to_quarantine(path, capture_id, "duplicate capture id")
                 continue
             self._register(entry, seq, path.stat().st_size)
+        for marker in self._announced.iterdir():
+            if marker.name not in self._entries:
+                marker.unlink(missing_ok=True)  # its entry left; the removal was cut short
+        self._unannounced = {c for c in self._entries
+                             if not (self._announced / c).exists()}
+
+    def _finish_group(self, journal: Path) -> None:
+        """A crash came while a group's entries were renamed into place: keep the group if
+        every entry made it, else remove the ones that did."""
+        try:
+            names = json.loads(journal.read_text(encoding="utf-8"))["entries"]
+            paths = [self.root / name for name in names if _NAME_RE.match(name)]
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            # Unreadable journal: written before any rename (write_atomic), so nothing of
+            # its group was renamed into place.
+            log_event(log, "outbox.group_journal_unreadable", level=logging.WARNING,
+                      journal=journal.name, error=str(err))
+            paths = []
+        else:
+            if len(paths) != len(names):
+                paths = []
+        present = [p for p in paths if p.exists()]
+        if paths and len(present) < len(paths):
+            for path in present:
+                path.unlink(missing_ok=True)
+            log_event(log, "outbox.partial_group_discarded", level=logging.WARNING,
+                      group=journal.stem, stored=len(present), expected=len(paths))
+        journal.unlink(missing_ok=True)
+        fsync_dir(self.root)
+        fsync_dir(self._groups)
 
     def _register(self, entry: OutboxEntry, seq: int, disk_size: int) -> None:
         self._entries[entry.capture_id] = entry
@@ -157,57 +208,157 @@ class Outbox:
 
     # ----------------------------------------------------------------------------- API
 
-    def put(self, capture_id: str, payload: bytes) -> OutboxEntry:
-        """Store a capture durably; return only once it survives a crash.
+    def put(self, capture_id: str, payload: bytes, *, announced: bool = False) -> OutboxEntry:
+        """Store one capture durably; return only once it survives a crash.
 
         Idempotent: a capture id already pending returns the stored entry unchanged.
         Raises StorageFull when the quota or the disk is full (old entries are kept).
+        ``announced``: nobody is to be told about it later (e.g. a self-test picture).
         """
-        validate_capture_id(capture_id)
-        raw_id = capture_id.encode()
-        head = _HEAD.pack(MAGIC, time.time(), len(payload), hashlib.sha256(payload).digest(),
-                          len(raw_id))
-        disk_size = len(head) + len(raw_id) + len(payload)
+        return self.put_group([(capture_id, payload)], announced=announced)[0]
+
+    def put_group(self, items: Sequence[tuple[str, bytes]], *, announced: bool = False,
+                  hold: bool = False) -> list[OutboxEntry]:
+        """Store several captures (the images of a pair) as one: after a crash at any
+        instant, either all of them are in the outbox or none is.
+
+        ``hold``: keep them out of :meth:`pending` (so out of delivery) until
+        :meth:`release`, or take them back with :meth:`withdraw`; the agent holds a press's
+        capture while the press may still turn out to be half a double press.
+        """
+        if not items:
+            raise ValueError("put_group needs at least one capture")
+        ids = [validate_capture_id(capture_id) for capture_id, _ in items]
+        if len(set(ids)) != len(ids):
+            raise ValueError(f"capture ids of a group must differ (got {ids})")
         with self._lock:
-            existing = self._entries.get(capture_id)
-            if existing is not None:
-                return existing
+            existing = [self._entries.get(capture_id) for capture_id in ids]
+            if all(e is not None for e in existing):
+                return [e for e in existing if e is not None]
+            if any(e is not None for e in existing):
+                raise ValueError(f"some of {ids} are stored already, some not")
+            heads = [self._header(capture_id, payload) for capture_id, payload in items]
+            needed = sum(len(head) + len(payload) for head, (_, payload) in zip(heads, items,
+                                                                                 strict=True))
             used = sum(self._disk.values())
-            if used + disk_size > self.quota_bytes:
-                log_event(log, "outbox.full", level=logging.WARNING, capture_id=capture_id,
-                          used_bytes=used, quota_bytes=self.quota_bytes, needed_bytes=disk_size)
+            if used + needed > self.quota_bytes:
+                log_event(log, "outbox.full", level=logging.WARNING, capture_id=ids[0],
+                          used_bytes=used, quota_bytes=self.quota_bytes, needed_bytes=needed)
                 raise StorageFull(errno.ENOSPC, f"outbox quota reached ({used} of "
-                                  f"{self.quota_bytes} bytes used, {disk_size} needed)")
-            seq = self._next_seq
-            self._next_seq += 1
-            final = self.root / f"{seq:012d}.{capture_id}{_SUFFIX}"
-            tmp = self._tmp / (final.name + ".tmp")
+                                  f"{self.quota_bytes} bytes used, {needed} needed)")
+            finals = [self.root / f"{self._next_seq + i:012d}.{capture_id}{_SUFFIX}"
+                      for i, capture_id in enumerate(ids)]
+            journal = self._groups / f"{ids[0]}.group" if len(ids) > 1 else None
             try:
+                self._write_group(heads, [p for _, p in items], finals, journal)
+            except OSError as err:
+                if err.errno in (errno.ENOSPC, errno.EDQUOT):
+                    log_event(log, "outbox.full", level=logging.WARNING, capture_id=ids[0],
+                              error=err.strerror)
+                    raise StorageFull(err.errno, f"disk full: {err.strerror}") from None
+                raise
+            entries = []
+            for head, final, (capture_id, payload) in zip(heads, finals, items, strict=True):
+                entry = OutboxEntry(capture_id, final, len(payload), _HEAD.unpack_from(head)[1])
+                self._register(entry, self._next_seq, len(head) + len(payload))
+                self._next_seq += 1
+                entries.append(entry)
+            if announced:
+                self._mark(ids)
+            else:
+                self._unannounced.update(ids)
+            if hold:
+                self._held.update(ids)
+            return entries
+
+    @staticmethod
+    def _header(capture_id: str, payload: bytes) -> bytes:
+        raw_id = capture_id.encode()
+        return _HEAD.pack(MAGIC, time.time(), len(payload), hashlib.sha256(payload).digest(),
+                          len(raw_id)) + raw_id
+
+    def _write_group(self, heads: list[bytes], payloads: list[bytes], finals: list[Path],
+                     journal: Path | None) -> None:
+        """Temp files (fsynced), then the journal, then the renames, then no journal."""
+        tmps = [self._tmp / (final.name + ".tmp") for final in finals]
+        try:
+            for head, payload, tmp in zip(heads, payloads, tmps, strict=True):
                 fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
                 try:
-                    view = memoryview(head + raw_id + payload)
+                    view = memoryview(head + payload)
                     while view:
                         view = view[os.write(fd, view):]
                     os.fsync(fd)
                 finally:
                     os.close(fd)
+            if journal is not None:
+                write_atomic(journal, json.dumps({"entries": [f.name for f in finals]})
+                             .encode())
+            for tmp, final in zip(tmps, finals, strict=True):
                 os.rename(tmp, final)
-                fsync_dir(self.root)
-            except OSError as err:
+            fsync_dir(self.root)
+        except OSError:
+            for tmp in tmps:
                 tmp.unlink(missing_ok=True)
-                if err.errno in (errno.ENOSPC, errno.EDQUOT):
-                    log_event(log, "outbox.full", level=logging.WARNING, capture_id=capture_id,
-                              error=err.strerror)
-                    raise StorageFull(err.errno, f"disk full: {err.strerror}") from None
-                raise
-            entry = OutboxEntry(capture_id, final, len(payload), _HEAD.unpack(head)[1])
-            self._register(entry, seq, disk_size)
-            return entry
+            if journal is not None and journal.exists():
+                # Some renames may have happened: undo them the way recovery would.
+                self._finish_group(journal)
+            raise
+        if journal is not None:
+            journal.unlink()
+            fsync_dir(self._groups)
+
+    # -- announcement and holding ---------------------------------------------------------
+
+    def _mark(self, capture_ids: Iterable[str]) -> None:
+        for capture_id in capture_ids:
+            (self._announced / capture_id).touch()
+            self._unannounced.discard(capture_id)
+        fsync_dir(self._announced)
+
+    def mark_announced(self, capture_ids: Iterable[str]) -> None:
+        """The clinician was told: a restart must not announce these again."""
+        with self._lock:
+            self._mark([c for c in capture_ids if c in self._entries])
+
+    def unannounced(self) -> list[OutboxEntry]:
+        """Entries stored but never announced (a crash came in between), oldest first."""
+        with self._lock:
+            return [e for e in self._sorted() if e.capture_id in self._unannounced]
+
+    def release(self, capture_ids: Iterable[str]) -> None:
+        """Held entries may now be delivered."""
+        with self._lock:
+            self._held.difference_update(capture_ids)
+
+    def withdraw(self, capture_ids: Iterable[str]) -> None:
+        """Take held entries back (never delivered, never announced)."""
+        with self._lock:
+            for capture_id in capture_ids:
+                if capture_id in self._held:
+                    self.remove(capture_id)
+
+    def has_room(self, size: int) -> bool:
+        """Would a capture of ``size`` bytes fit now, in the quota and on the disk?"""
+        with self._lock:
+            if sum(self._disk.values()) + size > self.quota_bytes:
+                return False
+        try:
+            return shutil.disk_usage(self.root).free >= size
+        except OSError:
+            return False
 
     def pending(self) -> list[OutboxEntry]:
-        """Entries oldest first."""
+        """Entries to deliver, oldest first (held ones are not among them)."""
         with self._lock:
-            return sorted(self._entries.values(), key=lambda e: self._seq[e.capture_id])
+            return [e for e in self._sorted() if e.capture_id not in self._held]
+
+    def has_pending(self) -> bool:
+        with self._lock:
+            return len(self._entries) > len(self._held)
+
+    def _sorted(self) -> list[OutboxEntry]:
+        return sorted(self._entries.values(), key=lambda e: self._seq[e.capture_id])
 
     def get(self, capture_id: str) -> OutboxEntry | None:
         with self._lock:
@@ -257,13 +408,19 @@ class Outbox:
     def remove(self, capture_id: str) -> None:
         """Delete a delivered entry durably. Unknown ids are ignored (idempotent)."""
         with self._lock:
-            entry = self._entries.pop(capture_id, None)
-            self._seq.pop(capture_id, None)
-            self._disk.pop(capture_id, None)
+            entry = self._forget(capture_id)
             if entry is None:
                 return
             entry.path.unlink(missing_ok=True)
             fsync_dir(self.root)
+            (self._announced / capture_id).unlink(missing_ok=True)
+
+    def _forget(self, capture_id: str) -> OutboxEntry | None:
+        self._seq.pop(capture_id, None)
+        self._disk.pop(capture_id, None)
+        self._unannounced.discard(capture_id)
+        self._held.discard(capture_id)
+        return self._entries.pop(capture_id, None)
 
     def quarantine(self, capture_id: str, reason: str) -> None:
         """Move an entry aside (kept on disk, out of the queue), e.g. rejected by the gateway."""
@@ -289,11 +446,10 @@ class Outbox:
 
     def _quarantine_entry(self, capture_id: str, reason: str) -> None:
         with self._lock:
-            entry = self._entries.pop(capture_id, None)
-            self._seq.pop(capture_id, None)
-            self._disk.pop(capture_id, None)
+            entry = self._forget(capture_id)
             if entry is not None:
                 self._move_to_quarantine(entry.path, capture_id, reason)
+                (self._announced / capture_id).unlink(missing_ok=True)
 
     def _move_to_quarantine(self, path: Path, capture_id: str, reason: str) -> None:
         target = self._quarantine / path.name
