@@ -1,9 +1,17 @@
 """The orchestrator: gesture -> capture -> verdict -> feedback -> outbox -> uplink.
 
-Threads (all named): ``camera`` fills the frame ring; ``agent`` (the caller of :meth:`run`)
-turns gestures into captures; ``feedback`` plays LED patterns; the uplink has its own. An
-accepted capture is written durably to the outbox before the clinician sees "accepted" and
-before ``capture.accepted`` is logged: both are promises that it will reach the clinic.
+Threads (all named and supervised, device_agent.threads): ``camera`` fills the frame ring;
+``agent`` (the caller of :meth:`run`) turns gestures into captures and runs the gateway's
+commands, one at a time, so a command never races a capture (a pair's ring switching);
+``feedback`` plays LED patterns; the uplink has its own. :meth:`run` returns (and the
+service exits with a failure, for systemd to restart it) when one of them died.
+
+An accepted capture is written durably to the outbox before the clinician sees "accepted":
+that is a promise that it will reach the clinic. A press's capture is held back from
+delivery, and ``capture.accepted`` logged, only once the press cannot turn out to be the
+first half of a double press (which takes the capture back: a mode change, not a capture).
+A capture stored but never announced because of a crash is announced at the next start,
+marked ``recovered``.
 """
 
 from __future__ import annotations
@@ -23,7 +31,7 @@ from typing import Any, Protocol
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PublicKey
 from gpiozero.pins import Factory
 
-from device_agent import __version__, commands
+from device_agent import __version__, commands, threads
 from device_agent.buttons.gestures import Gesture, GestureButton, GestureEvent
 from device_agent.camera.base import Camera, CameraError, Frame, FrameTimeout
 from device_agent.camera.calibration import (
@@ -52,12 +60,14 @@ log = logging.getLogger(__name__)
 
 
 class UplinkLike(Protocol):
-    on_command: Callable[[bytes], dict[str, Any]] | None
+    on_command: Callable[[bytes, Callable[[dict[str, Any]], None]], None] | None
 
     @property
     def online(self) -> bool: ...
 
     def notify(self) -> None: ...
+
+    def healthy(self) -> bool: ...
 
 
 @dataclass(frozen=True)
@@ -92,6 +102,30 @@ class _Retake:
     at: float
 
 
+@dataclass(frozen=True)
+class _Held:
+    """An accepted press's capture, stored but held back while the press may still turn out
+    to be the first half of a double press."""
+
+    shots: tuple[_Shot, ...]
+    overridden: bool
+    pair_id: str | None
+    case_open: bool
+    #: when the press was released: a press that starts within the double-press window of
+    #: this moment makes it a double press
+    released_at: float
+
+
+@dataclass(frozen=True)
+class _Command:
+    payload: bytes
+    reply: Callable[[dict[str, Any]], None]
+
+
+#: Commands waiting for the agent's thread; more are answered "busy" at once.
+MAX_QUEUED_COMMANDS = 16
+
+
 class Agent:
     def __init__(
         self,
@@ -115,17 +149,20 @@ class Agent:
         self.override_window = config.button.override_window
         self.clinic_key = self._load_clinic_key()
         if uplink is not None:
-            uplink.on_command = self.execute_command
+            uplink.on_command = self.submit_command
         self.lights = Lights(
             config.pins.status_led,
             config.pins.ring_polarised,
             config.pins.ring_plain,
             pin_factory=pin_factory,
         )
-        self._gestures: queue.Queue[GestureEvent] = queue.Queue()
+        # Gestures (from gpiozero's thread) and commands (from paho's) for the agent's thread.
+        self._inbox: queue.Queue[GestureEvent | _Command] = queue.Queue()
+        self._queued_commands = 0
+        self._commands_lock = threading.Lock()
         self.button = GestureButton(
             config.pins.button,
-            self._gestures.put,
+            self._inbox.put,
             pin_factory=pin_factory,
             bounce_time=config.button.bounce_time,
             hold_time=config.button.hold_time,
@@ -133,9 +170,14 @@ class Agent:
         )
         self._stop = threading.Event()
         self.ring_started_at = 0.0
-        self._camera_thread: threading.Thread | None = None
+        self._camera_thread: threads.Supervised | None = None
         self._last_retake: _Retake | None = None
-        self._full_at_bytes: int | None = None
+        self._held: _Held | None = None
+        # Bytes a refused capture needed: "storage full" stands until a write succeeds or
+        # that much room is back (in the quota and on the disk).
+        self._full_needs: int | None = None
+        #: set when :meth:`run` ended because a thread died
+        self.failed = False
         self._camera_fault = False
         self._wake = threading.Event()
         self._last_activity = time.monotonic()
@@ -166,46 +208,77 @@ class Agent:
 
     def _load_clinic_key(self) -> X25519PublicKey | None:
         path = self.config.security.clinic_public_key
-        if path is None:
-            # Without the clinic's key nothing can be sealed; allowed on a bench only.
-            log_event(log, "security.unsealed", logging.WARNING,
-                      reason="no security.clinic_public_key: captures are not sealed")
-            return None
-        return load_public_key(path)
+        # The config refuses a missing key unless security.insecure_dev_mode says otherwise.
+        return None if path is None else load_public_key(path)
 
     # -- life cycle ---------------------------------------------------------------------
     def start(self) -> None:
         if not self.config.uplink.tls:
             log_event(log, "security.insecure_transport", logging.WARNING,
                       reason="uplink.insecure_dev_mode: plain MQTT, no TLS; development only")
+        if self.clinic_key is None:
+            log_event(log, "security.unsealed", logging.WARNING,
+                      reason="security.insecure_dev_mode: captures are stored and sent "
+                             "unsealed; development only, never with patients")
+        self._announce_recovered()
         self.ring_started_at = time.monotonic()
         self.camera.start()
         self._light_for(self.session.mode)
-        self._camera_thread = threading.Thread(target=self._stream, name="camera", daemon=True)
-        self._camera_thread.start()
+        self._camera_thread = threads.start("camera", self._stream)
         log_event(log, "agent.started", device_id=self.config.device.id, version=__version__,
                   outbox_depth=self.outbox.depth())
 
-    def run(self, stop: threading.Event, tick: Callable[[], None] | None = None) -> None:
-        """Handle gestures until ``stop`` is set (SIGTERM, or the demo finishing).
+    def _announce_recovered(self) -> None:
+        """Captures stored before a crash cut the agent off from saying "accepted": say it
+        now, so the device's count of accepted captures matches the clinic's."""
+        recovered = self.outbox.unannounced()
+        for entry in recovered:
+            log_event(log, "capture.accepted", capture_id=entry.capture_id, recovered=True)
+        self.outbox.mark_announced(e.capture_id for e in recovered)
 
-        ``tick`` runs at least every quarter second while the loop is alive: the service
-        pings systemd's watchdog from it, so a hung loop gets the agent restarted.
+    def healthy(self) -> bool:
+        """Every thread of the device is alive (a dead one was logged as thread.crashed)."""
+        return (threads.all_alive((self._camera_thread,)) and self.lights.healthy()
+                and (self.uplink is None or self.uplink.healthy()))
+
+    def run(self, stop: threading.Event, tick: Callable[[], None] | None = None) -> None:
+        """Handle gestures and commands until ``stop`` is set (SIGTERM, or the demo
+        finishing), or until a thread of the device died (then ``failed`` is set).
+
+        ``tick`` runs at least every quarter second while every thread is alive: the service
+        pings systemd's watchdog from it, so a hung or half-dead agent gets restarted.
         """
         while not stop.is_set():
+            if not self.healthy():
+                self.failed = True
+                log_event(log, "agent.unhealthy", logging.CRITICAL,
+                          reason="a thread of the device died (see thread.crashed)")
+                return
             if tick is not None:
                 tick()
             try:
-                gesture = self._gestures.get(timeout=0.25)
+                item = self._inbox.get(timeout=self._wait_time())
             except queue.Empty:
-                gesture = None
-            if gesture is not None:
-                self.handle(gesture)
+                item = None
+            if isinstance(item, _Command):
+                self._run_command(item)
+            elif item is not None:
+                self.handle(item)
+            self._release_if_due()
             self._update_standing()
             if time.monotonic() >= self._next_status:
                 self.publish_status()
 
+    def _wait_time(self) -> float:
+        if self._held is None:
+            return 0.25
+        due = self._held.released_at + self.config.button.double_press_window
+        return min(0.25, max(0.0, due - time.monotonic()))
+
     def close(self, timeout: float = 5.0) -> None:
+        """After :meth:`run` returned: a press's capture still held is announced now (a
+        double press can no longer complete)."""
+        self._release_held()
         self._stop.set()
         self._wake.set()
         self.camera.close()
@@ -216,10 +289,17 @@ class Agent:
         log_event(log, "agent.stopped", device_id=self.config.device.id)
 
     def _stream(self) -> None:
+        """The camera thread. It ends on a camera failure (logged): the agent is then
+        unhealthy and the service restarts, which reopens the camera."""
         timeout = self.config.camera.frame_timeout
         while not self._stop.is_set():
             if self._sleep_due():
-                self._sleep()
+                try:
+                    self._sleep()
+                except CameraError as err:
+                    self._camera_fault = True
+                    log_event(log, "camera.failed", logging.ERROR, error=str(err))
+                    return
                 continue
             try:
                 frame = self.camera.next_frame(timeout)
@@ -284,6 +364,10 @@ class Agent:
     # -- gestures -----------------------------------------------------------------------
     def handle(self, event: GestureEvent) -> CaptureOutcome | None:
         log_event(log, f"gesture.{event.gesture.value}")
+        if event.gesture is Gesture.DOUBLE_PRESS:
+            self._withdraw_held()
+        else:
+            self._release_held()
         if self.asleep:
             # The press that wakes the device is not a capture: there are no frames around
             # it to choose from. The LED turns steady once the camera streams again.
@@ -291,7 +375,7 @@ class Agent:
             return None
         self._last_activity = time.monotonic()
         if event.gesture is Gesture.PRESS:
-            return self._record(self.capture(event.pressed_at))
+            return self._record(self.capture(event.pressed_at, event.released_at))
         if event.gesture is Gesture.HOLD:
             return self._record(self.override())
         self.next_mode()
@@ -310,9 +394,10 @@ class Agent:
         self.lights.illuminate("polarised" if mode == "pair" else mode, self.brightness)
 
     # -- capture ------------------------------------------------------------------------
-    def capture(self, pressed_at: float) -> CaptureOutcome:
+    def capture(self, pressed_at: float, released_at: float | None = None) -> CaptureOutcome:
         """Choose the best frame around ``pressed_at`` (and, in pair mode, a second one
-        under the other light), judge them, keep them if they are good."""
+        under the other light), judge them, keep them if they are good. With ``released_at``
+        (a press of the button) a kept capture is held while a double press may follow."""
         cam = self.config.camera
         self.lights.show(Signal.CAPTURING)
         mode = self.session.mode
@@ -349,7 +434,7 @@ class Agent:
                                   scores=judged[0].quality["scores"],
                                   linked=tuple(s.capture_id for s in judged))
         self._last_retake = None
-        return self._keep(judged, overridden=False)
+        return self._keep(judged, overridden=False, released_at=released_at)
 
     def _shoot(self, moment: float, mode: str, before: float, after: float) -> _Shot | None:
         """The best frame in [moment - before, moment + after], calibrated and judged."""
@@ -387,35 +472,73 @@ class Agent:
         self._last_retake = None
         return self._keep(list(retake.shots), overridden=True)
 
-    def _keep(self, shots: list[_Shot], overridden: bool) -> CaptureOutcome:
-        """Seal and store every image of the capture durably; only then say "accepted"."""
+    def _keep(self, shots: list[_Shot], overridden: bool,
+              released_at: float | None = None) -> CaptureOutcome:
+        """Seal and store every image of the capture durably, as one (a pair is both images
+        or neither, whatever crash comes); only then say "accepted"."""
         case = self.session.case()
         pair_id = uuid.uuid4().hex if len(shots) > 1 else None
-        stored: list[str] = []
+        items = []
         for index, shot in enumerate(shots, start=1):
             pair = None if pair_id is None else {"pair_id": pair_id, "index": index,
                                                  "of": len(shots)}
-            payload = self._package(shot, overridden, case, pair)
-            try:
-                self.outbox.put(shot.capture_id, payload)
-            except OSError as err:
-                # Half a pair is not a capture: take back what went in before the refusal.
-                for capture_id in stored:
-                    self.outbox.remove(capture_id)
-                return self._not_stored(shot.capture_id, err)
-            stored.append(shot.capture_id)
-        for shot in shots:
-            log_event(log, "capture.accepted", capture_id=shot.capture_id,
-                      overridden=overridden, scores=shot.quality["scores"],
-                      frame_offset_s=shot.quality["frame_offset_s"], illumination=shot.mode,
-                      pair_id=pair_id, case_open=case is not None)
+            items.append((shot.capture_id, self._package(shot, overridden, case, pair)))
+        hold = released_at is not None and self.config.button.double_press_window > 0
+        try:
+            self.outbox.put_group(items, hold=hold)
+        except OSError as err:
+            return self._not_stored(shots[0].capture_id, err, sum(len(p) for _, p in items))
+        self._full_needs = None  # a write succeeded: there is room again
         self.lights.show(Signal.OVERRIDDEN if overridden else Signal.ACCEPTED)
-        if self.uplink is not None:
-            self.uplink.notify()
+        held = _Held(tuple(shots), overridden, pair_id, case is not None,
+                     released_at or time.monotonic())
+        if hold:
+            self._held = held
+        else:
+            self._announce(held)
         first = shots[0]
         return CaptureOutcome(first.capture_id, "accept", (), overridden,
                               first.quality["frame_offset_s"], first.quality["scores"],
-                              linked=tuple(stored))
+                              linked=tuple(capture_id for capture_id, _ in items))
+
+    def _announce(self, kept: _Held) -> None:
+        """The capture is on its way: log it accepted, let the uplink have it."""
+        ids = [shot.capture_id for shot in kept.shots]
+        self.outbox.release(ids)
+        for shot in kept.shots:
+            log_event(log, "capture.accepted", capture_id=shot.capture_id,
+                      overridden=kept.overridden, scores=shot.quality["scores"],
+                      frame_offset_s=shot.quality["frame_offset_s"], illumination=shot.mode,
+                      pair_id=kept.pair_id, case_open=kept.case_open)
+        self.outbox.mark_announced(ids)
+        if self.uplink is not None:
+            self.uplink.notify()
+
+    def _release_if_due(self) -> None:
+        held = self._held
+        if held is None:
+            return
+        window = self.config.button.double_press_window
+        if time.monotonic() < held.released_at + window:
+            return
+        if self.button.pressed_since(held.released_at, within=window):
+            return  # a second press began in time: its gesture decides (double press or not)
+        self._release_held()
+
+    def _release_held(self) -> None:
+        held, self._held = self._held, None
+        if held is not None:
+            self._announce(held)
+
+    def _withdraw_held(self) -> None:
+        """The press was the first half of a double press: its capture never leaves."""
+        held, self._held = self._held, None
+        if held is None:
+            return
+        ids = [shot.capture_id for shot in held.shots]
+        self.outbox.withdraw(ids)
+        for capture_id in ids:
+            log_event(log, "capture.withdrawn", capture_id=capture_id, reason="double_press")
 
     def _package(self, shot: _Shot, overridden: bool, case: Case | None,
                  pair: dict[str, Any] | None) -> bytes:
@@ -447,9 +570,9 @@ class Agent:
             return bundle
         return seal(bundle, self.clinic_key, self.config.device.id, shot.capture_id)
 
-    def _not_stored(self, capture_id: str, err: OSError) -> CaptureOutcome:
+    def _not_stored(self, capture_id: str, err: OSError, size: int) -> CaptureOutcome:
         if isinstance(err, StorageFull):
-            self._full_at_bytes = self.outbox.used_bytes()
+            self._full_needs = size
             log_event(log, "capture.refused", logging.WARNING, capture_id=capture_id,
                       reason="storage_full", error=str(err))
             self.lights.show(Signal.STORAGE_FULL)
@@ -464,8 +587,32 @@ class Agent:
             return None
         return self.calibration.calibration_id
 
-    # -- remote commands (device_agent.commands), on the uplink's thread ----------------
+    # -- remote commands (device_agent.commands), on the agent's thread -----------------
+    def submit_command(self, payload: bytes, reply: Callable[[dict[str, Any]], None]) -> None:
+        """Queue a command for the agent's thread (called from paho's); ``reply`` answers.
+        A flood of commands is answered "busy" rather than queued without bound."""
+        with self._commands_lock:
+            busy = self._queued_commands >= MAX_QUEUED_COMMANDS
+            if not busy:
+                self._queued_commands += 1
+        if busy:
+            log_event(log, "command.refused", logging.WARNING, code="busy")
+            reply({"id": None, "ok": False, "error": {
+                "code": "busy", "message": f"{MAX_QUEUED_COMMANDS} commands are waiting"}})
+            return
+        self._inbox.put(_Command(payload, reply))
+
+    def _run_command(self, command: _Command) -> None:
+        with self._commands_lock:
+            self._queued_commands -= 1
+        answer = self.execute_command(command.payload)
+        try:
+            command.reply(answer)
+        except (ValueError, OSError, RuntimeError) as err:
+            log_event(log, "command.reply_failed", logging.WARNING, error=str(err))
+
     def execute_command(self, payload: bytes) -> dict[str, Any]:
+        """Run one command now, on the caller's thread (the agent's, or a test's)."""
         return commands.execute(payload, self)
 
     def open_case(self, args: OpenCase) -> dict[str, Any]:
@@ -517,10 +664,11 @@ class Agent:
         payload = (bundle if self.clinic_key is None else
                    seal(bundle, self.clinic_key, self.config.device.id, report_id))
         try:
-            self.outbox.put(report_id, payload)
+            self.outbox.put(report_id, payload, announced=True)
         except OSError as err:
             return {"camera": "streaming", **report.to_dict(), "report_sent": False,
                     "error": str(err)}
+        self._full_needs = None
         if self.uplink is not None:
             self.uplink.notify()
         return {"camera": "streaming", **report.to_dict(), "report_capture_id": report_id}
@@ -532,13 +680,13 @@ class Agent:
 
     # -- what the clinician sees between captures --------------------------------------
     def _update_standing(self) -> None:
-        if self._full_at_bytes is not None and self.outbox.used_bytes() < self._full_at_bytes:
-            self._full_at_bytes = None  # something was delivered: there is room again
+        if self._full_needs is not None and self.outbox.has_room(self._full_needs):
+            self._full_needs = None  # delivered, or the disk was cleared: room again
         if self._camera_fault:
             standing = Signal.FAULT
         elif self.asleep:
             standing = Signal.ASLEEP
-        elif self._full_at_bytes is not None:
+        elif self._full_needs is not None:
             standing = Signal.STORAGE_FULL
         elif self.uplink is not None and not self.uplink.online:
             standing = Signal.OFFLINE
@@ -569,6 +717,7 @@ class Agent:
                 "capture_id": last.capture_id, "verdict": last.verdict,
                 "reasons": list(last.reasons), "overridden": last.overridden,
                 "at": self._last_outcome_at},
+            "storage_full": self._full_needs is not None,
             "uplink_online": self.uplink.online if self.uplink is not None else False,
             "outbox": {"depth": self.outbox.depth(), "used_bytes": self.outbox.used_bytes(),
                        "quota_bytes": self.outbox.quota_bytes,

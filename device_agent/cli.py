@@ -14,7 +14,7 @@ from pathlib import Path
 
 from gpiozero.pins import Factory
 
-from device_agent import __version__, service
+from device_agent import __version__, service, threads
 from device_agent.config import DEFAULT_CONFIG_PATH, Config, ConfigError, load_config
 from device_agent.logs import add_json_handler, log_event
 
@@ -45,6 +45,7 @@ def _run(args: argparse.Namespace) -> int:
 
     config: Config = load_config(args.config)
     add_json_handler("device_agent")
+    threads.install_excepthook(log)
     logging.getLogger("device_agent").setLevel(config.logging.level)
     outbox = Outbox(config.outbox_dir, int(config.outbox.quota_mb * 1024 * 1024))
     uplink = Uplink(config.uplink, config.device.id, outbox, __version__)
@@ -67,7 +68,8 @@ def _run(args: argparse.Namespace) -> int:
         service.notify("STOPPING=1")
         agent.close()
         uplink.stop()
-    return EXIT_OK
+    # A dead thread (logged as thread.crashed): exit with a failure, systemd restarts us.
+    return EXIT_FAILED if agent.failed else EXIT_OK
 
 
 def _assess(args: argparse.Namespace) -> int:

@@ -4,13 +4,16 @@ A command is a JSON object ``{"id": "...", "command": "<name>", "args": {...}}``
 device's command topic (docs/protocol.md). Every command gets exactly one answer,
 ``{"id", "ok": true, "result": {...}}`` or ``{"id", "ok": false, "error": {"code",
 "message"}}``; a malformed or unknown command is answered with a clear error and the agent
-carries on. Validation is pydantic's, one model per command, unknown fields refused.
+carries on. Validation is pydantic's, one model per command, unknown fields refused, and
+numbers must be finite (a NaN threshold would pass every check). Every payload is hostile
+until parsed: bounded in size and nesting before it reaches the JSON parser.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import traceback
 from collections.abc import Callable
 from typing import Annotated, Any, Literal, Protocol
 
@@ -21,10 +24,12 @@ from device_agent.session import SessionError
 
 log = logging.getLogger(__name__)
 MAX_COMMAND_BYTES = 16 * 1024
+#: Deeper JSON than this is refused before parsing (Python's parser recurses per level).
+MAX_NESTING = 16
 
 
 class _Args(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class OpenCase(_Args):
@@ -88,9 +93,11 @@ def parse(payload: bytes) -> tuple[str | None, str, _Args]:
     if len(payload) > MAX_COMMAND_BYTES:
         raise CommandError("too_large", f"command is {len(payload)} bytes; at most "
                            f"{MAX_COMMAND_BYTES}")
+    if _nesting(payload) > MAX_NESTING:
+        raise CommandError("bad_json", f"nested deeper than {MAX_NESTING} levels")
     try:
         request = json.loads(payload)
-    except (UnicodeDecodeError, ValueError) as err:
+    except (UnicodeDecodeError, ValueError, RecursionError) as err:
         raise CommandError("bad_json", f"not a JSON object: {err}") from None
     if not isinstance(request, dict):
         raise CommandError("bad_json", "not a JSON object")
@@ -113,9 +120,25 @@ def parse(payload: bytes) -> tuple[str | None, str, _Args]:
     return request_id, name, args
 
 
+def _nesting(payload: bytes) -> int:
+    """How deep brackets nest, counted without parsing (strings may hold brackets: that
+    only over-counts, and a command has no reason to put many in a string)."""
+    depth = deepest = 0
+    for byte in payload:
+        if byte in b"[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif byte in b"]}":
+            depth -= 1
+    return deepest
+
+
 def execute(payload: bytes, target: CommandTarget) -> dict[str, Any]:
-    """Parse, run and answer one command. Never raises for a bad command."""
+    """Parse, run and answer one command. Never raises: a bad command is refused, and a
+    command that fails inside the agent is answered ``internal_error`` and logged with its
+    traceback (a bug behind one command must not take the device down)."""
     request_id: str | None = None
+    name = "?"
     try:
         request_id, name, args = parse(payload)
         handler: Callable[[Any], dict[str, Any]] = getattr(target, name)
@@ -128,5 +151,9 @@ def execute(payload: bytes, target: CommandTarget) -> dict[str, Any]:
         log_event(log, "command.refused", logging.WARNING, request_id=request_id,
                   code="invalid_args", error=str(err))
         return _error(request_id, "invalid_args", str(err))
+    except Exception as err:  # noqa: BLE001 - the commands' supervisor, logs the traceback
+        log_event(log, "command.failed", logging.ERROR, request_id=request_id, command=name,
+                  error=f"{type(err).__name__}: {err}", traceback=traceback.format_exc())
+        return _error(request_id, "internal_error", f"{name} failed: {type(err).__name__}")
     log_event(log, "command.done", request_id=request_id, command=name)
     return {"id": request_id, "ok": True, "result": result}

@@ -4,11 +4,18 @@
 service holds the camera and the pins. It carries figures and identifiers only, never
 patient data. Written atomically (temp + rename): a reader never sees half a file. Not
 fsynced: it is rewritten every second and worthless after a power cut.
+
+On a full disk a new file cannot be made, and a status that stops changing would go on
+saying "ready" while the device refuses captures. So the file is padded to whole blocks,
+and when the rename route fails for lack of space it is overwritten in place, inside the
+blocks it already has (one write of less than a page, which readers see whole).
 """
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -18,6 +25,8 @@ from device_agent.durable import write_atomic
 STATUS_FILE = "status.json"
 #: A status file older than this means the agent is not running (it rewrites it every second).
 STALE_AFTER = 10.0
+#: The file's size: whole blocks, room for the status to grow while the disk is full.
+_PADDED = 4096
 
 
 def status_path(state_dir: Path) -> Path:
@@ -25,7 +34,24 @@ def status_path(state_dir: Path) -> Path:
 
 
 def write_status(path: Path, status: dict[str, Any]) -> None:
-    write_atomic(path, json.dumps(status, sort_keys=True).encode(), mode=0o644, durable=False)
+    text = json.dumps(status, sort_keys=True).encode()
+    # JSON allows trailing white space: the padding is invisible to readers.
+    data = text + b" " * (_PADDED - len(text)) if len(text) < _PADDED else text
+    try:
+        write_atomic(path, data, mode=0o644, durable=False)
+    except OSError as err:
+        if err.errno not in (errno.ENOSPC, errno.EDQUOT) or len(data) > _PADDED:
+            raise
+        _overwrite_in_place(path, data)
+
+
+def _overwrite_in_place(path: Path, data: bytes) -> None:
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        if os.pwrite(fd, data, 0) != len(data):
+            raise OSError(errno.ENOSPC, f"{path}: short write")
+    finally:
+        os.close(fd)
 
 
 def read_status(path: Path) -> dict[str, Any] | None:

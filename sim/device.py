@@ -80,12 +80,8 @@ class SimDevice:
 
     def wait_online(self, timeout: float = 15.0) -> None:
         """Until the uplink is connected and subscribed (commands need that)."""
-        deadline = time.monotonic() + timeout
-        # The uplink offers no event for this; a short poll, bounded, is enough for a harness.
-        while self.uplink is not None and not self.uplink.online:
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"the device did not come online within {timeout} s")
-            time.sleep(0.05)
+        if self.uplink is not None and not self.uplink.wait_online(timeout):
+            raise TimeoutError(f"the device did not come online within {timeout} s")
 
     # -- a clinician's finger -------------------------------------------------------------
     def press(self, timeout: float = 10.0) -> CaptureOutcome | None:

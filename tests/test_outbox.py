@@ -224,10 +224,12 @@ def test_held_entries_wait_until_released_or_are_withdrawn(tmp_path: Path) -> No
     box.put("first", b"1")
     box.put_group([("kept", b"k")], hold=True)
     box.put_group([("taken-back", b"t")], hold=True)
-    assert [e.capture_id for e in box.pending()] == ["first"]
+    assert [e.capture_id for e in box.deliverable()] == ["first"]
+    assert [e.capture_id for e in box.pending()] == ["first", "kept", "taken-back"]
     box.release(["kept"])
     box.withdraw(["taken-back"])
     box.withdraw(["first"])  # only held entries can be withdrawn
+    assert [e.capture_id for e in box.deliverable()] == ["first", "kept"]
     assert [e.capture_id for e in box.pending()] == ["first", "kept"]
     assert [e.capture_id for e in Outbox(tmp_path, 10**9).pending()] == ["first", "kept"]
 

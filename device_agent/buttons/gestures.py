@@ -35,6 +35,8 @@ class GestureEvent:
     gesture: Gesture
     #: ``time.monotonic()`` when the button went down.
     pressed_at: float
+    #: ... and when it came up (None for a hold, emitted while the button is still down).
+    released_at: float | None = None
 
 
 class GestureButton:
@@ -58,6 +60,7 @@ class GestureButton:
         self._held = False
         self._bouncing = False
         self._last_release: float = float("-inf")
+        self._last_down: float = float("-inf")
         self._last_was_press = False
         # Pull-up: the button shorts the pin to ground. bounce_time goes to the pin driver too.
         self._button = Button(
@@ -80,6 +83,7 @@ class GestureButton:
                 self._bouncing = True  # the release of the last press is still bouncing
                 return
             self._down_at = now
+            self._last_down = now
             self._held = False
 
     def _on_held(self) -> None:
@@ -107,8 +111,15 @@ class GestureButton:
                 return
             # A double press consumes both presses: a third press starts afresh.
             self._last_was_press = not double
-            event = GestureEvent(Gesture.DOUBLE_PRESS if double else Gesture.PRESS, down_at)
+            event = GestureEvent(Gesture.DOUBLE_PRESS if double else Gesture.PRESS, down_at,
+                                 now)
         self._sink(event)
+
+    def pressed_since(self, released_at: float, within: float) -> bool:
+        """Did a press start within ``within`` seconds after ``released_at``? Its gesture
+        (a double press, or a hold) is then on its way, or will be once it is released."""
+        with self._lock:
+            return released_at < self._last_down <= released_at + within
 
     @property
     def is_pressed(self) -> bool:

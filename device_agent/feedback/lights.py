@@ -11,12 +11,12 @@ from __future__ import annotations
 import enum
 import logging
 import queue
-import threading
 from dataclasses import dataclass
 
 from gpiozero import LED, PWMLED
 from gpiozero.pins import Factory
 
+from device_agent import threads
 from device_agent.logs import log_event
 
 log = logging.getLogger(__name__)
@@ -83,13 +83,17 @@ class Lights:
         }
         self._signals: queue.Queue[Signal | None] = queue.Queue()
         self._standing = Signal.READY
-        self._thread = threading.Thread(target=self._play, name="feedback", daemon=True)
-        self._thread.start()
+        self._closed = False
+        self._thread = threads.start("feedback", self._play)
 
     # -- status LED ---------------------------------------------------------------------
     def show(self, signal: Signal) -> None:
         """Show a signal now; a standing one also becomes the pattern to return to."""
         self._signals.put(signal)
+
+    def healthy(self) -> bool:
+        """The LED thread runs (or was closed on purpose)."""
+        return self._closed or self._thread.is_alive()
 
     @property
     def standing(self) -> Signal:
@@ -113,9 +117,10 @@ class Lights:
                 return
             pattern = PATTERNS[signal]
             if pattern.standing:
-                if signal is not self._standing:
+                changed = signal is not self._standing
+                self._standing = signal  # before the event: whoever hears it reads the new one
+                if changed:
                     log_event(log, "feedback.standing", signal=signal.value)
-                self._standing = signal
             current, step = pattern, 0
 
     # -- LED ring -----------------------------------------------------------------------
@@ -135,6 +140,7 @@ class Lights:
             led.value = 0.0
 
     def close(self, timeout: float = 2.0) -> None:
+        self._closed = True
         self._signals.put(None)
         self._thread.join(timeout)
         self.dark()

@@ -16,7 +16,14 @@ Why it is built this way:
 - Threads: ``uplink-net``, paho's network thread of the current connection, ``uplink-sender``
   (one transfer at a time, FIFO) and ``uplink-heartbeat``. They meet on one Condition; every
   wait has a timeout and nobody polls.
-- paho callbacks never raise: an exception there would stop its network loop.
+- paho callbacks never raise: an exception there would stop its network loop. Each one is
+  wrapped (``_guarded``): an unexpected exception is logged with its traceback and the loop
+  goes on. paho's own log goes to ours (warnings and errors).
+- Commands from the gateway are not run here: ``on_command`` hands them to the agent's
+  thread with a ``reply`` function, so a slow or failing command never holds up paho's loop
+  and never races a capture.
+- The three threads are supervised (device_agent.threads): ``healthy`` turns false when one
+  died, and the service then stops with a failure for systemd to restart it.
 """
 
 from __future__ import annotations
@@ -30,6 +37,7 @@ import shutil
 import socket
 import threading
 import time
+import traceback
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -43,6 +51,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
+from device_agent import threads
 from device_agent.config import UplinkConfig
 from device_agent.logs import log_event
 from device_agent.uplink import bundle, seal
@@ -63,6 +72,14 @@ from device_agent.uplink.protocol import (
 )
 
 log = logging.getLogger(__name__)
+#: paho's own log (client.enable_logger): only what is worth a technician's attention.
+paho_log = logging.getLogger(f"{__name__}.paho")
+paho_log.setLevel(logging.WARNING)
+
+#: Answers a command: called with the JSON-able answer, from any thread, at most once.
+Reply = Callable[[dict[str, Any]], None]
+#: Takes a command's payload and its Reply (device_agent.agent.Agent.submit_command).
+CommandSink = Callable[[bytes, Reply], None]
 
 #: Our own cap on chunks in flight; the broker's Receive Maximum can lower it.
 DEFAULT_WINDOW = 16
@@ -126,9 +143,9 @@ class Uplink:
     def __init__(self, config: UplinkConfig, device_id: str, outbox: Outbox,
                  software_version: str, *, window: int = DEFAULT_WINDOW,
                  connect_timeout: float = 5.0,
-                 on_command: Callable[[bytes], dict[str, Any]] | None = None) -> None:
+                 on_command: CommandSink | None = None) -> None:
         self.config = config
-        # Runs each command from the gateway and returns its answer (device_agent.commands).
+        # Takes each command from the gateway, and a function to answer it with.
         self.on_command = on_command
         self.device_id = device_id
         self.outbox = outbox
@@ -167,9 +184,9 @@ class Uplink:
         self._conn_ended = False  # the current client's connection is over
         self.last_error = ""
 
-        self._net: threading.Thread | None = None
-        self._sender: threading.Thread | None = None
-        self._heartbeat: threading.Thread | None = None
+        self._net: threads.Supervised | None = None
+        self._sender: threads.Supervised | None = None
+        self._heartbeat: threads.Supervised | None = None
 
     # ------------------------------------------------------------------------- set-up
 
@@ -201,12 +218,13 @@ class Uplink:
             client.tls_set(ca_certs=str(self.config.ca_file),
                            certfile=str(self.config.cert_file),
                            keyfile=str(self.config.key_file))
-        client.on_socket_open = tcp_nodelay
-        client.on_connect = self._on_connect
-        client.on_disconnect = self._on_disconnect
-        client.on_subscribe = self._on_subscribe
-        client.on_message = self._on_message
-        client.on_publish = self._on_publish
+        client.enable_logger(paho_log)
+        client.on_socket_open = _guarded(tcp_nodelay)
+        client.on_connect = _guarded(self._on_connect)
+        client.on_disconnect = _guarded(self._on_disconnect)
+        client.on_subscribe = _guarded(self._on_subscribe)
+        client.on_message = _guarded(self._on_message)
+        client.on_publish = _guarded(self._on_publish)
         return client
 
     def start(self) -> None:
@@ -215,14 +233,10 @@ class Uplink:
             return
         self._stop.clear()  # start() after stop() works again
         self._close.clear()
-        self._net = threading.Thread(target=self._net_main,
-                                     name=f"uplink-net-{self.device_id}", daemon=True)
-        self._sender = threading.Thread(target=self._sender_main,
-                                        name=f"uplink-sender-{self.device_id}", daemon=True)
-        self._heartbeat = threading.Thread(target=self._heartbeat_main,
-                                           name=f"uplink-heartbeat-{self.device_id}", daemon=True)
-        for thread in (self._net, self._sender, self._heartbeat):
-            thread.start()
+        self._net = threads.start(f"uplink-net-{self.device_id}", self._net_main)
+        self._sender = threads.start(f"uplink-sender-{self.device_id}", self._sender_main)
+        self._heartbeat = threads.start(f"uplink-heartbeat-{self.device_id}",
+                                        self._heartbeat_main)
         log_event(log, "uplink.started", host=self.config.host, port=self.config.port,
                   protocol=self.config.protocol, device_id=self.device_id)
 
@@ -348,10 +362,20 @@ class Uplink:
         self._net = self._sender = self._heartbeat = None
         log_event(log, "uplink.stopped", device_id=self.device_id)
 
+    def healthy(self) -> bool:
+        """False once one of the uplink's threads died (it was logged as thread.crashed)."""
+        return self._net is None or threads.all_alive((self._net, self._sender,
+                                                        self._heartbeat))
+
     @property
     def online(self) -> bool:
         with self._cond:
             return self._connected and self._subscribed
+
+    def wait_online(self, timeout: float) -> bool:
+        """True once connected and subscribed (commands and acks can reach us)."""
+        with self._cond:
+            return self._cond.wait_for(lambda: self._connected and self._subscribed, timeout)
 
     def wait_idle(self, timeout: float) -> bool:
         """True once the outbox is empty and nothing is in flight."""
@@ -445,30 +469,28 @@ class Uplink:
             self._cond.notify_all()
 
     def _answer(self, client: mqtt.Client, message: mqtt.MQTTMessage) -> None:
-        """Run a command and publish its answer: to the MQTT 5 Response Topic with the
-        Correlation Data when the gateway gave one inside our subtree, else to our
-        ``resp`` topic (MQTT 3.1.1), where the answer's ``id`` pairs it."""
-        if self.on_command is None:
-            answer: dict[str, Any] = {"id": None, "ok": False, "error": {
-                "code": "unavailable", "message": "this device takes no commands"}}
-        else:
-            try:
-                answer = self.on_command(message.payload)
-            except (ValueError, TypeError, OSError, RuntimeError) as err:
-                # A bug behind a command must not stop paho's loop (nor the uplink).
-                log_event(log, "uplink.command_failed", level=logging.ERROR, error=str(err))
-                answer = {"id": None, "ok": False,
-                          "error": {"code": "internal_error", "message": str(err)}}
+        """Hand a command to the agent with a function that publishes its answer: to the
+        MQTT 5 Response Topic with the Correlation Data when the gateway gave one inside our
+        subtree, else to our ``resp`` topic (MQTT 3.1.1), where the answer's ``id`` pairs
+        it."""
         props = message.properties if self._mqtt5 else None
         topic = getattr(props, "ResponseTopic", None) or self.topics.response
-        if not topic.startswith(self.topics.response):
+        if not isinstance(topic, str) or not topic.startswith(self.topics.response):
             topic = self.topics.response  # the ACL lets us answer only inside our subtree
-        reply = None
+        properties = None
         correlation = getattr(props, "CorrelationData", None)
-        if self._mqtt5 and correlation is not None:
-            reply = Properties(PacketTypes.PUBLISH)
-            reply.CorrelationData = correlation
-        client.publish(topic, json.dumps(answer).encode(), qos=1, properties=reply)
+        if self._mqtt5 and isinstance(correlation, bytes):
+            properties = Properties(PacketTypes.PUBLISH)
+            properties.CorrelationData = correlation
+
+        def reply(answer: dict[str, Any]) -> None:
+            client.publish(topic, json.dumps(answer).encode(), qos=1, properties=properties)
+
+        if self.on_command is None:
+            reply({"id": None, "ok": False, "error": {
+                "code": "unavailable", "message": "this device takes no commands"}})
+            return
+        self.on_command(message.payload, reply)
 
     def _on_publish(self, client: mqtt.Client, userdata: Any, mid: int,
                     reason_code: ReasonCode, properties: Properties | None) -> None:
@@ -556,14 +578,14 @@ class Uplink:
             with self._cond:
                 ready = self._cond.wait_for(
                     lambda: self._stop.is_set()
-                    or (self._connected and self._subscribed and self.outbox.depth() > 0),
+                    or (self._connected and self._subscribed and self.outbox.has_deliverable()),
                     timeout=self.config.heartbeat_interval)
                 go = ready and not self._stop.is_set()
                 self._busy = go
             if not go:
                 continue
             try:
-                pending = self.outbox.pending()
+                pending = self.outbox.deliverable()
                 if pending:
                     self._send_entry(pending[0])
             except OSError as err:
@@ -746,3 +768,18 @@ class Uplink:
             payload = encode_chunk(t.sha256, t.chunk_size, index,
                                    chunk_slice(t.data, t.chunk_size, index))
             self._publish(topic, payload, kind="chunk")
+
+
+def _guarded(callback: Callable[..., None]) -> Callable[..., None]:
+    """A paho callback that never raises: paho's network loop dies with an exception from a
+    callback, and with it every ack and command of the device."""
+
+    def guarded(*args: Any) -> None:
+        try:
+            callback(*args)
+        except Exception as err:  # noqa: BLE001 - the callback's supervisor, logs the traceback
+            log_event(log, "uplink.callback_failed", level=logging.ERROR,
+                      callback=getattr(callback, "__name__", "?"),
+                      error=f"{type(err).__name__}: {err}", traceback=traceback.format_exc())
+
+    return guarded

@@ -222,7 +222,7 @@ class Outbox:
         """Store several captures (the images of a pair) as one: after a crash at any
         instant, either all of them are in the outbox or none is.
 
-        ``hold``: keep them out of :meth:`pending` (so out of delivery) until
+        ``hold``: keep them out of :meth:`deliverable` (so out of delivery) until
         :meth:`release`, or take them back with :meth:`withdraw`; the agent holds a press's
         capture while the press may still turn out to be half a double press.
         """
@@ -349,11 +349,16 @@ class Outbox:
             return False
 
     def pending(self) -> list[OutboxEntry]:
-        """Entries to deliver, oldest first (held ones are not among them)."""
+        """Every stored entry, oldest first."""
+        with self._lock:
+            return self._sorted()
+
+    def deliverable(self) -> list[OutboxEntry]:
+        """The entries the uplink may send now, oldest first: not the held ones."""
         with self._lock:
             return [e for e in self._sorted() if e.capture_id not in self._held]
 
-    def has_pending(self) -> bool:
+    def has_deliverable(self) -> bool:
         with self._lock:
             return len(self._entries) > len(self._held)
 
