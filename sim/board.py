@@ -1,13 +1,15 @@
 """The simulated board: gpiozero's own MockFactory standing in for the Pi's pins.
 
 Helpers press, hold and double-press the button the way a finger would (the pauses between
-edges are the finger, not synchronisation), and read back every LED's timeline.
+edges are the finger, not synchronisation), read back every LED's timeline, and wait until a
+timeline shows something (tests wait on that, not on fixed sleeps).
 """
 
 from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from gpiozero.pins.mock import MockFactory, MockPWMPin
@@ -27,12 +29,17 @@ class RecordingPin(MockPWMPin):
 
     def __init__(self, factory: MockFactory, info: object) -> None:
         self.changes: list[Change] = []
+        # Guards ``changes`` and wakes whoever waits for the timeline to show something.
+        self.changed = threading.Condition()
         super().__init__(factory, info)
 
     def _change_state(self, value: float | bool) -> bool:
+        # Not under the lock: for the button this runs gpiozero's edge callbacks.
         changed = super()._change_state(value)
         if changed:
-            self.changes.append(Change(time.monotonic(), float(value)))
+            with self.changed:
+                self.changes.append(Change(time.monotonic(), float(value)))
+                self.changed.notify_all()
         return changed
 
 
@@ -72,7 +79,18 @@ class SimBoard:
     # -- the LEDs -----------------------------------------------------------------------
     def timeline(self, number: int) -> list[Change]:
         """Every change of the pin's value, oldest first."""
-        return list(self.pin(number).changes)
+        pin = self.pin(number)
+        with pin.changed:
+            return list(pin.changes)
+
+    def wait_for(
+        self, number: int, predicate: Callable[[list[Change]], bool], timeout: float
+    ) -> bool:
+        """Wait until ``predicate`` holds for the pin's timeline (every change, oldest first),
+        checked now and at each change; False if it still does not after ``timeout`` seconds."""
+        pin = self.pin(number)
+        with pin.changed:
+            return pin.changed.wait_for(lambda: predicate(list(pin.changes)), timeout)
 
     def status_timeline(self) -> list[Change]:
         return self.timeline(self.pins.status_led)

@@ -26,13 +26,13 @@ def test_a_clinical_session_end_to_end(tmp_path, broker):
                                   anatomic_site="lower extremity")["ok"]
             device.show(None, seed=1)
             polarised = device.press()
-            commander.send(DEVICE, "set_illumination", mode="non_polarised")
+            assert commander.send(DEVICE, "set_illumination", mode="non_polarised")["ok"]
             device.show(None, seed=2)
             non_polarised = device.press()
             device.show("defocus", severity=2.0, seed=3)
             retake = device.press()
             overridden = device.hold()
-            commander.send(DEVICE, "set_illumination", mode="pair")
+            assert commander.send(DEVICE, "set_illumination", mode="pair")["ok"]
             device.show(None, seed=4)
             pair = device.press()
             assert commander.send(DEVICE, "close_case")["ok"]
@@ -42,7 +42,8 @@ def test_a_clinical_session_end_to_end(tmp_path, broker):
         finally:
             commander.close()
 
-    assert (polarised.verdict, non_polarised.verdict) == ("accept", "accept")
+    for outcome in (polarised, non_polarised, pair, after):
+        assert (outcome.verdict, outcome.reasons) == ("accept", ()), outcome
     assert retake.verdict == "retake"
     assert retake.reasons == ("focus",)
     assert overridden.overridden
@@ -87,15 +88,21 @@ def test_a_self_test_requested_by_the_gateway_arrives_as_a_picture(tmp_path, bro
         device.wait_online()
         commander = Commander(broker.host, broker.port)
         try:
-            answer = commander.send(DEVICE, "self_test")
+            # The self-test judges what the lens sees: a sound scene, then a blurred one.
+            device.show(None, seed=6)
+            sound = commander.send(DEVICE, "self_test")["result"]
+            device.show("defocus", severity=2.0, seed=6)
+            blurred = commander.send(DEVICE, "self_test")["result"]
         finally:
             commander.close()
         assert device.uplink.wait_idle(timeout=30)
-    result = answer["result"]
-    assert result["camera"] == "streaming"
-    assert result["verdict"] in {"accept", "retake"}
-    picture = store / DEVICE / f"{result['report_capture_id']}.jpg"
-    assert cv2.imread(str(picture)).shape == (860, 1400, 3)
-    sidecar = json.loads(picture.with_suffix(".json").read_text())
-    assert sidecar["kind"] == "self_test"
-    assert not picture.with_suffix(".dcm").exists()  # not a dermoscopic image
+    assert (sound["camera"], sound["verdict"], sound["reasons"]) == ("streaming", "accept", [])
+    assert (blurred["verdict"], blurred["reasons"]) == ("retake", ["focus"])
+    for result in (sound, blurred):
+        picture = store / DEVICE / f"{result['report_capture_id']}.jpg"
+        assert cv2.imread(str(picture)).shape == (860, 1400, 3)
+        sidecar = json.loads(picture.with_suffix(".json").read_text())
+        assert sidecar["kind"] == "self_test"
+        assert (sidecar["quality"]["verdict"], sidecar["quality"]["reasons"]) == \
+            (result["verdict"], result["reasons"])
+        assert not picture.with_suffix(".dcm").exists()  # not a dermoscopic image
