@@ -15,7 +15,14 @@ from pathlib import Path
 from gpiozero.pins import Factory
 
 from device_agent import __version__, service
-from device_agent.config import DEFAULT_CONFIG_PATH, Config, ConfigError, load_config
+from device_agent.camera.imagefile import DEFAULT_MAX_PIXELS
+from device_agent.config import (
+    DEFAULT_CONFIG_PATH,
+    Config,
+    ConfigError,
+    ensure_state_dir,
+    load_config,
+)
 from device_agent.logs import add_json_handler, log_event
 
 log = logging.getLogger("device_agent.cli")
@@ -44,6 +51,7 @@ def _run(args: argparse.Namespace) -> int:
     from device_agent.uplink.outbox import Outbox
 
     config: Config = load_config(args.config)
+    ensure_state_dir(config)
     add_json_handler("device_agent")
     logging.getLogger("device_agent").setLevel(config.logging.level)
     outbox = Outbox(config.outbox_dir, int(config.outbox.quota_mb * 1024 * 1024))
@@ -71,13 +79,14 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _assess(args: argparse.Namespace) -> int:
-    from device_agent.camera.quality import ImageError, assess, load_image
+    from device_agent.camera.imagefile import load_image
+    from device_agent.camera.quality import ImageError, assess
 
     thresholds = load_config(args.config).thresholds() if args.config else None
     status = EXIT_OK
     for path in args.images:
         try:
-            image = load_image(path)
+            image = load_image(path, args.max_pixels)
         except ImageError as err:
             print(f"device-agent assess: {err}", file=sys.stderr)
             status = EXIT_BAD_INPUT
@@ -145,6 +154,7 @@ def _calibrate(args: argparse.Namespace) -> int:
     from device_agent.camera.quality import ImageError
 
     config = load_config(args.config)
+    ensure_state_dir(config)  # the calibration is stored there
     try:
         if args.white and args.chart:
             white, chart = load_frames(args.white, args.chart)
@@ -180,6 +190,16 @@ def _demo(args: argparse.Namespace) -> int:
     return run_demo(args.out, args.captures, seed=args.seed)
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="device-agent", description="Capture agent of the dermascope."
@@ -195,6 +215,10 @@ def build_parser() -> argparse.ArgumentParser:
     assess.add_argument("images", nargs="+", type=Path, metavar="IMAGE")
     assess.add_argument("--json", action="store_true", help="one JSON object per image")
     assess.add_argument("--config", type=Path, help="take the thresholds from this config")
+    assess.add_argument("--max-pixels", type=_positive_int, default=DEFAULT_MAX_PIXELS,
+                        metavar="N", help="refuse, undecoded, an image whose header claims more "
+                        f"pixels than this (default {DEFAULT_MAX_PIXELS}; Pillow's own guard "
+                        "refuses more than about 89 million whatever this says)")
     assess.set_defaults(func=_assess)
 
     status = commands.add_parser("status", help="what the device is doing now")

@@ -7,6 +7,7 @@ never silently fall back to its default on a medical device.
 
 from __future__ import annotations
 
+import tempfile
 import tomllib
 from dataclasses import fields
 from pathlib import Path
@@ -42,7 +43,9 @@ class DeviceConfig(_Section):
 
 
 class CameraConfig(_Section):
-    backend: Literal["sim", "picamera2"] = "sim"
+    # The real camera unless a config names the simulator: synthetic frames must never reach
+    # a clinic as patient images by default.
+    backend: Literal["sim", "picamera2"] = "picamera2"
     width: Annotated[int, Field(ge=64, le=8192)] = 1014
     height: Annotated[int, Field(ge=64, le=8192)] = 760
     fps: Annotated[float, Field(gt=0, le=120)] = 10.0
@@ -78,6 +81,19 @@ class PinsConfig(_Section):
     ring_plain: Pin = 13
     # "mock" = gpiozero's MockFactory (the simulator board); "" = gpiozero's default.
     pin_factory: Literal["", "mock", "lgpio", "rpigpio", "pigpio", "native"] = ""
+
+    @model_validator(mode="after")
+    def _distinct_pins(self) -> PinsConfig:
+        # One GPIO driving two functions fails at start with gpiozero's GPIOPinInUse, far
+        # from the config line that caused it.
+        seen: dict[int, str] = {}
+        for name in ("button", "status_led", "ring_polarised", "ring_plain"):
+            pin = getattr(self, name)
+            if pin in seen:
+                raise ValueError(f"pins.{seen[pin]} and pins.{name} both use GPIO {pin}; "
+                                 "each function needs its own pin")
+            seen[pin] = name
+        return self
 
 
 class ButtonConfig(_Section):
@@ -127,10 +143,35 @@ class UplinkConfig(_Section):
     def tls(self) -> bool:
         return self.ca_file is not None
 
+    @model_validator(mode="after")
+    def _retry_range(self) -> UplinkConfig:
+        if self.retry_min > self.retry_max:
+            raise ValueError(f"uplink.retry_min ({self.retry_min:g}) is greater than "
+                             f"uplink.retry_max ({self.retry_max:g})")
+        return self
+
 
 class SecurityConfig(_Section):
     # The clinic's X25519 public key (PEM): every capture is sealed to it before it is stored.
     clinic_public_key: Path | None = None
+    # No clinic key: captures are stored and sent unsealed. For a developer's bench only;
+    # doctor reports such a device as not fit for clinical use.
+    insecure_dev_mode: bool = False
+
+    @field_validator("clinic_public_key")
+    @classmethod
+    def _usable_key(cls, value: Path | None) -> Path | None:
+        # Read now, so a wrong path stops the start with the field named instead of failing
+        # at the first capture.
+        from device_agent.uplink.seal import KeyFileError, load_public_key
+
+        if value is not None:
+            try:
+                load_public_key(value)
+            except KeyFileError as err:
+                raise ValueError(str(err)) from None
+        return value
+
 
 
 class LoggingConfig(_Section):
@@ -165,6 +206,20 @@ class Config(_Section):
                              "on a developer's bench only")
         return self
 
+    @model_validator(mode="after")
+    def _sealed_or_declared_unsealed(self) -> Config:
+        # Checked here, not in SecurityConfig, so that the section's default can exist.
+        sec = self.security
+        if sec.clinic_public_key is None and not sec.insecure_dev_mode:
+            raise ValueError("security.clinic_public_key: no clinic key configured, captures "
+                             "would leave unsealed; run device-agent provision (it sets it), or "
+                             "set security.insecure_dev_mode = true on a developer's bench only")
+        if sec.clinic_public_key is not None and sec.insecure_dev_mode:
+            raise ValueError("security.insecure_dev_mode = true contradicts "
+                             "security.clinic_public_key (captures are sealed to it); "
+                             "remove one of them")
+        return self
+
     @field_validator("quality")
     @classmethod
     def _known_thresholds(cls, value: dict[str, float]) -> dict[str, float]:
@@ -195,7 +250,16 @@ def _describe(error: ValidationError) -> str:
         where = ".".join(str(part) for part in err["loc"]) or "(top level)"
         got = err.get("input")
         got_text = "" if isinstance(got, dict) else f" (got {got!r})"
-        lines.append(f"{where}: {err['msg']}{got_text}")
+        message = err["msg"]
+        if err["type"] == "value_error":
+            # Our own validators' messages: without pydantic's prefix, and without the section
+            # when the message already names its field in full.
+            message = message.removeprefix("Value error, ")
+            if not err["loc"] or message.startswith(f"{where}."):
+                lines.append(message)
+                continue
+            got_text = ""
+        lines.append(f"{where}: {message}{got_text}")
     return "; ".join(lines)
 
 
@@ -217,3 +281,27 @@ def load_config(path: Path) -> Config:
     except (UnicodeDecodeError, tomllib.TOMLDecodeError) as err:
         raise ConfigError(f"{path}: not valid TOML: {err}") from None
     return parse_config(data, str(path))
+
+
+def ensure_state_dir(config: Config) -> Path:
+    """Create ``device.state_dir`` if needed and prove it writable; ConfigError otherwise.
+
+    Kept out of parsing because it touches the file system: commands that write state call it
+    as they start, so a bad folder stops them with the field named, not a traceback later.
+    """
+    folder = config.device.state_dir
+    if folder.exists() and not folder.is_dir():
+        raise ConfigError(f"device.state_dir: {folder} exists but is not a directory")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ConfigError(f"device.state_dir: cannot create {folder}: "
+                          f"{err.strerror or err}") from None
+    try:
+        # A real file: the one test that holds for every user, ACL and mount option.
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as err:
+        raise ConfigError(f"device.state_dir: cannot write in {folder}: "
+                          f"{err.strerror or err}") from None
+    return folder

@@ -68,7 +68,10 @@ def check_camera(config: Config, live: dict | None, seen: list[np.ndarray]) -> C
             return Check("camera", "ok", f"{camera.get('model')} asleep after idling "
                          "(a press wakes it)")
     else:
-        fps, found, model = _probe_camera(config, seen)
+        try:
+            fps, found, model = _probe_camera(config, seen)
+        except ConfigError as err:
+            return Check("camera", "fail", str(err), "install picamera2 (apt) on the Pi")
         camera = {"streaming": fps > 0, "model": model}
         source = "opened directly"
         if fps > 0 and not found:
@@ -81,6 +84,14 @@ def check_camera(config: Config, live: dict | None, seen: list[np.ndarray]) -> C
         return Check("camera", "warn", f"{camera.get('model')} at {fps:.1f} fps, configured "
                      f"{expected:g} ({source})", "lower camera.width/height or check CPU load")
     return Check("camera", "ok", f"{camera.get('model')} streaming at {fps:.1f} fps ({source})")
+
+
+def check_backend(config: Config) -> Check | None:
+    """Synthetic frames must never pass for a patient's skin."""
+    if config.camera.backend != "sim":
+        return None
+    return Check("backend", "fail", "simulated camera: not fit for clinical use",
+                 'set camera.backend = "picamera2" (device-agent provision writes it)')
 
 
 def _probe_camera(config: Config, seen: list[np.ndarray], seconds: float = 2.0
@@ -205,10 +216,9 @@ def check_broker(config: Config, timeout: float = 5.0) -> Check:
 
 def check_sealing(config: Config) -> Check:
     path = config.security.clinic_public_key
-    if path is None:
-        level: Level = "warn" if config.uplink.insecure_dev_mode else "fail"
-        return Check("sealing", level, "no clinic key: captures are not sealed",
-                     "run device-agent provision with --clinic-key")
+    if path is None:  # the config allows this only with security.insecure_dev_mode
+        return Check("sealing", "fail", "captures unsealed (security.insecure_dev_mode): not "
+                     "fit for clinical use", "run device-agent provision with --clinic-key")
     try:
         load_public_key(path)
     except KeyFileError as err:
@@ -297,6 +307,9 @@ def run_checks(config_path: Path, pin_factory: Callable[[str], object],
                   Check("service", "warn", "agent not running",
                         "systemctl start device-agent (hardware is tested directly meanwhile)"))
     seen: list[np.ndarray] = []
+    backend = check_backend(config)
+    if backend is not None:
+        checks.append(backend)
     checks.append(check_camera(config, live, seen))
     checks.extend(check_pins(config, live, pin_factory))
     checks.append(check_tls(config))
