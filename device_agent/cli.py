@@ -20,6 +20,7 @@ from device_agent.config import (
     DEFAULT_CONFIG_PATH,
     Config,
     ConfigError,
+    check_tls_files,
     ensure_state_dir,
     load_config,
 )
@@ -33,15 +34,29 @@ EXIT_BAD_INPUT = 2
 
 
 def pin_factory(name: str) -> Factory | None:
-    """A gpiozero pin factory by name: "" = gpiozero's own choice, "mock" = MockFactory."""
-    if not name:
-        return None
+    """A gpiozero pin factory by name: "" = gpiozero's own choice, "mock" = MockFactory.
+
+    ConfigError naming ``pins.pin_factory`` when that library cannot be loaded here.
+    """
     if name == "mock":
         from gpiozero.pins.mock import MockFactory, MockPWMPin
 
         return MockFactory(pin_class=MockPWMPin)
-    # gpiozero registers its backends as entry points; this is how it chooses them itself.
-    return entry_points(group="gpiozero_pin_factories")[name].load()()
+    from gpiozero import Device
+    from gpiozero.exc import GPIOZeroError
+
+    try:
+        if not name:
+            # Chosen now rather than at the first pin, so that a machine with no GPIO library
+            # stops with the field named instead of a traceback from deep in the agent.
+            Device.ensure_pin_factory()
+            return None
+        # gpiozero registers its backends as entry points; this is how it chooses them itself.
+        return entry_points(group="gpiozero_pin_factories")[name].load()()
+    except (ImportError, OSError, RuntimeError, GPIOZeroError) as err:
+        raise ConfigError(f'pins.pin_factory = "{name}": no usable GPIO library ({err}); on '
+                          'a Pi install python3-lgpio, elsewhere use pin_factory = "mock"'
+                          ) from None
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -52,6 +67,7 @@ def _run(args: argparse.Namespace) -> int:
 
     config: Config = load_config(args.config)
     ensure_state_dir(config)
+    check_tls_files(config)
     add_json_handler("device_agent")
     logging.getLogger("device_agent").setLevel(config.logging.level)
     outbox = Outbox(config.outbox_dir, int(config.outbox.quota_mb * 1024 * 1024))
@@ -167,6 +183,10 @@ def _calibrate(args: argparse.Namespace) -> int:
         outcome = run_calibration(config, args.mode, white, chart, args.report)
     except (ImageError, CalibrationError, CameraError) as err:
         print(f"device-agent calibrate: {err}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except EOFError:
+        print("device-agent calibrate: standard input closed before the targets were "
+              "confirmed; run it in a terminal, or give --white and --chart", file=sys.stderr)
         return EXIT_BAD_INPUT
     record = {"calibration_id": outcome.calibration.calibration_id, "mode": args.mode,
               **outcome.figures, "report": str(args.report) if args.report else None}

@@ -7,6 +7,7 @@ never silently fall back to its default on a medical device.
 
 from __future__ import annotations
 
+import ssl
 import tempfile
 import tomllib
 from dataclasses import fields
@@ -61,6 +62,15 @@ class CameraConfig(_Section):
     # Stop streaming (and darken the ring) after this long without a gesture; the next
     # press wakes the device. 0 = stream for as long as the agent runs.
     sleep_after_s: Annotated[float, Field(ge=0, le=24 * 3600)] = 300.0
+
+    @model_validator(mode="after")
+    def _window_fits_the_ring(self) -> CameraConfig:
+        # A window longer than the ring would silently choose among fewer frames.
+        if self.window_before + self.window_after > self.ring_seconds:
+            raise ValueError(f"camera.window_before + camera.window_after "
+                             f"({self.window_before + self.window_after:g} s) exceed "
+                             f"camera.ring_seconds ({self.ring_seconds:g} s), the frames kept")
+        return self
 
 
 class SimConfig(_Section):
@@ -305,3 +315,36 @@ def ensure_state_dir(config: Config) -> Path:
         raise ConfigError(f"device.state_dir: cannot write in {folder}: "
                           f"{err.strerror or err}") from None
     return folder
+
+
+def check_tls_files(config: Config) -> None:
+    """Load the uplink's CA, certificate and key as the MQTT client will; ConfigError naming
+    the field otherwise.
+
+    Not part of parsing: provisioning writes a valid config before the clinic has signed the
+    certificate. ``run`` calls it as it starts, so a missing file stops the service at once
+    instead of killing the uplink's thread on its first connection.
+    """
+    up = config.uplink
+    if not up.tls:
+        return
+    context = ssl.create_default_context()
+    for field, path in (("ca_file", up.ca_file), ("cert_file", up.cert_file),
+                        ("key_file", up.key_file)):
+        try:
+            with open(path, "rb"):
+                pass
+        except OSError as err:
+            raise ConfigError(f"uplink.{field}: cannot read {path}: "
+                              f"{err.strerror or err}") from None
+    try:
+        context.load_verify_locations(cafile=str(up.ca_file))
+    except ssl.SSLError as err:
+        raise ConfigError(f"uplink.ca_file: {up.ca_file} is not a PEM certificate "
+                          f"({err.reason or err})") from None
+    try:
+        context.load_cert_chain(str(up.cert_file), str(up.key_file))
+    except ssl.SSLError as err:
+        raise ConfigError(f"uplink.cert_file, uplink.key_file: {up.cert_file} and "
+                          f"{up.key_file} are not a PEM certificate and its unencrypted "
+                          f"private key ({err.reason or err})") from None

@@ -128,7 +128,11 @@ def check_pins(config: Config, live: dict | None,
     from gpiozero import LED, PWMLED, Button
     from gpiozero.exc import GPIOZeroError
 
-    factory = pin_factory(config.pins.pin_factory)
+    try:
+        factory = pin_factory(config.pins.pin_factory)
+    except ConfigError as err:
+        return [Check("leds", "fail", str(err), "fix pins.pin_factory"),
+                Check("button", "fail", "not read: no GPIO library", "fix pins.pin_factory")]
     pins = config.pins
     checks = []
     try:
