@@ -138,6 +138,7 @@ def _status(args: argparse.Namespace) -> int:
     from device_agent.status import describe, is_live, read_status, status_path
 
     config = load_config(args.config)
+    ensure_state_dir(config, create=False)
     status = read_status(status_path(config.device.state_dir))
     if args.json:
         print(json.dumps({"running": is_live(status), "status": status}))

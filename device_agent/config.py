@@ -175,11 +175,17 @@ class SecurityConfig(_Section):
         # at the first capture.
         from device_agent.uplink.seal import KeyFileError, load_public_key
 
-        if value is not None:
-            try:
-                load_public_key(value)
-            except KeyFileError as err:
-                raise ValueError(str(err)) from None
+        if value is None:
+            return value
+        try:
+            with open(value, "rb"):
+                pass
+        except OSError as err:
+            raise ValueError(f"{value}: cannot read key: {err.strerror or err}") from None
+        try:
+            load_public_key(value)
+        except KeyFileError as err:
+            raise ValueError(str(err)) from None
         return value
 
 
@@ -293,15 +299,19 @@ def load_config(path: Path) -> Config:
     return parse_config(data, str(path))
 
 
-def ensure_state_dir(config: Config) -> Path:
+def ensure_state_dir(config: Config, create: bool = True) -> Path:
     """Create ``device.state_dir`` if needed and prove it writable; ConfigError otherwise.
 
     Kept out of parsing because it touches the file system: commands that write state call it
     as they start, so a bad folder stops them with the field named, not a traceback later.
+    With ``create`` false (commands that only read state) a folder not yet made is fine,
+    one that cannot be a folder is not.
     """
     folder = config.device.state_dir
     if folder.exists() and not folder.is_dir():
         raise ConfigError(f"device.state_dir: {folder} exists but is not a directory")
+    if not create:
+        return folder
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as err:

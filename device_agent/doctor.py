@@ -25,7 +25,7 @@ from cryptography.exceptions import InvalidSignature
 from paho.mqtt.enums import CallbackAPIVersion
 
 from device_agent.camera.metadata import clock_synced
-from device_agent.config import Config, ConfigError, load_config
+from device_agent.config import Config, ConfigError, ensure_state_dir, load_config
 from device_agent.status import is_live, read_status, status_path
 from device_agent.uplink.seal import KeyFileError, load_public_key
 
@@ -268,6 +268,10 @@ def check_clock() -> Check:
 
 def check_disk(config: Config, live: dict | None) -> list[Check]:
     folder = config.device.state_dir
+    try:
+        ensure_state_dir(config, create=False)
+    except ConfigError as err:
+        return [Check("disk", "fail", str(err), "fix device.state_dir")]
     probe = folder if folder.exists() else folder.parent
     try:
         free = shutil.disk_usage(probe).free
