@@ -54,7 +54,7 @@ def image_size(path: str | os.PathLike[str], max_pixels: int = DEFAULT_MAX_PIXEL
     if width * height > max_pixels:
         raise ImageError(f"{p}: refused, not decoded: {width}x{height} is "
                          f"{width * height / 1e6:.1f} megapixels, over the limit of "
-                         f"{max_pixels / 1e6:g}")
+                         f"{max_pixels / 1e6:g} megapixels")
     return width, height
 
 
