@@ -189,7 +189,6 @@ class SecurityConfig(_Section):
         return value
 
 
-
 class LoggingConfig(_Section):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
@@ -353,7 +352,8 @@ def check_tls_files(config: Config) -> None:
         raise ConfigError(f"uplink.ca_file: {up.ca_file} is not a PEM certificate "
                           f"({err.reason or err})") from None
     try:
-        context.load_cert_chain(str(up.cert_file), str(up.key_file))
+        # An empty password: an encrypted key fails here instead of prompting on a terminal.
+        context.load_cert_chain(str(up.cert_file), str(up.key_file), password="")
     except ssl.SSLError as err:
         raise ConfigError(f"uplink.cert_file, uplink.key_file: {up.cert_file} and "
                           f"{up.key_file} are not a PEM certificate and its unencrypted "
