@@ -160,6 +160,13 @@ def test_tls_files_are_checked_before_the_service_connects(tmp_path):
         check_tls_files(parse_config(bench(uplink={**tls, "ca_file": str(not_pem)})))
     with pytest.raises(ConfigError, match=r"uplink.cert_file, uplink.key_file"):
         check_tls_files(parse_config(bench(uplink={**tls, "key_file": str(other.key)})))
+    locked = tmp_path / "locked.key"
+    key = serialization.load_pem_private_key(device.key.read_bytes(), password=None)
+    locked.write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                         serialization.PrivateFormat.PKCS8,
+                                         serialization.BestAvailableEncryption(b"secret")))
+    with pytest.raises(ConfigError, match=r"uplink.cert_file, uplink.key_file"):
+        check_tls_files(parse_config(bench(uplink={**tls, "key_file": str(locked)})))
 
 
 def test_plain_mqtt_must_be_declared_and_tls_must_be_whole():
