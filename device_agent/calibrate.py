@@ -25,7 +25,8 @@ from device_agent.camera.calibration import (
     new_calibration,
     save_calibration,
 )
-from device_agent.camera.quality import assess, load_image
+from device_agent.camera.imagefile import load_image
+from device_agent.camera.quality import assess
 from device_agent.config import Config
 from device_agent.report import write_report
 

@@ -15,7 +15,15 @@ from pathlib import Path
 from gpiozero.pins import Factory
 
 from device_agent import __version__, service, threads
-from device_agent.config import DEFAULT_CONFIG_PATH, Config, ConfigError, load_config
+from device_agent.camera.imagefile import DEFAULT_MAX_PIXELS
+from device_agent.config import (
+    DEFAULT_CONFIG_PATH,
+    Config,
+    ConfigError,
+    check_tls_files,
+    ensure_state_dir,
+    load_config,
+)
 from device_agent.logs import add_json_handler, log_event
 
 log = logging.getLogger("device_agent.cli")
@@ -26,15 +34,29 @@ EXIT_BAD_INPUT = 2
 
 
 def pin_factory(name: str) -> Factory | None:
-    """A gpiozero pin factory by name: "" = gpiozero's own choice, "mock" = MockFactory."""
-    if not name:
-        return None
+    """A gpiozero pin factory by name: "" = gpiozero's own choice, "mock" = MockFactory.
+
+    ConfigError naming ``pins.pin_factory`` when that library cannot be loaded here.
+    """
     if name == "mock":
         from gpiozero.pins.mock import MockFactory, MockPWMPin
 
         return MockFactory(pin_class=MockPWMPin)
-    # gpiozero registers its backends as entry points; this is how it chooses them itself.
-    return entry_points(group="gpiozero_pin_factories")[name].load()()
+    from gpiozero import Device
+    from gpiozero.exc import GPIOZeroError
+
+    try:
+        if not name:
+            # Chosen now rather than at the first pin, so that a machine with no GPIO library
+            # stops with the field named instead of a traceback from deep in the agent.
+            Device.ensure_pin_factory()
+            return None
+        # gpiozero registers its backends as entry points; this is how it chooses them itself.
+        return entry_points(group="gpiozero_pin_factories")[name].load()()
+    except (ImportError, OSError, RuntimeError, GPIOZeroError) as err:
+        raise ConfigError(f'pins.pin_factory = "{name}": no usable GPIO library ({err}); on '
+                          'a Pi install python3-lgpio, elsewhere use pin_factory = "mock"'
+                          ) from None
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -44,6 +66,8 @@ def _run(args: argparse.Namespace) -> int:
     from device_agent.uplink.outbox import Outbox
 
     config: Config = load_config(args.config)
+    ensure_state_dir(config)
+    check_tls_files(config)
     add_json_handler("device_agent")
     threads.install_excepthook(log)
     logging.getLogger("device_agent").setLevel(config.logging.level)
@@ -73,13 +97,14 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _assess(args: argparse.Namespace) -> int:
-    from device_agent.camera.quality import ImageError, assess, load_image
+    from device_agent.camera.imagefile import load_image
+    from device_agent.camera.quality import ImageError, assess
 
     thresholds = load_config(args.config).thresholds() if args.config else None
     status = EXIT_OK
     for path in args.images:
         try:
-            image = load_image(path)
+            image = load_image(path, args.max_pixels)
         except ImageError as err:
             print(f"device-agent assess: {err}", file=sys.stderr)
             status = EXIT_BAD_INPUT
@@ -115,6 +140,7 @@ def _status(args: argparse.Namespace) -> int:
     from device_agent.status import describe, is_live, read_status, status_path
 
     config = load_config(args.config)
+    ensure_state_dir(config, create=False)
     status = read_status(status_path(config.device.state_dir))
     if args.json:
         print(json.dumps({"running": is_live(status), "status": status}))
@@ -147,6 +173,7 @@ def _calibrate(args: argparse.Namespace) -> int:
     from device_agent.camera.quality import ImageError
 
     config = load_config(args.config)
+    ensure_state_dir(config)  # the calibration is stored there
     try:
         if args.white and args.chart:
             white, chart = load_frames(args.white, args.chart)
@@ -159,6 +186,10 @@ def _calibrate(args: argparse.Namespace) -> int:
         outcome = run_calibration(config, args.mode, white, chart, args.report)
     except (ImageError, CalibrationError, CameraError) as err:
         print(f"device-agent calibrate: {err}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except EOFError:
+        print("device-agent calibrate: standard input closed before the targets were "
+              "confirmed; run it in a terminal, or give --white and --chart", file=sys.stderr)
         return EXIT_BAD_INPUT
     record = {"calibration_id": outcome.calibration.calibration_id, "mode": args.mode,
               **outcome.figures, "report": str(args.report) if args.report else None}
@@ -182,6 +213,16 @@ def _demo(args: argparse.Namespace) -> int:
     return run_demo(args.out, args.captures, seed=args.seed)
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="device-agent", description="Capture agent of the dermascope."
@@ -197,6 +238,10 @@ def build_parser() -> argparse.ArgumentParser:
     assess.add_argument("images", nargs="+", type=Path, metavar="IMAGE")
     assess.add_argument("--json", action="store_true", help="one JSON object per image")
     assess.add_argument("--config", type=Path, help="take the thresholds from this config")
+    assess.add_argument("--max-pixels", type=_positive_int, default=DEFAULT_MAX_PIXELS,
+                        metavar="N", help="refuse, undecoded, an image whose header claims more "
+                        f"pixels than this (default {DEFAULT_MAX_PIXELS}; Pillow's own guard "
+                        "refuses more than about 89 million whatever this says)")
     assess.set_defaults(func=_assess)
 
     status = commands.add_parser("status", help="what the device is doing now")

@@ -7,6 +7,8 @@ never silently fall back to its default on a medical device.
 
 from __future__ import annotations
 
+import ssl
+import tempfile
 import tomllib
 from dataclasses import fields
 from pathlib import Path
@@ -42,7 +44,9 @@ class DeviceConfig(_Section):
 
 
 class CameraConfig(_Section):
-    backend: Literal["sim", "picamera2"] = "sim"
+    # The real camera unless a config names the simulator: synthetic frames must never reach
+    # a clinic as patient images by default.
+    backend: Literal["sim", "picamera2"] = "picamera2"
     width: Annotated[int, Field(ge=64, le=8192)] = 1014
     height: Annotated[int, Field(ge=64, le=8192)] = 760
     fps: Annotated[float, Field(gt=0, le=120)] = 10.0
@@ -58,6 +62,15 @@ class CameraConfig(_Section):
     # Stop streaming (and darken the ring) after this long without a gesture; the next
     # press wakes the device. 0 = stream for as long as the agent runs.
     sleep_after_s: Annotated[float, Field(ge=0, le=24 * 3600)] = 300.0
+
+    @model_validator(mode="after")
+    def _window_fits_the_ring(self) -> CameraConfig:
+        # A window longer than the ring would silently choose among fewer frames.
+        if self.window_before + self.window_after > self.ring_seconds:
+            raise ValueError(f"camera.window_before + camera.window_after "
+                             f"({self.window_before + self.window_after:g} s) exceed "
+                             f"camera.ring_seconds ({self.ring_seconds:g} s), the frames kept")
+        return self
 
 
 class SimConfig(_Section):
@@ -78,6 +91,19 @@ class PinsConfig(_Section):
     ring_plain: Pin = 13
     # "mock" = gpiozero's MockFactory (the simulator board); "" = gpiozero's default.
     pin_factory: Literal["", "mock", "lgpio", "rpigpio", "pigpio", "native"] = ""
+
+    @model_validator(mode="after")
+    def _distinct_pins(self) -> PinsConfig:
+        # One GPIO driving two functions fails at start with gpiozero's GPIOPinInUse, far
+        # from the config line that caused it.
+        seen: dict[int, str] = {}
+        for name in ("button", "status_led", "ring_polarised", "ring_plain"):
+            pin = getattr(self, name)
+            if pin in seen:
+                raise ValueError(f"pins.{seen[pin]} and pins.{name} both use GPIO {pin}; "
+                                 "each function needs its own pin")
+            seen[pin] = name
+        return self
 
 
 class ButtonConfig(_Section):
@@ -127,10 +153,40 @@ class UplinkConfig(_Section):
     def tls(self) -> bool:
         return self.ca_file is not None
 
+    @model_validator(mode="after")
+    def _retry_range(self) -> UplinkConfig:
+        if self.retry_min > self.retry_max:
+            raise ValueError(f"uplink.retry_min ({self.retry_min:g}) is greater than "
+                             f"uplink.retry_max ({self.retry_max:g})")
+        return self
+
 
 class SecurityConfig(_Section):
     # The clinic's X25519 public key (PEM): every capture is sealed to it before it is stored.
     clinic_public_key: Path | None = None
+    # No clinic key: captures are stored and sent unsealed. For a developer's bench only;
+    # doctor reports such a device as not fit for clinical use.
+    insecure_dev_mode: bool = False
+
+    @field_validator("clinic_public_key")
+    @classmethod
+    def _usable_key(cls, value: Path | None) -> Path | None:
+        # Read now, so a wrong path stops the start with the field named instead of failing
+        # at the first capture.
+        from device_agent.uplink.seal import KeyFileError, load_public_key
+
+        if value is None:
+            return value
+        try:
+            with open(value, "rb"):
+                pass
+        except OSError as err:
+            raise ValueError(f"{value}: cannot read key: {err.strerror or err}") from None
+        try:
+            load_public_key(value)
+        except KeyFileError as err:
+            raise ValueError(str(err)) from None
+        return value
 
 
 class LoggingConfig(_Section):
@@ -165,6 +221,20 @@ class Config(_Section):
                              "on a developer's bench only")
         return self
 
+    @model_validator(mode="after")
+    def _sealed_or_declared_unsealed(self) -> Config:
+        # Checked here, not in SecurityConfig, so that the section's default can exist.
+        sec = self.security
+        if sec.clinic_public_key is None and not sec.insecure_dev_mode:
+            raise ValueError("security.clinic_public_key: no clinic key configured, captures "
+                             "would leave unsealed; run device-agent provision (it sets it), or "
+                             "set security.insecure_dev_mode = true on a developer's bench only")
+        if sec.clinic_public_key is not None and sec.insecure_dev_mode:
+            raise ValueError("security.insecure_dev_mode = true contradicts "
+                             "security.clinic_public_key (captures are sealed to it); "
+                             "remove one of them")
+        return self
+
     @field_validator("quality")
     @classmethod
     def _known_thresholds(cls, value: dict[str, float]) -> dict[str, float]:
@@ -195,7 +265,16 @@ def _describe(error: ValidationError) -> str:
         where = ".".join(str(part) for part in err["loc"]) or "(top level)"
         got = err.get("input")
         got_text = "" if isinstance(got, dict) else f" (got {got!r})"
-        lines.append(f"{where}: {err['msg']}{got_text}")
+        message = err["msg"]
+        if err["type"] == "value_error":
+            # Our own validators' messages: without pydantic's prefix, and without the section
+            # when the message already names its field in full.
+            message = message.removeprefix("Value error, ")
+            if not err["loc"] or message.startswith(f"{where}."):
+                lines.append(message)
+                continue
+            got_text = ""
+        lines.append(f"{where}: {message}{got_text}")
     return "; ".join(lines)
 
 
@@ -217,3 +296,65 @@ def load_config(path: Path) -> Config:
     except (UnicodeDecodeError, tomllib.TOMLDecodeError) as err:
         raise ConfigError(f"{path}: not valid TOML: {err}") from None
     return parse_config(data, str(path))
+
+
+def ensure_state_dir(config: Config, create: bool = True) -> Path:
+    """Create ``device.state_dir`` if needed and prove it writable; ConfigError otherwise.
+
+    Kept out of parsing because it touches the file system: commands that write state call it
+    as they start, so a bad folder stops them with the field named, not a traceback later.
+    With ``create`` false (commands that only read state) a folder not yet made is fine,
+    one that cannot be a folder is not.
+    """
+    folder = config.device.state_dir
+    if folder.exists() and not folder.is_dir():
+        raise ConfigError(f"device.state_dir: {folder} exists but is not a directory")
+    if not create:
+        return folder
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ConfigError(f"device.state_dir: cannot create {folder}: "
+                          f"{err.strerror or err}") from None
+    try:
+        # A real file: the one test that holds for every user, ACL and mount option.
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as err:
+        raise ConfigError(f"device.state_dir: cannot write in {folder}: "
+                          f"{err.strerror or err}") from None
+    return folder
+
+
+def check_tls_files(config: Config) -> None:
+    """Load the uplink's CA, certificate and key as the MQTT client will; ConfigError naming
+    the field otherwise.
+
+    Not part of parsing: provisioning writes a valid config before the clinic has signed the
+    certificate. ``run`` calls it as it starts, so a missing file stops the service at once
+    instead of killing the uplink's thread on its first connection.
+    """
+    up = config.uplink
+    if not up.tls:
+        return
+    context = ssl.create_default_context()
+    for field, path in (("ca_file", up.ca_file), ("cert_file", up.cert_file),
+                        ("key_file", up.key_file)):
+        try:
+            with open(path, "rb"):
+                pass
+        except OSError as err:
+            raise ConfigError(f"uplink.{field}: cannot read {path}: "
+                              f"{err.strerror or err}") from None
+    try:
+        context.load_verify_locations(cafile=str(up.ca_file))
+    except ssl.SSLError as err:
+        raise ConfigError(f"uplink.ca_file: {up.ca_file} is not a PEM certificate "
+                          f"({err.reason or err})") from None
+    try:
+        # An empty password: an encrypted key fails here instead of prompting on a terminal.
+        context.load_cert_chain(str(up.cert_file), str(up.key_file), password="")
+    except ssl.SSLError as err:
+        raise ConfigError(f"uplink.cert_file, uplink.key_file: {up.cert_file} and "
+                          f"{up.key_file} are not a PEM certificate and its unencrypted "
+                          f"private key ({err.reason or err})") from None

@@ -25,7 +25,7 @@ from cryptography.exceptions import InvalidSignature
 from paho.mqtt.enums import CallbackAPIVersion
 
 from device_agent.camera.metadata import clock_synced
-from device_agent.config import Config, ConfigError, load_config
+from device_agent.config import Config, ConfigError, ensure_state_dir, load_config
 from device_agent.status import is_live, read_status, status_path
 from device_agent.uplink.seal import KeyFileError, load_public_key
 
@@ -68,7 +68,10 @@ def check_camera(config: Config, live: dict | None, seen: list[np.ndarray]) -> C
             return Check("camera", "ok", f"{camera.get('model')} asleep after idling "
                          "(a press wakes it)")
     else:
-        fps, found, model = _probe_camera(config, seen)
+        try:
+            fps, found, model = _probe_camera(config, seen)
+        except ConfigError as err:
+            return Check("camera", "fail", str(err), "install picamera2 (apt) on the Pi")
         camera = {"streaming": fps > 0, "model": model}
         source = "opened directly"
         if fps > 0 and not found:
@@ -81,6 +84,14 @@ def check_camera(config: Config, live: dict | None, seen: list[np.ndarray]) -> C
         return Check("camera", "warn", f"{camera.get('model')} at {fps:.1f} fps, configured "
                      f"{expected:g} ({source})", "lower camera.width/height or check CPU load")
     return Check("camera", "ok", f"{camera.get('model')} streaming at {fps:.1f} fps ({source})")
+
+
+def check_backend(config: Config) -> Check | None:
+    """Synthetic frames must never pass for a patient's skin."""
+    if config.camera.backend != "sim":
+        return None
+    return Check("backend", "fail", "simulated camera: not fit for clinical use",
+                 'set camera.backend = "picamera2" (device-agent provision writes it)')
 
 
 def _probe_camera(config: Config, seen: list[np.ndarray], seconds: float = 2.0
@@ -117,7 +128,11 @@ def check_pins(config: Config, live: dict | None,
     from gpiozero import LED, PWMLED, Button
     from gpiozero.exc import GPIOZeroError
 
-    factory = pin_factory(config.pins.pin_factory)
+    try:
+        factory = pin_factory(config.pins.pin_factory)
+    except ConfigError as err:
+        return [Check("leds", "fail", str(err), "fix pins.pin_factory"),
+                Check("button", "fail", "not read: no GPIO library", "fix pins.pin_factory")]
     pins = config.pins
     checks = []
     try:
@@ -205,10 +220,9 @@ def check_broker(config: Config, timeout: float = 5.0) -> Check:
 
 def check_sealing(config: Config) -> Check:
     path = config.security.clinic_public_key
-    if path is None:
-        level: Level = "warn" if config.uplink.insecure_dev_mode else "fail"
-        return Check("sealing", level, "no clinic key: captures are not sealed",
-                     "run device-agent provision with --clinic-key")
+    if path is None:  # the config allows this only with security.insecure_dev_mode
+        return Check("sealing", "fail", "captures unsealed (security.insecure_dev_mode): not "
+                     "fit for clinical use", "run device-agent provision with --clinic-key")
     try:
         load_public_key(path)
     except KeyFileError as err:
@@ -254,6 +268,10 @@ def check_clock() -> Check:
 
 def check_disk(config: Config, live: dict | None) -> list[Check]:
     folder = config.device.state_dir
+    try:
+        ensure_state_dir(config, create=False)
+    except ConfigError as err:
+        return [Check("disk", "fail", str(err), "fix device.state_dir")]
     probe = folder if folder.exists() else folder.parent
     try:
         free = shutil.disk_usage(probe).free
@@ -297,6 +315,9 @@ def run_checks(config_path: Path, pin_factory: Callable[[str], object],
                   Check("service", "warn", "agent not running",
                         "systemctl start device-agent (hardware is tested directly meanwhile)"))
     seen: list[np.ndarray] = []
+    backend = check_backend(config)
+    if backend is not None:
+        checks.append(backend)
     checks.append(check_camera(config, live, seen))
     checks.extend(check_pins(config, live, pin_factory))
     checks.append(check_tls(config))

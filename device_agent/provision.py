@@ -160,7 +160,10 @@ def _update_config(path: Path, device_id: str, host: str, port: int, folder: Pat
         "uplink": {"host": host, "port": port, "ca_file": str(folder / "ca.crt"),
                    "cert_file": str(folder / "device.crt"), "key_file": str(folder / "device.key"),
                    "insecure_dev_mode": False},
-        "security": {"clinic_public_key": str(folder / "clinic-seal.pub.pem")},
+        "security": {"clinic_public_key": str(folder / "clinic-seal.pub.pem"),
+                     "insecure_dev_mode": False},
+        # The real camera: a provisioned device must never stream the simulator's frames.
+        "camera": {"backend": "picamera2"},
     }
     for section, keys in values.items():
         table = doc.setdefault(section, tomlkit.table())

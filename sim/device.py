@@ -22,7 +22,9 @@ from sim.camera import SimCamera
 
 
 def sim_config(state_dir: Path, port: int, device_id: str = "sim-0001", **sections: dict) -> Config:
-    """A simulator config: sim camera, mock pins, a loopback broker on ``port``.
+    """A simulator config: sim camera, mock pins, a loopback broker on ``port``, plain MQTT
+    and unsealed captures (both declared as a developer's bench) unless ``sections`` says
+    otherwise.
 
     ``sections`` overrides or adds config tables, e.g. ``uplink={"ack_timeout": 5}``.
     """
@@ -34,6 +36,9 @@ def sim_config(state_dir: Path, port: int, device_id: str = "sim-0001", **sectio
                    "retry_min": 0.2, "retry_max": 2.0, "heartbeat_interval": 5.0,
                    "insecure_dev_mode": True},
     }
+    # A clinic key and the unsealed opt-out contradict each other: give the key alone.
+    if "clinic_public_key" not in sections.get("security", {}):
+        data["security"] = {"insecure_dev_mode": True}
     for name, values in sections.items():
         data[name] = {**data.get(name, {}), **values}
     return parse_config(data, "simulator")

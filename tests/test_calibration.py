@@ -29,7 +29,8 @@ DELTA_E_MEAN_GOAL, DELTA_E_MAX_GOAL, FALLOFF_GOAL = 3.0, 6.0, 0.02
 
 def bench_config(state_dir):
     return parse_config({"device": {"id": "d1", "state_dir": str(state_dir)},
-                         "uplink": {"insecure_dev_mode": True}})
+                         "uplink": {"insecure_dev_mode": True},
+                         "security": {"insecure_dev_mode": True}})
 
 
 @pytest.mark.parametrize("cast", sorted(CASTS))
@@ -116,7 +117,8 @@ def test_capture_from_the_camera_averages_frames():
 def test_the_command_line_reports_delta_e_and_writes_the_picture(tmp_path):
     config = tmp_path / "config.toml"
     config.write_text(f'[device]\nid = "d1"\nstate_dir = "{tmp_path / "state"}"\n'
-                      '[uplink]\ninsecure_dev_mode = true\n')
+                      '[uplink]\ninsecure_dev_mode = true\n'
+                      '[security]\ninsecure_dev_mode = true\n')
     r = Response(cast="green", seed=9)
     cv2.imwrite(str(tmp_path / "white.png"), render_white(r))
     cv2.imwrite(str(tmp_path / "chart.png"), render_chart(r))

@@ -35,6 +35,21 @@ def assert_verified(store: Path, capture_id: str) -> dict:
     return metadata
 
 
+def test_the_simulator_config_declares_a_developers_bench(tmp_path):
+    bench = sim_config(tmp_path, 1)
+    assert bench.camera.backend == "sim"
+    assert bench.uplink.insecure_dev_mode
+    assert bench.security.insecure_dev_mode
+    assert bench.security.clinic_public_key is None
+    from device_agent.uplink.seal import generate_keypair, public_key_pem
+
+    key = tmp_path / "seal.pub.pem"
+    key.write_bytes(public_key_pem(generate_keypair()[1]))
+    sealed = sim_config(tmp_path, 1, security={"clinic_public_key": str(key)})
+    assert sealed.security.clinic_public_key == key
+    assert not sealed.security.insecure_dev_mode
+
+
 def test_a_good_press_is_stored_and_a_defective_one_never_leaves(tmp_path, broker):
     store = tmp_path / "store"
     config = sim_config(tmp_path / "device", broker.port)
@@ -154,6 +169,7 @@ def test_the_service_stops_cleanly_on_sigterm(tmp_path, signum):
         f'[device]\nid = "{DEVICE}"\nstate_dir = "{tmp_path / "state"}"\n'
         f'[camera]\nbackend = "sim"\n[pins]\npin_factory = "mock"\n'
         f'[uplink]\nport = {free_port()}\ninsecure_dev_mode = true\n'
+        '[security]\ninsecure_dev_mode = true\n'
     )
     proc = subprocess.Popen([sys.executable, "-m", "device_agent", "run", "--config",
                              str(config)], stdout=subprocess.PIPE, text=True)
@@ -178,6 +194,7 @@ def test_status_tells_a_person_what_the_device_is_doing(tmp_path):
         f'[device]\nid = "{DEVICE}"\nstate_dir = "{tmp_path / "state"}"\n'
         f'[camera]\nbackend = "sim"\n[pins]\npin_factory = "mock"\n'
         f'[uplink]\nport = {port}\ninsecure_dev_mode = true\n'
+        '[security]\ninsecure_dev_mode = true\n'
     )
     status = [sys.executable, "-m", "device_agent", "status", "--config", str(config_path)]
     before = subprocess.run(status, capture_output=True, text=True, timeout=60, check=False)

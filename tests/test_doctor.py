@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -14,30 +15,44 @@ from sim.pki import TestCA
 from sim.secure_broker import SecureMosquitto
 
 
-def write_config(tmp_path: Path, port: int, extra: str = "") -> Path:
+def write_config(tmp_path: Path, port: int, extra: str = "",
+                 security: str = "insecure_dev_mode = true\n", backend: str = "sim") -> Path:
+    """``extra`` goes in [uplink], ``security`` is the [security] table."""
     path = tmp_path / "config.toml"
     path.write_text(
         f'[device]\nid = "dev1"\nstate_dir = "{tmp_path / "state"}"\n'
-        f'[camera]\nbackend = "sim"\n[pins]\npin_factory = "mock"\n'
+        f'[camera]\nbackend = "{backend}"\n[pins]\npin_factory = "mock"\n'
+        f'[security]\n{security}'
         f'[uplink]\nport = {port}\n{extra}'
     )
     return path
 
 
-def doctor(config: Path, *extra: str) -> tuple[int, dict]:
+def doctor(config: Path, *extra: str, env_path: Path | None = None) -> tuple[int, dict]:
+    env = None
+    if env_path is not None:
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(env_path), *sys.path])}
     result = subprocess.run([sys.executable, "-m", "device_agent", "doctor", "--config",
                              str(config), "--json", *extra], capture_output=True, text=True,
-                            timeout=120, check=False)
+                            timeout=120, check=False, env=env)
     report = json.loads(result.stdout)
     return result.returncode, {c["name"]: c for c in report["checks"]} | {
         "fit": report["fit_for_clinical_use"]}
 
 
-def test_a_bench_device_on_plain_mqtt_is_fit_with_warnings(tmp_path, broker):
+def test_a_bench_device_is_never_fit_for_clinical_use(tmp_path, broker):
     config = write_config(tmp_path, broker.port, "insecure_dev_mode = true\n")
     code, checks = doctor(config)
-    assert code == 0
-    assert checks["fit"]
+    assert code == 1
+    assert not checks["fit"]
+    # The simulator's frames and unsealed captures: each alone makes it unfit.
+    assert checks["backend"]["level"] == "fail"
+    assert checks["backend"]["detail"] == "simulated camera: not fit for clinical use"
+    assert checks["sealing"]["level"] == "fail"
+    assert checks["sealing"]["detail"].startswith("captures unsealed")
+    assert "not fit for clinical use" in checks["sealing"]["detail"]
+    failed = {name for name, c in checks.items() if name != "fit" and c["level"] == "fail"}
+    assert failed == {"backend", "sealing"}
     assert checks["camera"]["level"] == "ok"
     assert "opened directly" in checks["camera"]["detail"]
     assert checks["leds"]["level"] == "ok"
@@ -45,7 +60,24 @@ def test_a_bench_device_on_plain_mqtt_is_fit_with_warnings(tmp_path, broker):
     assert checks["broker"]["level"] == "ok"
     assert checks["tls"]["level"] == "warn"
     assert "development only" in checks["tls"]["detail"]
-    assert checks["sealing"]["level"] == "warn"
+
+
+def test_a_sealed_device_on_the_real_camera_has_neither_bench_failure(tmp_path, broker):
+    from device_agent.uplink.seal import generate_keypair, public_key_pem
+
+    key = tmp_path / "clinic-seal.pub.pem"
+    key.write_bytes(public_key_pem(generate_keypair()[1]))
+    stubs = tmp_path / "stubs" / "picamera2"  # picamera2 absent, as on any machine but a Pi
+    stubs.mkdir(parents=True)
+    (stubs / "__init__.py").write_text("raise ImportError('not on a Pi')\n")
+    config = write_config(tmp_path, broker.port, "insecure_dev_mode = true\n",
+                          security=f'clinic_public_key = "{key}"\n', backend="picamera2")
+    code, checks = doctor(config, env_path=stubs.parent)
+    assert "backend" not in checks
+    assert checks["sealing"]["level"] == "ok"
+    assert checks["camera"]["level"] == "fail"
+    assert "picamera2 is not installed" in checks["camera"]["detail"]
+    assert code == 1
 
 
 def test_an_unreachable_broker_makes_it_unfit(tmp_path):
@@ -59,7 +91,7 @@ def test_an_unreachable_broker_makes_it_unfit(tmp_path):
 
 
 def test_an_unprovisioned_device_fails_at_the_config(tmp_path):
-    code, checks = doctor(write_config(tmp_path, free_port()))
+    code, checks = doctor(write_config(tmp_path, free_port(), security=""))
     assert code == 1
     assert checks["config"]["level"] == "fail"
     assert "run device-agent provision" in checks["config"]["detail"]
@@ -73,6 +105,23 @@ def test_a_bad_config_is_the_one_failing_line(tmp_path):
     assert checks["config"]["level"] == "fail"
     assert "outbox.quota_mb" in checks["config"]["detail"]
     assert set(checks) == {"config", "fit"}
+
+
+def test_an_unusable_state_dir_and_a_missing_gpio_library_are_fail_lines(tmp_path):
+    stubs = tmp_path / "stubs" / "lgpio"  # lgpio absent, as on any machine but a Pi
+    stubs.mkdir(parents=True)
+    (stubs / "__init__.py").write_text("raise ImportError('not on a Pi')\n")
+    config = write_config(tmp_path, free_port(), "insecure_dev_mode = true\n")
+    (tmp_path / "state").write_text("a file where the state folder should be")
+    config.write_text(config.read_text().replace('pin_factory = "mock"', 'pin_factory = "lgpio"'))
+    code, checks = doctor(config, "--no-broker", env_path=stubs.parent)
+    assert code == 1
+    assert checks["disk"]["level"] == "fail"
+    assert "device.state_dir: " in checks["disk"]["detail"]
+    assert "is not a directory" in checks["disk"]["detail"]
+    assert checks["leds"]["level"] == "fail"
+    assert 'pins.pin_factory = "lgpio": no usable GPIO library' in checks["leds"]["detail"]
+    assert checks["button"]["level"] == "fail"
 
 
 def test_a_provisioned_device_passes_tls_and_broker_and_an_expired_one_fails(tmp_path):
@@ -106,7 +155,7 @@ def test_while_the_agent_runs_doctor_reads_its_live_status(tmp_path, broker):
     assert "running agent" in checks["camera"]["detail"]
     assert "in use by the running agent" in checks["leds"]["detail"]
     assert checks["outbox"]["level"] == "ok"
-    assert code == 0
+    assert code == 1  # a bench device: the simulated camera and unsealed captures
 
 
 def test_the_person_readable_output(tmp_path, broker):
@@ -117,7 +166,10 @@ def test_the_person_readable_output(tmp_path, broker):
     lines = result.stdout.splitlines()
     assert any(line.startswith("ok    camera") for line in lines)
     assert any(line.startswith("WARN  tls") and "->" in line for line in lines)
-    assert lines[-1] == "fit for clinical use"
+    assert any(line.startswith("FAIL  backend      simulated camera: not fit for clinical use")
+               for line in lines)
+    assert lines[-1] == "NOT fit for clinical use: fix the FAIL lines"
+    assert result.returncode == 1
 
 
 def test_self_test_picture_and_calibration_state(tmp_path, broker):

@@ -58,6 +58,21 @@ def test_first_run_makes_a_private_key_and_a_csr_then_the_cert_installs(tmp_path
     assert loaded.uplink.port == 8883
     assert loaded.uplink.cert_file == folder / "device.crt"
     assert loaded.security.clinic_public_key == folder / "clinic-seal.pub.pem"
+    assert loaded.camera.backend == "picamera2"
+    assert 'backend = "picamera2"' in config.read_text()  # written, not left to a default
+    assert not loaded.security.insecure_dev_mode
+
+
+def test_provisioning_a_bench_config_makes_it_a_clinic_device(tmp_path, clinic):
+    config = tmp_path / "config.toml"
+    config.write_text('[device]\nid = "bench"\n[camera]\nbackend = "sim"\n'
+                      '[uplink]\ninsecure_dev_mode = true\n[security]\ninsecure_dev_mode = true\n')
+    run(config, clinic)
+    loaded = load_config(config)
+    assert loaded.camera.backend == "picamera2"
+    assert not loaded.security.insecure_dev_mode
+    assert not loaded.uplink.insecure_dev_mode
+    assert loaded.security.clinic_public_key == tmp_path / "clinic-seal.pub.pem"
 
 
 def test_repeating_keeps_the_key_and_the_technicians_other_settings(tmp_path, clinic):

@@ -71,6 +71,7 @@ def test_the_agent_reports_ready_pings_the_watchdog_and_stops_cleanly(tmp_path):
         f'[device]\nid = "sim-0001"\nstate_dir = "{tmp_path / "state"}"\n'
         f'[camera]\nbackend = "sim"\n[pins]\npin_factory = "mock"\n'
         f'[uplink]\nport = {free_port()}\ninsecure_dev_mode = true\n'
+        '[security]\ninsecure_dev_mode = true\n'
     )
     env = {**os.environ, "NOTIFY_SOCKET": str(notify_path), "WATCHDOG_USEC": "400000"}
     proc = subprocess.Popen([sys.executable, "-m", "device_agent", "run", "--config",

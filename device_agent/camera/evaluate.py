@@ -101,7 +101,7 @@ _PHOTO_CACHE: dict[str, np.ndarray] = {}
 
 
 def _run(args: tuple[Case, Thresholds, str]) -> Outcome:
-    from device_agent.camera.quality import load_image
+    from device_agent.camera.imagefile import load_image
     from sim.scene import SceneSpec, photo_frame, render
 
     case, thresholds, data_dir = args
