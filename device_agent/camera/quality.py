@@ -54,7 +54,11 @@ class ImageError(ValueError):
 
 
 def load_image(path: str | os.PathLike[str]) -> np.ndarray:
-    """Read an image file as HxWx3 uint8 BGR; raise ImageError when that is not possible."""
+    """Read an image file as HxWx3 uint8 BGR; raise ImageError when that is not possible.
+
+    Trusted files only (the repository's, a bench's): files from a person go through
+    :func:`device_agent.camera.imagefile.load_image`, which refuses oversized images from
+    their header before decoding."""
     p = Path(path)
     if not p.exists():
         raise ImageError(f"{p}: no such file")

@@ -76,8 +76,9 @@ def _read(path: Path) -> bytes:
 
 
 def load_public_key(path: Path) -> X25519PublicKey:
+    data = _read(path)  # its own error: a missing file is not "not PEM"
     try:
-        key = serialization.load_pem_public_key(_read(path))
+        key = serialization.load_pem_public_key(data)
     except ValueError as err:
         raise KeyFileError(f"{path}: not a PEM public key ({err})") from None
     if not isinstance(key, X25519PublicKey):
@@ -86,8 +87,9 @@ def load_public_key(path: Path) -> X25519PublicKey:
 
 
 def load_private_key(path: Path) -> X25519PrivateKey:
+    data = _read(path)
     try:
-        key = serialization.load_pem_private_key(_read(path), password=None)
+        key = serialization.load_pem_private_key(data, password=None)
     except (ValueError, TypeError) as err:
         raise KeyFileError(f"{path}: not an unencrypted PEM private key ({err})") from None
     if not isinstance(key, X25519PrivateKey):
