@@ -6,7 +6,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-dev
 
-.PHONY: demo test soak bench lint system-deps clean
+.PHONY: demo test soak bench lint system-deps clean pi-check
 
 system-deps:
 	@PYTHON=$(PYTHON) bash tools/system-deps.sh
@@ -35,6 +35,10 @@ soak: $(STAMP)
 # runs, and the exit status says whether every goal was met.
 bench: $(STAMP)
 	@status=0; for script in bench/bench_*.py; do $(PY) $$script || status=1; done; exit $$status
+
+# The README's Raspberry Pi install, proved on Debian 12 (Bookworm's base): see tools/pi-check.sh.
+pi-check:
+	@bash tools/pi-check.sh
 
 clean:
 	rm -rf $(VENV) demo-out .pytest_cache .ruff_cache

@@ -8,7 +8,13 @@ import numpy as np
 import pytest
 
 from device_agent.camera.base import Frame
-from device_agent.camera.select import choose_frame, frame_score, gradient_energy
+from device_agent.camera.select import (
+    BLUR_TIE,
+    choose_frame,
+    frame_score,
+    gradient_energy,
+    worst_blur,
+)
 from sim.scene import SceneSpec, render
 
 
@@ -69,11 +75,28 @@ def test_gradient_energy_ignores_an_exposure_change() -> None:
 
 def test_the_shortlist_chooses_as_well_as_scoring_every_frame() -> None:
     # Windows as a press makes them: shake of varying strength, steady frames among them.
-    # Scoring only the shortlist in full must still pick one of the steadiest frames.
+    # Scoring only the shortlist in full must still pick one of the steadiest frames, even where
+    # the full score alone cannot tell 0 from 3 px of shake (seeds 9 and 18 on OpenCV 4.11, 18
+    # on 5.0: picking by the full score's hair of a difference chose the shaken frame).
     rng = random.Random(5)
-    for seed in range(1, 13):
+    for seed in range(1, 41):
         shakes = [rng.choice((0.0, 3.0, 6.0, 10.0, 16.0)) for _ in range(6)]
         frames = [_frame(i, 100.0 + 0.1 * i, s, seed=seed) for i, s in enumerate(shakes)]
         chosen = choose_frame(frames, 100.3, before=0.3, after=0.3)
         assert chosen is not None
         assert shakes[chosen[0].sequence] == min(shakes), (seed, shakes, chosen[0].sequence)
+
+
+def test_the_full_score_overrules_gradient_energy_beyond_a_tie() -> None:
+    # Sensor noise (a gain jump) raises the gradient energy of a badly shaken frame above a
+    # steady one's; the full score, which sees the smear through the noise, must still decide.
+    steady = _frame(0, 99.9, 0.0, seed=3)
+    shaken = render(SceneSpec(seed=3), 1, 16.0)
+    noise = np.random.default_rng(1).normal(0.0, 12.0, shaken.shape)
+    noisy_image = np.clip(shaken + noise, 0, 255).astype(np.uint8)
+    noisy = Frame(image=noisy_image, timestamp=100.0, sequence=1)
+    assert gradient_energy(noisy.image) > gradient_energy(steady.image)
+    assert worst_blur(noisy.image) > worst_blur(steady.image) + BLUR_TIE
+    chosen = choose_frame([steady, noisy], 100.0, before=0.3, after=0.3)
+    assert chosen is not None
+    assert chosen[0].sequence == 0
