@@ -41,4 +41,4 @@ pi-check:
 	@bash tools/pi-check.sh
 
 clean:
-	rm -rf $(VENV) demo-out .pytest_cache .ruff_cache
+	rm -rf $(VENV) .venv-pi demo-out .pytest_cache .ruff_cache

@@ -33,7 +33,7 @@ fi
 # What the tests need (Mosquitto, systemd-analyze), for the system Python.
 PYTHON=$system_python bash "$root/tools/system-deps.sh"
 need=()
-for pkg in python3-venv python3-numpy python3-opencv python3-scipy; do
+for pkg in python3-venv python3-numpy python3-opencv python3-scipy python3-pil; do
     if ! dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q 'install ok installed'; then
         need+=("$pkg")
     fi
