@@ -211,13 +211,13 @@ def test_final_without_manifest_asks_to_start_over(gateway, device) -> None:
 def test_restarted_gateway_resumes_from_its_staged_chunks(broker, device, store) -> None:
     _, image, data = payload(8000)
     count = chunk_count_for(len(data), CHUNK)
-    with Gateway(broker.host, broker.port, store) as gw:
+    with Gateway(broker.host, broker.port, store, allow_unsealed=True) as gw:
         assert gw.wait_ready(10)
         device.manifest("c10", data)
         device.chunks("c10", data, list(range(count // 2)))
         ack = device.final("c10", data)  # a round trip: all chunks before it are staged
         assert len(ack.missing) == count - count // 2
-    with Gateway(broker.host, broker.port, store) as gw:
+    with Gateway(broker.host, broker.port, store, allow_unsealed=True) as gw:
         assert gw.wait_ready(10)
         ack = device.manifest("c10", data)
         assert ack.missing == tuple(range(count // 2, count))
@@ -227,8 +227,8 @@ def test_restarted_gateway_resumes_from_its_staged_chunks(broker, device, store)
 
 
 def test_two_gateways_sharing_the_load_store_each_capture_once(broker, store, events) -> None:
-    with Gateway(broker.host, broker.port, store) as a, Gateway(broker.host, broker.port,
-                                                                store) as b:
+    with Gateway(broker.host, broker.port, store, allow_unsealed=True) as a, \
+            Gateway(broker.host, broker.port, store, allow_unsealed=True) as b:
         assert a.wait_ready(10)
         assert b.wait_ready(10)
         dev = RawDevice(broker)
@@ -304,7 +304,7 @@ def test_capture_sealed_for_another_key_or_id_is_rejected(broker, device, store)
 def test_abandoned_staging_expires_at_start_and_fresh_staging_stays(broker, device, store,
                                                                        events) -> None:
     _, _, data = payload(4000)
-    with Gateway(broker.host, broker.port, store) as gw:
+    with Gateway(broker.host, broker.port, store, allow_unsealed=True) as gw:
         assert gw.wait_ready(10)
         device.manifest("old", data)
         device.manifest("new", data)
@@ -312,7 +312,7 @@ def test_abandoned_staging_expires_at_start_and_fresh_staging_stays(broker, devi
     old = store / ".gateway" / "staging" / DEVICE / "old"
     for p in [old, *old.iterdir()]:
         os.utime(p, (1, 1))  # untouched since 1970
-    with Gateway(broker.host, broker.port, store) as gw:
+    with Gateway(broker.host, broker.port, store, allow_unsealed=True) as gw:
         assert gw.wait_ready(10)
         assert not old.exists()
         assert (store / ".gateway" / "staging" / DEVICE / "new").exists()
