@@ -835,8 +835,25 @@ def supervised(name: str, target: Callable[[], None]) -> None:
             target()
             return
         except Exception as err:  # noqa: BLE001 - the supervisor: logged, loop restarted
-            log_event(log, "thread.crashed", level=logging.ERROR, thread=name,
+            log_event(log, "thread.crashed", level=logging.ERROR, thread_name=name,
                       error=repr(err)[:500], traceback=traceback.format_exc(), restarted=True)
+
+
+def exit_on_thread_death(done: threading.Event, crashed: list[str]
+                         ) -> Callable[[threading.ExceptHookArgs], None]:
+    """A ``threading.excepthook`` for the gateway process: a thread died of an exception
+    nobody supervised (e.g. paho's network loop), so the gateway may be deaf now. The death
+    goes to the JSON log with its traceback, the thread's name to ``crashed``, and ``done``
+    is set: main() then exits non-zero and systemd starts the gateway afresh."""
+    def thread_died(hook: threading.ExceptHookArgs) -> None:
+        name = hook.thread.name if hook.thread is not None else "?"
+        log_event(log, "thread.crashed", level=logging.CRITICAL, thread_name=name,
+                  error=repr(hook.exc_value)[:500], restarted=False,
+                  traceback="".join(traceback.format_exception(
+                      hook.exc_type, hook.exc_value, hook.exc_traceback)))
+        crashed.append(name)
+        done.set()
+    return thread_died
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -875,19 +892,7 @@ def main(argv: list[str] | None = None) -> int:
         add_json_handler("sim.gateway", path=args.log)
     done = threading.Event()
     crashed: list[str] = []
-
-    def thread_died(hook: threading.ExceptHookArgs) -> None:
-        # A thread died of an exception nobody supervised (e.g. paho's network loop): the
-        # gateway may be deaf now, so it exits non-zero and systemd starts it afresh.
-        name = hook.thread.name if hook.thread is not None else "?"
-        log_event(log, "thread.crashed", level=logging.CRITICAL, thread=name,
-                  error=repr(hook.exc_value)[:500], restarted=False,
-                  traceback="".join(traceback.format_exception(
-                      hook.exc_type, hook.exc_value, hook.exc_traceback)))
-        crashed.append(name)
-        done.set()
-
-    threading.excepthook = thread_died
+    threading.excepthook = exit_on_thread_death(done, crashed)
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: done.set())
     gateway = Gateway(args.host, args.port, args.store, args.prefix, args.protocol, args.group,
