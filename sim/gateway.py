@@ -726,13 +726,14 @@ class Gateway:
                 raise bundle.BundleError("metadata names another capture id")
             if _nesting(metadata) > MAX_METADATA_DEPTH:
                 raise bundle.BundleError(f"metadata nests deeper than {MAX_METADATA_DEPTH}")
+            sidecar = _sidecar(metadata)
         except (bundle.BundleError, RecursionError) as err:
             # RecursionError: metadata nested too deep for the JSON parser itself.
             log_event(log, "gateway.bad_bundle", level=logging.ERROR, device_id=device_id,
                       capture_id=capture_id, detail=str(err))
             self._drop_staging(device_id, capture_id)
             return Ack(capture_id, "rejected", req=f.req, reason="bad_bundle")
-        self._store(device_id, capture_id, m, metadata, image)
+        self._store(device_id, capture_id, m, metadata, sidecar, image)
         self._drop_staging(device_id, capture_id, later=True)
         return Ack(capture_id, "committed", req=f.req, sha256=m.sha256)
 
@@ -748,7 +749,7 @@ class Gateway:
         return None
 
     def _store(self, device_id: str, capture_id: str, m: Manifest, metadata: dict,
-               image: bytes) -> None:
+               sidecar: bytes, image: bytes) -> None:
         device_dir = self.store_dir / device_id
         device_dir.mkdir(parents=True, exist_ok=True)
         ledger_dir = self._ledger / device_id
@@ -763,9 +764,7 @@ class Gateway:
         pending = self._pending_path(device_id, capture_id)
         pending.parent.mkdir(parents=True, exist_ok=True)
         write_atomic(pending, json.dumps({**record, "dicom": dicom}).encode(), mode=0o644)
-        write_atomic(device_dir / f"{capture_id}.json",
-                     json.dumps(metadata, indent=2, sort_keys=True, ensure_ascii=False)
-                     .encode("utf-8"), mode=0o644, sync_dir=False)
+        write_atomic(device_dir / f"{capture_id}.json", sidecar, mode=0o644, sync_dir=False)
         tmp = device_dir / f".{capture_id}.jpg.{os.getpid()}{TEMP_SUFFIX}"
         _write_synced(tmp, image)
         try:
@@ -802,6 +801,16 @@ def _nesting(value: Any) -> int:
             stack.extend((v, depth + 1) for v in (item.values() if isinstance(item, dict)
                                                    else item))
     return deepest
+
+
+def _sidecar(metadata: dict) -> bytes:
+    """The metadata as stored: strict JSON in UTF-8 (no NaN, no lone surrogate), or a
+    BundleError: the device's JSON may hold both."""
+    try:
+        return json.dumps(metadata, indent=2, sort_keys=True, ensure_ascii=False,
+                          allow_nan=False).encode("utf-8")
+    except ValueError as err:  # UnicodeEncodeError is one
+        raise bundle.BundleError(f"metadata cannot be stored as strict JSON: {err}") from None
 
 
 def _write_synced(path: Path, data: bytes) -> None:

@@ -473,3 +473,25 @@ def test_paho_logs_into_the_gateway_json_log(gateway, events) -> None:
     (line,) = events.named("gateway.mqtt_log")
     assert line["name"] == paho_log.name
     assert line["msg"] % line["args"] == "Caught exception in on_test"
+
+
+@pytest.mark.parametrize("meta", [
+    b'{"note":"\\ud800"}',  # a lone surrogate: valid JSON, not storable as UTF-8
+    b'{"exposure":NaN}',
+    b'{"a":' * 40 + b"1" + b"}" * 40,
+    b"[" * 3000 + b"]" * 3000,
+], ids=["surrogate", "nan", "nested", "deeper-than-the-parser"])
+def test_bundle_metadata_that_cannot_be_stored_is_rejected_and_the_gateway_goes_on(
+        gateway, device, store, events, meta) -> None:
+    import struct
+
+    image = b"\xff\xd8jpeg"
+    data = (b"DRMB\x01" + struct.pack(">I", len(meta)) + meta + struct.pack(">Q", len(image))
+            + image)
+    ack = device.transfer("odd-meta", data)
+    assert (ack.state, ack.reason) == ("rejected", "bad_bundle")
+    assert not (store / DEVICE / "odd-meta.jpg").exists()
+    assert events.named("gateway.callback_failed") == []
+    _, good_image, good = payload()
+    assert device.transfer("after", good).state == "committed"
+    assert (store / DEVICE / "after.jpg").read_bytes() == good_image
