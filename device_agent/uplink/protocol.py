@@ -199,9 +199,11 @@ def load_json(payload: bytes, kind: str) -> dict[str, Any]:
     try:
         obj = json.loads(bytes(payload).decode("utf-8"), parse_constant=_no_constant,
                          parse_int=_bounded_int, object_pairs_hook=_unique_keys)
+    except ProtocolError:
+        raise  # raised by a hook above, already named
     except (UnicodeDecodeError, ValueError, RecursionError) as err:
-        if isinstance(err, ProtocolError):
-            raise
+        # RecursionError cannot come after the depth check; caught all the same, as the
+        # parser's own limit depends on the interpreter.
         raise ProtocolError("bad_message", f"{kind} is not UTF-8 JSON: {err}") from None
     if not isinstance(obj, dict):
         raise ProtocolError("bad_message", f"{kind} is not a JSON object")
