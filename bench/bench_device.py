@@ -94,7 +94,8 @@ def _agent_cpu(tmp: Path, name: str, sleep_after: float, settle: float, seconds:
         f'[device]\nid = "bench-1"\nstate_dir = "{tmp / name}"\n'
         f'[camera]\nbackend = "sim"\nfps = 10\nsleep_after_s = {sleep_after}\n'
         f'[pins]\npin_factory = "mock"\n'
-        f'[uplink]\nport = {free_port()}\ninsecure_dev_mode = true\n')
+        f'[uplink]\nport = {free_port()}\ninsecure_dev_mode = true\n'
+        f'[security]\ninsecure_dev_mode = true\n')
     proc = subprocess.Popen([sys.executable, "-m", "device_agent", "run", "--config",
                              str(config)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             env={**os.environ, **unit_environment()})

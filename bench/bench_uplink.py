@@ -128,7 +128,8 @@ def uplink_delivery(port: int, workdir: Path, capture: bytes, repeat: int
                     ) -> tuple[float, dict[str, float]]:
     log = workdir / "gateway.jsonl"
     gateway = subprocess.Popen([sys.executable, "-m", "sim.gateway", "--port", str(port),
-                                "--store", str(workdir / "store"), "--log", str(log)],
+                                "--store", str(workdir / "store"), "--log", str(log),
+                                "--insecure-dev-mode"],
                                stdout=subprocess.DEVNULL)
     outbox = Outbox(workdir / "outbox", 1 << 30)
     config = UplinkConfig(port=port, chunk_size=CHUNK, insecure_dev_mode=True,

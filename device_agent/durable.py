@@ -11,6 +11,9 @@ import os
 import tempfile
 from pathlib import Path
 
+#: Every temporary file of ``write_atomic`` ends so.
+TEMP_SUFFIX = ".tmp"
+
 
 def fsync_dir(path: Path) -> None:
     """Make a rename or unlink in ``path`` durable."""
@@ -26,8 +29,11 @@ def write_atomic(path: Path, data: bytes, *, mode: int = 0o600, durable: bool = 
     """Replace ``path`` with ``data`` atomically; ``mode`` applies from the first byte, so
     the file is never readable by others, not even for a moment. ``durable=False`` skips
     the fsyncs for files that are worthless after a power cut anyway; ``sync_dir=False``
-    leaves the folder's fsync to the caller, who may make several files durable with one."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    leaves the folder's fsync to the caller, who may make several files durable with one.
+
+    The temporary file is ``.<name>.<random>.tmp`` (the random part has no dot), so what a
+    crash left behind is recognisable by name, and told apart from other files' leftovers."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TEMP_SUFFIX)
     try:
         os.fchmod(fd, mode)
         with os.fdopen(fd, "wb") as f:

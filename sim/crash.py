@@ -9,6 +9,13 @@ caller knows what must survive.
 ``--kill-on-rename N`` aims inside the outbox instead: the process dies right after the
 Nth outbox entry is renamed into place (with ``--pair``, 1 is between a pair's two images;
 for a single capture, 1 is after the durable write and before "accepted" was said).
+
+``python -m sim.crash gateway --store DIR --port N --kill-at stored`` runs the reference
+gateway (development mode: unsealed captures accepted) and SIGKILLs it at a moment of its
+first store: ``commit`` just before the image is linked into place (temp files written,
+nothing committed), ``stored`` right after the commit and before the ack and the after-ack
+work, ``dicom`` in the middle of the DICOM export (its temp file written). It prints
+``ready`` once it is subscribed.
 """
 
 from __future__ import annotations
@@ -18,8 +25,10 @@ import logging
 import os
 import signal
 import sys
+import threading
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from device_agent.logs import add_json_handler, log_event
 from sim.device import SimDevice, sim_config
@@ -27,7 +36,56 @@ from sim.device import SimDevice, sim_config
 log = logging.getLogger("sim.crash")
 
 
+GATEWAY_MOMENTS = ("commit", "stored", "dicom")
+
+
+def _die(*_args: Any, **_kwargs: Any) -> None:
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+class _DieOnEvent(logging.Handler):
+    def __init__(self, event: str) -> None:
+        super().__init__(logging.DEBUG)
+        self.event = event
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if getattr(record, "event", None) == self.event:
+            _die()
+
+
+def gateway_main(argv: list[str]) -> int:
+    from sim import dicom_export, gateway  # only this mode needs them
+
+    parser = argparse.ArgumentParser(prog="python -m sim.crash gateway", description=__doc__)
+    parser.add_argument("--store", type=Path, required=True)
+    parser.add_argument("--port", type=int, required=True, help="loopback broker port")
+    parser.add_argument("--kill-at", choices=GATEWAY_MOMENTS, required=True)
+    parser.add_argument("--log", type=Path, help="JSON log events to this file")
+    args = parser.parse_args(argv)
+    if args.log:
+        add_json_handler("sim", path=args.log)
+    if args.kill_at == "commit":
+        os.link = _die  # the gateway's commit point
+    elif args.kill_at == "stored":
+        logger = logging.getLogger("sim.gateway")
+        logger.addHandler(_DieOnEvent("capture.stored"))
+        logger.setLevel(min(logger.getEffectiveLevel(), logging.INFO))
+    else:
+        dicom_export.check = _die  # called once the DICOM temp file is written
+    gw = gateway.Gateway("127.0.0.1", args.port, args.store, allow_unsealed=True)
+    gw.start()
+    if not gw.wait_ready(10):
+        print("gateway not ready", file=sys.stderr)
+        return 1
+    print("ready", flush=True)
+    threading.Event().wait()  # until killed
+    return 1  # not reached
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["gateway"]:
+        return gateway_main(argv[1:])
     parser = argparse.ArgumentParser(prog="python -m sim.crash", description=__doc__)
     parser.add_argument("--state", type=Path, required=True, help="the device's state_dir")
     parser.add_argument("--port", type=int, required=True, help="loopback broker port")

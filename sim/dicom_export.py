@@ -9,11 +9,18 @@ Patient module attributes stay empty (type 2): the device never knows the patien
 clinic's system, which knows what the opaque case token stands for, fills them when it
 files the instance; the token travels in Accession Number (when it fits) and the Study
 Description.
+
+The metadata comes from a device and is treated as hostile: every field used is checked for
+its type and DICOM value representation, and anything unfit is a ``DicomExportError`` that
+names the field, never another exception.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import math
+import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +35,55 @@ MANUFACTURER = "dermascope"
 
 
 class DicomExportError(ValueError):
-    """The capture cannot be exported (undecodable image, missing metadata)."""
+    """The capture cannot be exported (undecodable image, missing or malformed metadata)."""
+
+
+# Value representations (DICOM PS3.5 6.2) of the fields filled from the metadata.
+_CODE_STRING = re.compile(r"[A-Z0-9 _]{0,16}")  # CS
+_DEVICE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
+_CAPTURE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
+_CASE_TOKEN = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+# LO text may not hold a backslash (the value separator) nor control characters.
+_NOT_LO = re.compile(r"[^\x20-\x5b\x5d-\x7e]")
+
+
+def _section(metadata: dict[str, Any], key: str) -> dict[str, Any]:
+    value = metadata.get(key)
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise DicomExportError(f"metadata {key} is not an object")
+    return value
+
+
+def _matching(value: Any, pattern: re.Pattern[str], name: str) -> str:
+    if not isinstance(value, str) or not pattern.fullmatch(value):
+        raise DicomExportError(f"metadata {name} is missing or malformed (got {value!r:.40})")
+    return value
+
+
+def _code(section: dict[str, Any], key: str) -> str:
+    value = section.get(key)
+    return "" if value is None else _matching(value, _CODE_STRING, f"dicom.{key}")
+
+
+def _decimal(section: dict[str, Any], key: str) -> str:
+    """A DS value (at most 16 characters) from a number or a numeric string."""
+    value = section.get(key)
+    if value is None or value == "":
+        return ""
+    try:
+        number = float(value) if type(value) in (int, float, str) else math.nan
+    except ValueError:
+        number = math.nan
+    if not math.isfinite(number):
+        raise DicomExportError(f"metadata dicom.{key} is not a number (got {value!r:.40})")
+    return f"{number:.8g}"
+
+
+def _text(value: Any) -> str:
+    """Free text for an LO attribute: printable ASCII, at most 64 characters."""
+    return _NOT_LO.sub("?", value if isinstance(value, str) else "")[:64]
 
 
 def _uid(*parts: str) -> str:
@@ -56,15 +111,22 @@ def jpeg_size(jpeg: bytes) -> tuple[int, int]:
 
 def build_dataset(jpeg: bytes, metadata: dict[str, Any]) -> Dataset:
     rows, columns = jpeg_size(jpeg)
+    if not isinstance(metadata, dict):
+        raise DicomExportError("metadata is not an object")
+    capture_id = _matching(metadata.get("capture_id"), _CAPTURE_ID, "capture_id")
+    device_id = _matching(metadata.get("device_id"), _DEVICE_ID, "device_id")
     try:
-        capture_id = metadata["capture_id"]
-        device_id = metadata["device_id"]
-        taken = dt.datetime.fromisoformat(metadata["captured_at"])
-    except (KeyError, TypeError, ValueError) as err:
-        raise DicomExportError(f"metadata lacks {err}") from None
-    dicom = metadata.get("dicom", {})
-    case = metadata.get("case") or {}
+        taken = dt.datetime.fromisoformat(metadata.get("captured_at"))
+    except (TypeError, ValueError):
+        taken = None
+    if taken is None or not 1900 <= taken.year <= 9999:
+        raise DicomExportError(f"metadata captured_at is missing or not an ISO 8601 time "
+                               f"(got {metadata.get('captured_at')!r:.40})")
+    dicom = _section(metadata, "dicom")
+    case = _section(metadata, "case")
     token = case.get("token")
+    if token is not None:
+        token = _matching(token, _CASE_TOKEN, "case.token")
 
     ds = Dataset()
     ds.SOPClassUID = DERMOSCOPIC_PHOTOGRAPHY
@@ -90,15 +152,15 @@ def build_dataset(jpeg: bytes, metadata: dict[str, Any]) -> Dataset:
     ds.StudyTime = ds.ContentTime = taken.strftime("%H%M%S.%f")
     ds.AcquisitionDateTime = taken.strftime("%Y%m%d%H%M%S.%f+0000")
     ds.Manufacturer = MANUFACTURER
-    ds.ManufacturerModelName = str(metadata.get("camera", {}).get("model", ""))[:64]
+    ds.ManufacturerModelName = _text(_section(metadata, "camera").get("model"))
     ds.DeviceSerialNumber = device_id
-    ds.SoftwareVersions = str(metadata.get("software_version", ""))
+    ds.SoftwareVersions = _text(metadata.get("software_version"))
     # Dermoscopic Image module
     ds.RecognizableVisualFeatures = "NO"
-    ds.LightSourcePolarization = dicom.get("LightSourcePolarization", "")
-    ds.ContactMethod = dicom.get("ContactMethod", "")
-    ds.ImmersionMedia = dicom.get("ImmersionMedia", "")
-    ds.OpticalMagnificationFactor = dicom.get("OpticalMagnificationFactor", "")
+    ds.LightSourcePolarization = _code(dicom, "LightSourcePolarization")
+    ds.ContactMethod = _code(dicom, "ContactMethod")
+    ds.ImmersionMedia = _code(dicom, "ImmersionMedia")
+    ds.OpticalMagnificationFactor = _decimal(dicom, "OpticalMagnificationFactor")
     ds.AnatomicRegionSequence = []
     ds.AcquisitionContextSequence = []
     # Image pixel: the JPEG as it was stored.
@@ -125,10 +187,15 @@ def build_dataset(jpeg: bytes, metadata: dict[str, Any]) -> Dataset:
 def export(jpeg: bytes, metadata: dict[str, Any], path: Path) -> Path:
     """Write the DICOM file (atomically) and read it back to check it."""
     ds = build_dataset(jpeg, metadata)
-    tmp = path.with_name(f".{path.name}.tmp")
-    ds.save_as(tmp, enforce_file_format=True)
-    check(tmp, jpeg)
-    tmp.replace(path)
+    # Named by process, so two receivers sharing a store never write the same temp file.
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        ds.save_as(tmp, enforce_file_format=True)
+        check(tmp, jpeg)
+        tmp.replace(path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     return path
 
 

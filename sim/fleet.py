@@ -62,7 +62,7 @@ def _sample_image() -> bytes:
 def _worker(port: int, store: Path, log: Path) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, "-m", "sim.gateway", "--host", "127.0.0.1", "--port", str(port),
-         "--store", str(store), "--log", str(log)],
+         "--store", str(store), "--log", str(log), "--insecure-dev-mode"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 

@@ -13,13 +13,24 @@ Layout under ``store_dir``::
     <device>/<capture>.jpg, <capture>.json     stored captures
     .gateway/staging/<device>/<capture>/       manifest.json, data, received (see _Staging)
     .gateway/ledger/<device>/<capture>.json    transfer sha256 etc. of committed captures
+    .gateway/pending/<device>/<capture>.json   a store whose after-ack work is not done yet
+
+A capture's after-ack work (DICOM export, removing its staging) is journaled in
+``.gateway/pending`` before the capture is stored and the entry removed once the work is
+done, so a receiver killed in between finishes it when it starts again (``_recover``),
+without rescanning the store.
 
 Receivers that share a group must share ``store_dir`` (e.g. a network volume): a shared
 subscription hands each message to any one of them. All writes are temp + rename, and the
 commit is a hard link that fails if the image already exists, so concurrent receivers
 still store one copy.
 
-Run: ``python -m sim.gateway --host 127.0.0.1 --port 1883 --store DIR``
+Every message is treated as hostile (bounded, validated by ``protocol``); every paho
+callback and the after-ack thread are supervised: an unexpected exception is logged with its
+traceback and the gateway goes on. Unsealed captures are refused unless the gateway runs in
+development mode (``allow_unsealed``, ``--insecure-dev-mode``).
+
+Run: ``python -m sim.gateway --host 127.0.0.1 --port 1883 --store DIR --key clinic.pem``
 """
 
 from __future__ import annotations
@@ -31,12 +42,14 @@ import json
 import logging
 import os
 import queue
+import re
 import shutil
 import signal
 import struct
 import sys
 import threading
 import time
+import traceback
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -49,7 +62,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
-from device_agent.durable import fsync_dir, write_atomic
+from device_agent.durable import TEMP_SUFFIX, fsync_dir, write_atomic
 from device_agent.logs import add_json_handler, log_event
 from device_agent.uplink import bundle, seal
 from device_agent.uplink.client import tcp_nodelay
@@ -61,16 +74,40 @@ from device_agent.uplink.protocol import (
     Topics,
     decode_chunk,
     parse_up_topic,
+    request_number,
     up_filter,
 )
 from sim import dicom_export
 
 log = logging.getLogger("sim.gateway")
+#: paho-mqtt's own messages (connection trouble, exceptions it caught) go to the JSON log too.
+paho_log = log.getChild("paho")
 
 DEFAULT_MAX_SIZE = 512 * 1024 * 1024
 #: A transfer untouched this long was abandoned (device replaced, capture quarantined...).
 DEFAULT_STAGING_TTL = 14 * 86400.0
 ACCEPTED_CONTENT_TYPES = (bundle.CONTENT_TYPE, seal.CONTENT_TYPE)
+#: Nesting a capture's metadata may have (it is stored as JSON and read by the DICOM export;
+#: real metadata nests 3 deep).
+MAX_METADATA_DEPTH = 16
+#: What our own writes name their temporary files in a device folder: the image's and the
+#: DICOM's ``.<capture>.<ext>.<pid>.tmp``, write_atomic's ``.<capture>.json.<random>.tmp``.
+_TEMP_NAME = re.compile(r"^\.(?P<capture>.+)\.(?:jpg|json|dcm)\.[^.]+"
+                        + re.escape(TEMP_SUFFIX) + "$")
+
+
+class _PahoEvents(logging.Filter):
+    """Gives paho's log records an ``event`` name, like every other line of the JSON log."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.event = "gateway.mqtt_log"
+        return True
+
+
+paho_log.addFilter(_PahoEvents())
+if paho_log.level == logging.NOTSET:
+    # paho logs every packet at DEBUG; what matters (errors, caught exceptions) is above.
+    paho_log.setLevel(logging.INFO)
 
 
 _REC = struct.Struct(">I")
@@ -188,11 +225,14 @@ class Gateway:
                  max_size: int = DEFAULT_MAX_SIZE,
                  private_keys: Sequence[X25519PrivateKey] = (),
                  staging_ttl: float = DEFAULT_STAGING_TTL,
-                 tls: dict[str, str] | None = None, export_dicom: bool = True) -> None:
+                 tls: dict[str, str] | None = None, export_dicom: bool = True,
+                 allow_unsealed: bool = False) -> None:
         """``private_keys``: the clinic's keys that open sealed captures (several during a key
         rotation). Without any, sealed captures wait at the device (ack "retry").
         ``tls``: paho ``tls_set`` arguments (``ca_certs``, ``certfile``, ``keyfile``) for a
-        broker with mutual TLS. ``export_dicom``: also write ``<capture>.dcm``."""
+        broker with mutual TLS. ``export_dicom``: also write ``<capture>.dcm``.
+        ``allow_unsealed``: development only: also store captures that were not sealed to
+        the clinic's key (otherwise they are rejected, reason "unsealed")."""
         if protocol not in ("mqtt5", "mqtt311"):
             raise ValueError(f"protocol must be 'mqtt5' or 'mqtt311' (got {protocol!r})")
         self.host = host
@@ -207,6 +247,7 @@ class Gateway:
         self.staging_ttl = staging_ttl
         self.tls = tls
         self.export_dicom = export_dicom
+        self.allow_unsealed = allow_unsealed
         # Work that is no part of the promise runs on its own thread, after the ack: the
         # DICOM export (derived, redone from the stored JPEG and sidecar at any time) and
         # removing a committed transfer's staging (the ledger already answers replays).
@@ -218,6 +259,7 @@ class Gateway:
         self._later_done = threading.Condition()
         self._staging = self.store_dir / ".gateway" / "staging"
         self._ledger = self.store_dir / ".gateway" / "ledger"
+        self._pending = self.store_dir / ".gateway" / "pending"
         self._ready = threading.Event()
         self._mqtt5 = protocol == "mqtt5"
         self._client = self._make_client()
@@ -237,11 +279,15 @@ class Gateway:
             client.tls_set(**self.tls)
         client.reconnect_delay_set(0.2, 5.0)
         client.connect_timeout = 5.0
-        client.on_socket_open = tcp_nodelay
-        client.on_connect = self._on_connect
-        client.on_subscribe = self._on_subscribe
-        client.on_disconnect = self._on_disconnect
-        client.on_message = self._on_message
+        client.enable_logger(paho_log)
+        # Our callbacks never raise (_guarded); should one still, paho logs it and goes on
+        # instead of ending its network loop, which would leave every device unanswered.
+        client.suppress_exceptions = True
+        client.on_socket_open = _guarded("on_socket_open", tcp_nodelay)
+        client.on_connect = _guarded("on_connect", self._on_connect)
+        client.on_subscribe = _guarded("on_subscribe", self._on_subscribe)
+        client.on_disconnect = _guarded("on_disconnect", self._on_disconnect)
+        client.on_message = _guarded("on_message", self._on_message)
         return client
 
     @property
@@ -253,13 +299,19 @@ class Gateway:
         """Connect in the background; waits up to ``ready_timeout`` for the subscription so a
         device started right after finds it listening (it does not fail if the broker is
         down: it keeps reconnecting)."""
-        for d in (self.store_dir, self._staging, self._ledger):
+        if self.allow_unsealed:
+            log_event(log, "gateway.insecure_dev_mode", level=logging.WARNING,
+                      detail="unsealed captures are accepted: for development only, never "
+                             "with patient images")
+        for d in (self.store_dir, self._staging, self._ledger, self._pending):
             d.mkdir(parents=True, exist_ok=True)
-        self._expire_staging()
         if self._later_thread is None:
-            self._later_thread = threading.Thread(target=self._after_ack_loop,
-                                                  name="gateway-after-ack", daemon=True)
+            self._later_thread = threading.Thread(
+                target=supervised, args=("gateway-after-ack", self._after_ack_loop),
+                name="gateway-after-ack", daemon=True)
             self._later_thread.start()
+        self._recover()
+        self._sweep_staging()
         kwargs: dict[str, Any] = {"clean_start": True} if self._mqtt5 else {}
         self._client.connect_async(self.host, self.port, keepalive=30, **kwargs)
         self._client.loop_start()
@@ -267,20 +319,93 @@ class Gateway:
             log_event(log, "gateway.not_ready", level=logging.WARNING, host=self.host,
                       port=self.port)
 
-    def _expire_staging(self) -> None:
-        """Drop staged transfers nobody touched for ``staging_ttl``: the disk is not a
-        graveyard. A device that still holds the capture simply starts it over."""
+    def _sweep_staging(self) -> None:
+        """Drop the staging of captures already committed (a crash came before its removal)
+        and of transfers nobody touched for ``staging_ttl`` (the disk is not a graveyard; a
+        device that still holds the capture simply starts it over), and temp files a crash
+        left in the others. Staging holds only transfers in flight: cheap to look through."""
         horizon = time.time() - self.staging_ttl
         for directory in self._staging.glob("*/*"):
+            device_id, capture_id = directory.parent.name, directory.name
+            if self._committed(device_id, capture_id) is not None:
+                shutil.rmtree(directory, ignore_errors=True)
+                log_event(log, "gateway.staging_orphan_removed", device_id=device_id,
+                          capture_id=capture_id)
+                continue
             try:
-                newest = max((p.stat().st_mtime for p in directory.iterdir()),
+                files = list(directory.iterdir())
+                newest = max((p.stat().st_mtime for p in files),
                              default=directory.stat().st_mtime)
             except OSError:
                 continue
             if newest < horizon:
                 shutil.rmtree(directory, ignore_errors=True)
-                log_event(log, "gateway.staging_expired", device_id=directory.parent.name,
-                          capture_id=directory.name)
+                log_event(log, "gateway.staging_expired", device_id=device_id,
+                          capture_id=capture_id)
+                continue
+            for path in files:
+                if path.name.startswith(".") and path.name.endswith(TEMP_SUFFIX):
+                    path.unlink(missing_ok=True)
+
+    def _pending_path(self, device_id: str, capture_id: str) -> Path:
+        return self._pending / device_id / f"{capture_id}.json"
+
+    def _recover(self) -> None:
+        """Finish what a crash interrupted: every journaled store (``_store``) whose after-ack
+        work was not done. Committed captures get their ledger record if it is missing,
+        lose their staging and get their DICOM export (on the after-ack thread); temp files
+        of the interrupted writes go. A store that never reached its commit leaves only
+        its entry and temp files to remove: its staging stays, the device resumes."""
+        for device_dir in sorted(p for p in self._pending.glob("*") if p.is_dir()):
+            device_id = device_dir.name
+            captures: list[str] = []
+            for entry in sorted(device_dir.iterdir()):
+                if entry.name.startswith("."):
+                    entry.unlink(missing_ok=True)  # a journal write cut short
+                    continue
+                captures.append(entry.name.removesuffix(".json"))
+            self._remove_temp_files(self.store_dir / device_id, captures)
+            self._remove_temp_files(self._ledger / device_id, captures)
+            for capture_id in captures:
+                self._recover_one(device_id, capture_id)
+
+    def _recover_one(self, device_id: str, capture_id: str) -> None:
+        entry = self._pending_path(device_id, capture_id)
+        try:
+            record = json.loads(entry.read_text("utf-8"))
+            dicom = bool(record["dicom"])
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            log_event(log, "gateway.pending_unreadable", level=logging.ERROR,
+                      device_id=device_id, capture_id=capture_id, error=str(err))
+            record, dicom = None, self.export_dicom
+        committed = self._image_path(device_id, capture_id).exists() or \
+            self._ledger_path(device_id, capture_id).exists()
+        log_event(log, "gateway.recovering", device_id=device_id, capture_id=capture_id,
+                  committed=committed)
+        if not committed:
+            entry.unlink(missing_ok=True)
+            return
+        ledger = self._ledger_path(device_id, capture_id)
+        if record is not None and not ledger.exists():
+            ledger.parent.mkdir(parents=True, exist_ok=True)
+            write_atomic(ledger, json.dumps(
+                {k: v for k, v in record.items() if k != "dicom"}).encode(),
+                mode=0o644, durable=False)
+        self._drop_staging(device_id, capture_id)
+        self._queue(lambda: self._finish(device_id, capture_id, dicom))
+
+    def _remove_temp_files(self, directory: Path, captures: list[str]) -> None:
+        """Temp files of these captures' interrupted writes in ``directory`` (one listing)."""
+        wanted = set(captures)
+        try:
+            names = [e.name for e in os.scandir(directory)]
+        except FileNotFoundError:
+            return
+        for name in names:
+            match = _TEMP_NAME.match(name)
+            if match and match["capture"] in wanted:
+                (directory / name).unlink(missing_ok=True)
+                log_event(log, "gateway.temp_removed", path=str(directory / name))
 
     def wait_ready(self, timeout: float) -> bool:
         return self._ready.wait(timeout)
@@ -303,11 +428,15 @@ class Gateway:
     def _release_held(self) -> None:
         jobs, self._held = self._held, []
         for job in jobs:
-            with self._later_done:
-                self._later_pending += 1
-            self._later.put(job)
+            self._queue(job)
+
+    def _queue(self, job: Callable[[], None]) -> None:
+        with self._later_done:
+            self._later_pending += 1
+        self._later.put(job)
 
     def _after_ack_loop(self) -> None:
+        # Supervised (``supervised``): a job that raises is logged and the loop restarted.
         while (job := self._later.get()) is not None:
             try:
                 job()
@@ -322,12 +451,31 @@ class Gateway:
         with self._later_done:
             return self._later_done.wait_for(lambda: self._later_pending == 0, timeout)
 
-    def _export(self, image: bytes, metadata: dict, path: Path) -> None:
+    def _finish(self, device_id: str, capture_id: str, dicom: bool,
+                image: bytes | None = None, metadata: dict | None = None) -> None:
+        """A stored capture's after-ack work, then its journal entry goes. Without
+        ``image`` and ``metadata`` (recovery) they are read back from the store, and a DICOM
+        file already there is kept."""
+        path = self._image_path(device_id, capture_id).with_suffix(".dcm")
+        if dicom and (image is None or metadata is None) and not path.exists():
+            try:
+                image = self._image_path(device_id, capture_id).read_bytes()
+                metadata = json.loads(path.with_suffix(".json").read_text("utf-8"))
+            except (OSError, ValueError) as err:
+                # Moved on to the clinic's archive already, or unreadable: nothing to export.
+                log_event(log, "gateway.dicom_failed", level=logging.WARNING,
+                          device_id=device_id, capture_id=capture_id, error=str(err))
+                image = metadata = None
+        if dicom and image is not None and metadata is not None:
+            self._export(image, metadata, path, capture_id)
+        self._pending_path(device_id, capture_id).unlink(missing_ok=True)
+
+    def _export(self, image: bytes, metadata: Any, path: Path, capture_id: str) -> None:
         try:
             dicom_export.export(image, metadata, path)
         except (dicom_export.DicomExportError, OSError) as err:
             log_event(log, "gateway.dicom_failed", level=logging.WARNING,
-                      capture_id=metadata.get("capture_id"), error=str(err))
+                      capture_id=capture_id, error=str(err))
 
     def __enter__(self) -> Gateway:
         self.start()
@@ -362,13 +510,20 @@ class Gateway:
         log_event(log, "gateway.disconnected", level=logging.INFO, reason=str(reason_code))
 
     def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
-        # Exceptions must not escape: paho would stop its network loop.
         try:
             device_id, capture_id, kind = parse_up_topic(self.prefix, message.topic)
-        except ProtocolError as err:
-            log_event(log, "gateway.bad_topic", level=logging.WARNING, topic=message.topic,
-                      detail=err.detail)
+        except (ProtocolError, UnicodeDecodeError) as err:
+            log_event(log, "gateway.bad_topic", level=logging.WARNING,
+                      topic=repr(message._topic[:200]), detail=str(err)[:200])
             return
+        try:
+            self._handle_message(device_id, capture_id, kind, message)
+        finally:
+            # Work of a store whose ack could not be sent still has to be done.
+            self._release_held()
+
+    def _handle_message(self, device_id: str, capture_id: str, kind: str,
+                        message: mqtt.MQTTMessage) -> None:
         correlation = None
         if message.properties is not None:
             correlation = getattr(message.properties, "CorrelationData", None)
@@ -385,14 +540,15 @@ class Gateway:
                       capture_id=capture_id, kind=kind, reason=err.reason, detail=err.detail)
             if kind == "chunk":
                 return
-            ack = Ack(capture_id, "rejected", req=_req_of(message.payload), reason=err.reason)
+            ack = Ack(capture_id, "rejected", req=request_number(message.payload),
+                      reason=err.reason)
         except OSError as err:
             # Our disk, not the device's fault: tell it to come back later.
             log_event(log, "gateway.storage_error", level=logging.ERROR, device_id=device_id,
                       capture_id=capture_id, error=str(err))
-            ack = Ack(capture_id, "retry", req=_req_of(message.payload), reason="storage_error")
+            ack = Ack(capture_id, "retry", req=request_number(message.payload),
+                      reason="storage_error")
         self._send_ack(device_id, ack, correlation)
-        self._release_held()
 
     def _send_ack(self, device_id: str, ack: Ack, correlation: bytes | None) -> None:
         props = None
@@ -473,6 +629,8 @@ class Gateway:
             return Ack(capture_id, "rejected", req=m.req, reason="too_large")
         if m.content_type not in ACCEPTED_CONTENT_TYPES:
             return Ack(capture_id, "rejected", req=m.req, reason="unsupported_content_type")
+        if m.content_type == bundle.CONTENT_TYPE and not self.allow_unsealed:
+            return self._refuse_unsealed(device_id, capture_id, m.req)
         if m.content_type == seal.CONTENT_TYPE and not self.private_keys:
             # A configuration problem here, not the device's: it keeps the capture and asks
             # again later, and nothing is transferred that could not be opened.
@@ -491,6 +649,13 @@ class Gateway:
                   size=m.size, chunks=m.chunk_count, missing=len(missing), resumed=same)
         return Ack(capture_id, "incomplete", req=m.req, missing=tuple(missing),
                    chunk_count=m.chunk_count)
+
+    def _refuse_unsealed(self, device_id: str, capture_id: str, req: int) -> Ack:
+        # A patient image in the clear: refused for good (the device quarantines it) rather
+        # than stored where sealing is the clinic's promise.
+        log_event(log, "gateway.unsealed_rejected", level=logging.ERROR, device_id=device_id,
+                  capture_id=capture_id)
+        return Ack(capture_id, "rejected", req=req, reason="unsealed")
 
     def _duplicate_ack(self, capture_id: str, sha256: str, req: int,
                        done: dict[str, Any]) -> Ack:
@@ -532,6 +697,10 @@ class Gateway:
             # We hold no matching manifest (lost staging, or a replayed final): start over.
             return Ack(capture_id, "retry", req=f.req, reason="no_manifest")
         m = staged.manifest
+        if m.content_type == bundle.CONTENT_TYPE and not self.allow_unsealed:
+            # Staged while the gateway ran in development mode.
+            self._drop_staging(device_id, capture_id)
+            return self._refuse_unsealed(device_id, capture_id, f.req)
         missing = staged.missing()
         if missing:
             return Ack(capture_id, "incomplete", req=f.req, missing=tuple(missing),
@@ -555,12 +724,16 @@ class Gateway:
             metadata, image = bundle.unpack(data)
             if metadata.get("capture_id", capture_id) != capture_id:
                 raise bundle.BundleError("metadata names another capture id")
-        except bundle.BundleError as err:
+            if _nesting(metadata) > MAX_METADATA_DEPTH:
+                raise bundle.BundleError(f"metadata nests deeper than {MAX_METADATA_DEPTH}")
+            sidecar = _sidecar(metadata)
+        except (bundle.BundleError, RecursionError) as err:
+            # RecursionError: metadata nested too deep for the JSON parser itself.
             log_event(log, "gateway.bad_bundle", level=logging.ERROR, device_id=device_id,
                       capture_id=capture_id, detail=str(err))
             self._drop_staging(device_id, capture_id)
             return Ack(capture_id, "rejected", req=f.req, reason="bad_bundle")
-        self._store(device_id, capture_id, m, metadata, image)
+        self._store(device_id, capture_id, m, metadata, sidecar, image)
         self._drop_staging(device_id, capture_id, later=True)
         return Ack(capture_id, "committed", req=f.req, sha256=m.sha256)
 
@@ -576,50 +749,120 @@ class Gateway:
         return None
 
     def _store(self, device_id: str, capture_id: str, m: Manifest, metadata: dict,
-               image: bytes) -> None:
+               sidecar: bytes, image: bytes) -> None:
         device_dir = self.store_dir / device_id
         device_dir.mkdir(parents=True, exist_ok=True)
         ledger_dir = self._ledger / device_id
         ledger_dir.mkdir(parents=True, exist_ok=True)
         image_path = self._image_path(device_id, capture_id)
         image_sha = hashlib.sha256(image).hexdigest()
-        write_atomic(device_dir / f"{capture_id}.json",
-                     json.dumps(metadata, indent=2, sort_keys=True, ensure_ascii=False)
-                     .encode("utf-8"), mode=0o644, sync_dir=False)
-        tmp = device_dir / f".{capture_id}.jpg.{os.getpid()}.tmp"
-        write_atomic(tmp, image, mode=0o644, sync_dir=False)
+        record = {"capture_id": capture_id, "device_id": device_id, "transfer_sha256": m.sha256,
+                  "size": m.size, "image_sha256": image_sha, "image": image_path.name}
+        dicom = self.export_dicom and metadata.get("kind", "capture") == "capture"
+        # First the journal of the after-ack work, durably: a crash anywhere from here on
+        # leaves an entry that the next start finishes or undoes (_recover).
+        pending = self._pending_path(device_id, capture_id)
+        pending.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(pending, json.dumps({**record, "dicom": dicom}).encode(), mode=0o644)
+        write_atomic(device_dir / f"{capture_id}.json", sidecar, mode=0o644, sync_dir=False)
+        tmp = device_dir / f".{capture_id}.jpg.{os.getpid()}{TEMP_SUFFIX}"
+        _write_synced(tmp, image)
         try:
             # The commit point: a link never replaces, so a second receiver (or a replay)
             # racing us finds the image there and stores nothing.
             os.link(tmp, image_path)
         except FileExistsError:
             tmp.unlink(missing_ok=True)
+            pending.unlink(missing_ok=True)  # the receiver that stored it does that work
             return
         tmp.unlink(missing_ok=True)
         fsync_dir(device_dir)
         # After the commit: the ledger answers duplicates (and tells other content apart)
         # even once the image has been moved away. A crash before it is harmless: the image
-        # itself still says "committed". Not fsynced: losing it needs a power cut right now
-        # AND the image archived away before a replay; the image is what must be durable.
-        write_atomic(self._ledger_path(device_id, capture_id), json.dumps({
-            "capture_id": capture_id, "device_id": device_id, "transfer_sha256": m.sha256,
-            "size": m.size, "image_sha256": image_sha, "image": image_path.name,
-        }).encode(), mode=0o644, durable=False)
+        # itself still says "committed", and _recover writes it from the journal. Not
+        # fsynced: losing it needs a power cut right now AND the image archived away before
+        # a replay; the image is what must be durable.
+        write_atomic(self._ledger_path(device_id, capture_id), json.dumps(record).encode(),
+                     mode=0o644, durable=False)
         self.stored_count += 1
-        if self.export_dicom and metadata.get("kind", "capture") == "capture":
-            dcm = device_dir / f"{capture_id}.dcm"
-            self._after_ack(lambda: self._export(image, metadata, dcm))
+        self._after_ack(lambda: self._finish(device_id, capture_id, dicom, image, metadata))
         log_event(log, "capture.stored", capture_id=capture_id, device_id=device_id,
                   path=str(image_path), sha256=image_sha, size=len(image))
 
 
-def _req_of(payload: bytes) -> int:
-    """Best effort: echo the request number of a message we could not fully parse."""
+def _nesting(value: Any) -> int:
+    """How deep lists and objects nest in ``value`` (counted without recursion, and no
+    further than just past MAX_METADATA_DEPTH)."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict | list) and deepest <= MAX_METADATA_DEPTH:
+            deepest = max(deepest, depth)
+            stack.extend((v, depth + 1) for v in (item.values() if isinstance(item, dict)
+                                                   else item))
+    return deepest
+
+
+def _sidecar(metadata: dict) -> bytes:
+    """The metadata as stored: strict JSON in UTF-8 (no NaN, no lone surrogate), or a
+    BundleError: the device's JSON may hold both."""
     try:
-        req = json.loads(payload).get("req", 0)
-    except (ValueError, AttributeError, UnicodeDecodeError):
-        return 0
-    return req if type(req) is int and req >= 0 else 0
+        return json.dumps(metadata, indent=2, sort_keys=True, ensure_ascii=False,
+                          allow_nan=False).encode("utf-8")
+    except ValueError as err:  # UnicodeEncodeError is one
+        raise bundle.BundleError(f"metadata cannot be stored as strict JSON: {err}") from None
+
+
+def _write_synced(path: Path, data: bytes) -> None:
+    """Write a new file and fsync it (the temp file of the image, linked into place)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _guarded(name: str, callback: Callable[..., None]) -> Callable[..., None]:
+    """The supervisor of a paho callback, as paho wraps its users' callbacks: an unexpected
+    exception is logged with its traceback and goes no further, so paho's network loop (and
+    every device's acks) survives it."""
+    def guarded(*args: Any) -> None:
+        try:
+            callback(*args)
+        except Exception as err:  # noqa: BLE001 - the supervisor: logged with its traceback
+            log_event(log, "gateway.callback_failed", level=logging.ERROR, callback=name,
+                      error=repr(err)[:500], traceback=traceback.format_exc())
+    return guarded
+
+
+def supervised(name: str, target: Callable[[], None]) -> None:
+    """Run ``target`` (a thread's loop) until it returns; an unexpected exception is logged
+    with its traceback (``thread.crashed``) and the loop restarted. The after-ack loop
+    consumes the job that raised, so a restart always makes progress."""
+    while True:
+        try:
+            target()
+            return
+        except Exception as err:  # noqa: BLE001 - the supervisor: logged, loop restarted
+            log_event(log, "thread.crashed", level=logging.ERROR, thread_name=name,
+                      error=repr(err)[:500], traceback=traceback.format_exc(), restarted=True)
+
+
+def exit_on_thread_death(done: threading.Event, crashed: list[str]
+                         ) -> Callable[[threading.ExceptHookArgs], None]:
+    """A ``threading.excepthook`` for the gateway process: a thread died of an exception
+    nobody supervised (e.g. paho's network loop), so the gateway may be deaf now. The death
+    goes to the JSON log with its traceback, the thread's name to ``crashed``, and ``done``
+    is set: main() then exits non-zero and systemd starts the gateway afresh."""
+    def thread_died(hook: threading.ExceptHookArgs) -> None:
+        name = hook.thread.name if hook.thread is not None else "?"
+        log_event(log, "thread.crashed", level=logging.CRITICAL, thread_name=name,
+                  error=repr(hook.exc_value)[:500], restarted=False,
+                  traceback="".join(traceback.format_exception(
+                      hook.exc_type, hook.exc_value, hook.exc_traceback)))
+        crashed.append(name)
+        done.set()
+    return thread_died
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -638,6 +881,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ca", type=Path, help="clinic CA (PEM), for a mutual-TLS broker")
     parser.add_argument("--cert", type=Path, help="the gateway's certificate (CN gateway)")
     parser.add_argument("--cert-key", type=Path, help="the gateway's TLS private key")
+    parser.add_argument("--insecure-dev-mode", action="store_true",
+                        help="development only: also store captures that are not sealed to "
+                             "the clinic's key (logged as a warning)")
     args = parser.parse_args(argv)
     tls = None
     if args.ca or args.cert or args.cert_key:
@@ -654,14 +900,20 @@ def main(argv: list[str] | None = None) -> int:
     if args.log:
         add_json_handler("sim.gateway", path=args.log)
     done = threading.Event()
+    crashed: list[str] = []
+    threading.excepthook = exit_on_thread_death(done, crashed)
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: done.set())
     gateway = Gateway(args.host, args.port, args.store, args.prefix, args.protocol, args.group,
-                      private_keys=keys, tls=tls)
+                      private_keys=keys, tls=tls, allow_unsealed=args.insecure_dev_mode)
     gateway.start()
     while not done.wait(3600):
         pass
     gateway.stop()
+    if crashed:
+        log_event(log, "gateway.exit", level=logging.CRITICAL, reason="thread crashed",
+                  threads=crashed)
+        return 70  # EX_SOFTWARE
     return 0
 
 

@@ -30,8 +30,9 @@ def store(tmp_path: Path) -> Path:
 
 @pytest.fixture
 def gateway(broker: MosquittoBroker, store: Path) -> Iterator[Gateway]:
-    """The reference gateway on the test's broker, subscribed before the test starts."""
-    with Gateway(broker.host, broker.port, store) as gw:
+    """The reference gateway on the test's broker, subscribed before the test starts. In
+    development mode (unsealed captures accepted): the simulated devices do not seal."""
+    with Gateway(broker.host, broker.port, store, allow_unsealed=True) as gw:
         assert gw.wait_ready(10)
         yield gw
 

@@ -18,7 +18,7 @@ DEVICE = "sim-0001"
 def test_a_clinical_session_end_to_end(tmp_path, broker):
     store = tmp_path / "store"
     config = sim_config(tmp_path / "device", broker.port, DEVICE, button={"hold_time": 0.5})
-    with Gateway(broker.host, broker.port, store), SimDevice(config) as device:
+    with Gateway(broker.host, broker.port, store, allow_unsealed=True), SimDevice(config) as device:
         device.wait_online()
         commander = Commander(broker.host, broker.port)
         try:
@@ -84,7 +84,7 @@ def test_a_self_test_requested_by_the_gateway_arrives_as_a_picture(tmp_path, bro
 
     store = tmp_path / "store"
     config = sim_config(tmp_path / "device", broker.port, DEVICE)
-    with Gateway(broker.host, broker.port, store), SimDevice(config) as device:
+    with Gateway(broker.host, broker.port, store, allow_unsealed=True), SimDevice(config) as device:
         device.wait_online()
         commander = Commander(broker.host, broker.port)
         try:

@@ -53,7 +53,7 @@ def test_the_simulator_config_declares_a_developers_bench(tmp_path):
 def test_a_good_press_is_stored_and_a_defective_one_never_leaves(tmp_path, broker):
     store = tmp_path / "store"
     config = sim_config(tmp_path / "device", broker.port)
-    with Gateway(broker.host, broker.port, store), SimDevice(config) as device:
+    with Gateway(broker.host, broker.port, store, allow_unsealed=True), SimDevice(config) as device:
         device.show(None)
         good = device.press()
         device.show("defocus", severity=2.0)
@@ -79,7 +79,7 @@ def test_a_good_press_is_stored_and_a_defective_one_never_leaves(tmp_path, broke
 def test_hold_keeps_the_last_retake_flagged_overridden(tmp_path, broker):
     store = tmp_path / "store"
     config = sim_config(tmp_path / "device", broker.port, button={"hold_time": 0.5})
-    with Gateway(broker.host, broker.port, store), SimDevice(config) as device:
+    with Gateway(broker.host, broker.port, store, allow_unsealed=True), SimDevice(config) as device:
         device.show("underexposed")
         retake = device.press()
         kept = device.hold()
@@ -104,7 +104,7 @@ def test_capture_waits_in_the_outbox_while_the_broker_is_down(tmp_path):
         assert device.outbox.depth() == 1
         assert not device.uplink.online
         with MosquittoBroker(tmp_path / "broker", port=port) as broker, \
-                Gateway(broker.host, broker.port, store):
+                Gateway(broker.host, broker.port, store, allow_unsealed=True):
             assert device.uplink.wait_idle(timeout=60)
     assert set(stored_images(store)) == {outcome.capture_id}
     assert_verified(store, outcome.capture_id)
@@ -113,7 +113,7 @@ def test_capture_waits_in_the_outbox_while_the_broker_is_down(tmp_path):
 def test_an_accepted_capture_survives_kill_9_and_arrives_once(tmp_path, broker):
     store = tmp_path / "store"
     state = tmp_path / "device"
-    with Gateway(broker.host, broker.port, store):
+    with Gateway(broker.host, broker.port, store, allow_unsealed=True):
         crash = subprocess.run(
             [sys.executable, "-m", "sim.crash", "--state", str(state), "--port",
              str(broker.port)],
@@ -136,7 +136,7 @@ def test_a_torn_outbox_entry_is_quarantined_and_the_rest_still_delivered(tmp_pat
     torn = outbox.put("torn0000", b"x" * 4096)
     with open(torn.path, "r+b") as f:  # a write cut short by a power loss
         f.truncate(torn.path.stat().st_size // 2)
-    with Gateway(broker.host, broker.port, store), SimDevice(config) as device:
+    with Gateway(broker.host, broker.port, store, allow_unsealed=True), SimDevice(config) as device:
         device.show(None)
         good = device.press()
         assert device.uplink.wait_idle(timeout=30)

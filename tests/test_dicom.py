@@ -5,6 +5,8 @@ from __future__ import annotations
 import cv2
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from pydicom.encaps import generate_frames
 from pydicom.filereader import dcmread
 
@@ -68,3 +70,60 @@ def test_bad_inputs_are_named(tmp_path, capture):
     with pytest.raises(DicomExportError, match="capture_id"):
         export(jpeg, {k: v for k, v in metadata.items() if k != "capture_id"},
                tmp_path / "x.dcm")
+
+
+_odd_text = st.text(st.characters(exclude_categories=()), max_size=30)
+_odd_values = st.recursive(
+    st.one_of(st.none(), st.booleans(), _odd_text, st.integers(-(10**40), 10**40),
+              st.floats(allow_nan=True, allow_infinity=True)),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(_odd_text, inner, max_size=3),
+    max_leaves=6)
+_FIELDS = ["capture_id", "device_id", "captured_at", "software_version", "camera", "dicom",
+           "case"]
+
+
+def test_odd_metadata_is_refused_by_name_or_exported(tmp_path, capture):
+    """Metadata is the device's, hence hostile: only DicomExportError may leave export()."""
+    jpeg, metadata = capture
+    done: list[str] = []
+
+    @settings(max_examples=150, deadline=None)
+    @given(st.sampled_from(_FIELDS), _odd_values,
+           st.sampled_from(["", "LightSourcePolarization", "OpticalMagnificationFactor"]))
+    def export_odd(field: str, value: object, dicom_key: str) -> None:
+        odd = {**metadata, field: value}
+        if dicom_key:
+            odd = {**metadata, "dicom": {**metadata["dicom"], dicom_key: value}}
+        try:
+            path = export(jpeg, odd, tmp_path / "odd.dcm")
+        except DicomExportError:
+            done.append("refused")
+        else:
+            assert dcmread(path).SOPClassUID == DERMOSCOPIC_PHOTOGRAPHY
+            done.append("exported")
+
+    export_odd()
+    assert "refused" in done
+    assert not list(tmp_path.glob(".*"))  # no temp file left by a refusal
+
+
+@pytest.mark.parametrize(("field", "value", "words"), [
+    ("dicom", ["POLARIZED"], "dicom is not an object"),
+    ("case", "TD-1", "case is not an object"),
+    ("captured_at", 20261125, "captured_at"),
+    ("device_id", "derm\\0042", "device_id"),
+])
+def test_malformed_metadata_is_named(tmp_path, capture, field, value, words):
+    jpeg, metadata = capture
+    with pytest.raises(DicomExportError, match=words):
+        export(jpeg, {**metadata, field: value}, tmp_path / "x.dcm")
+
+
+def test_dicom_values_of_the_wrong_kind_are_named(tmp_path, capture):
+    jpeg, metadata = capture
+    for key, value in (("LightSourcePolarization", {"a": 1}), ("ContactMethod", "contact!"),
+                       ("OpticalMagnificationFactor", "ten"),
+                       ("OpticalMagnificationFactor", float("nan"))):
+        with pytest.raises(DicomExportError, match=key):
+            export(jpeg, {**metadata, "dicom": {**metadata["dicom"], key: value}},
+                   tmp_path / "x.dcm")

@@ -211,13 +211,13 @@ def test_final_without_manifest_asks_to_start_over(gateway, device) -> None:
 def test_restarted_gateway_resumes_from_its_staged_chunks(broker, device, store) -> None:
     _, image, data = payload(8000)
     count = chunk_count_for(len(data), CHUNK)
-    with Gateway(broker.host, broker.port, store) as gw:
+    with Gateway(broker.host, broker.port, store, allow_unsealed=True) as gw:
         assert gw.wait_ready(10)
         device.manifest("c10", data)
         device.chunks("c10", data, list(range(count // 2)))
         ack = device.final("c10", data)  # a round trip: all chunks before it are staged
         assert len(ack.missing) == count - count // 2
-    with Gateway(broker.host, broker.port, store) as gw:
+    with Gateway(broker.host, broker.port, store, allow_unsealed=True) as gw:
         assert gw.wait_ready(10)
         ack = device.manifest("c10", data)
         assert ack.missing == tuple(range(count // 2, count))
@@ -227,8 +227,8 @@ def test_restarted_gateway_resumes_from_its_staged_chunks(broker, device, store)
 
 
 def test_two_gateways_sharing_the_load_store_each_capture_once(broker, store, events) -> None:
-    with Gateway(broker.host, broker.port, store) as a, Gateway(broker.host, broker.port,
-                                                                store) as b:
+    with Gateway(broker.host, broker.port, store, allow_unsealed=True) as a, \
+            Gateway(broker.host, broker.port, store, allow_unsealed=True) as b:
         assert a.wait_ready(10)
         assert b.wait_ready(10)
         dev = RawDevice(broker)
@@ -304,7 +304,7 @@ def test_capture_sealed_for_another_key_or_id_is_rejected(broker, device, store)
 def test_abandoned_staging_expires_at_start_and_fresh_staging_stays(broker, device, store,
                                                                        events) -> None:
     _, _, data = payload(4000)
-    with Gateway(broker.host, broker.port, store) as gw:
+    with Gateway(broker.host, broker.port, store, allow_unsealed=True) as gw:
         assert gw.wait_ready(10)
         device.manifest("old", data)
         device.manifest("new", data)
@@ -312,7 +312,7 @@ def test_abandoned_staging_expires_at_start_and_fresh_staging_stays(broker, devi
     old = store / ".gateway" / "staging" / DEVICE / "old"
     for p in [old, *old.iterdir()]:
         os.utime(p, (1, 1))  # untouched since 1970
-    with Gateway(broker.host, broker.port, store) as gw:
+    with Gateway(broker.host, broker.port, store, allow_unsealed=True) as gw:
         assert gw.wait_ready(10)
         assert not old.exists()
         assert (store / ".gateway" / "staging" / DEVICE / "new").exists()
@@ -344,3 +344,154 @@ def test_gateway_disk_trouble_answers_retry_and_keeps_the_staging(gateway, devic
     assert (again.state, again.missing) == ("incomplete", ())
     assert device.final("d1", data).state == "committed"
     assert (store / DEVICE / "d1.jpg").read_bytes() == image
+
+
+# ------------------------------------------------------------------ unsealed uploads (issue 12)
+
+
+def test_unsealed_capture_is_rejected_unless_in_development_mode(broker, device, store,
+                                                                 events) -> None:
+    _, _, data = payload(3000)
+    with Gateway(broker.host, broker.port, store) as gw:
+        assert gw.wait_ready(10)
+        ack = device.manifest("u1", data)
+        assert (ack.state, ack.reason) == ("rejected", "unsealed")
+        assert events.named("gateway.unsealed_rejected", capture_id="u1")
+    assert not (store / DEVICE / "u1.jpg").exists()
+    assert not (store / ".gateway" / "staging" / DEVICE / "u1").exists()
+    assert events.named("gateway.insecure_dev_mode") == []
+
+
+def test_unsealed_transfer_staged_in_development_mode_is_refused_at_its_final(
+        broker, device, store) -> None:
+    _, _, data = payload(3000)
+    with Gateway(broker.host, broker.port, store, allow_unsealed=True) as gw:
+        assert gw.wait_ready(10)
+        device.manifest("u2", data)
+        device.chunks("u2", data)
+        device.manifest("u2", data)  # a round trip: every chunk is staged
+    with Gateway(broker.host, broker.port, store) as gw:
+        assert gw.wait_ready(10)
+        ack = device.final("u2", data)
+        assert (ack.state, ack.reason) == ("rejected", "unsealed")
+    assert not (store / DEVICE / "u2.jpg").exists()
+
+
+def test_development_mode_is_logged_loudly_at_start(broker, store, events) -> None:
+    with Gateway(broker.host, broker.port, store, allow_unsealed=True) as gw:
+        assert gw.wait_ready(10)
+    (warning,) = events.named("gateway.insecure_dev_mode")
+    assert warning["levelname"] == "WARNING"
+
+
+# ------------------------------------------------------------------ supervision (issue 12)
+
+
+def jpeg_capture(capture_id: str, **metadata: object) -> tuple[bytes, bytes]:
+    """A real JPEG and its bundle, with metadata the DICOM export can use (or overrides)."""
+    import cv2
+
+    from sim.scene import SceneSpec, render
+
+    _ok, jpeg = cv2.imencode(".jpg", render(SceneSpec(seed=5)), [cv2.IMWRITE_JPEG_QUALITY, 80])
+    meta = {"capture_id": capture_id, "device_id": DEVICE, "kind": "capture",
+            "captured_at": "2026-11-25T12:30:00+00:00", **metadata}
+    return jpeg.tobytes(), bundle.pack(meta, jpeg.tobytes())
+
+
+def test_odd_metadata_fails_its_dicom_export_and_the_next_capture_is_exported(
+        gateway, device, store, events) -> None:
+    _, odd = jpeg_capture("odd", dicom=["not", "an", "object"], case="TD-1", camera=7,
+                          software_version={"x": "\\"})
+    _, good = jpeg_capture("good")
+    assert device.transfer("odd", odd).state == "committed"
+    assert device.transfer("good", good).state == "committed"
+    assert gateway.wait_exported(20)
+    (failed,) = events.named("gateway.dicom_failed")
+    assert (failed["capture_id"], failed["error"]) == ("odd", "metadata dicom is not an object")
+    assert not (store / DEVICE / "odd.dcm").exists()
+    assert (store / DEVICE / "good.dcm").exists()
+    assert events.named("thread.crashed") == []
+    assert not list((store / ".gateway" / "pending").rglob("*.json"))  # both done
+
+
+def test_a_crash_in_after_ack_work_is_logged_and_the_thread_restarted(
+        gateway, device, store, events, monkeypatch) -> None:
+    from sim import dicom_export
+
+    real = dicom_export.export
+    calls: list[str] = []
+
+    def export_once_broken(jpeg: bytes, metadata: dict, path: Path) -> Path:
+        calls.append(metadata["capture_id"])
+        if len(calls) == 1:
+            raise RuntimeError("a fault nobody foresaw")
+        return real(jpeg, metadata, path)
+
+    monkeypatch.setattr(dicom_export, "export", export_once_broken)
+    for capture_id in ("x1", "x2"):
+        _, data = jpeg_capture(capture_id)
+        assert device.transfer(capture_id, data).state == "committed"
+    assert gateway.wait_exported(20)
+    (crash,) = events.named("thread.crashed")
+    assert crash["thread_name"] == "gateway-after-ack"
+    assert "RuntimeError: a fault nobody foresaw" in crash["traceback"]
+    assert (store / DEVICE / "x2.dcm").exists()
+    # The interrupted work stays journaled: the next start does it again.
+    assert (store / ".gateway" / "pending" / DEVICE / "x1.json").exists()
+
+
+def test_a_thread_dying_unsupervised_in_the_gateway_process_is_logged_and_ends_it(
+        events, monkeypatch) -> None:
+    import threading
+
+    from sim.gateway import exit_on_thread_death
+
+    done = threading.Event()
+    crashed: list[str] = []
+    monkeypatch.setattr(threading, "excepthook", exit_on_thread_death(done, crashed))
+
+    def doomed() -> None:
+        raise RecursionError("as paho's network loop would die")
+
+    thread = threading.Thread(target=doomed, name="paho-loop")
+    thread.start()
+    thread.join(10)
+    assert done.is_set()
+    assert crashed == ["paho-loop"]
+    (event,) = events.named("thread.crashed", thread_name="paho-loop")
+    assert event["levelname"] == "CRITICAL"
+    assert "RecursionError: as paho's network loop would die" in event["traceback"]
+
+
+def test_paho_logs_into_the_gateway_json_log(gateway, events) -> None:
+    from paho.mqtt.client import MQTT_LOG_ERR
+
+    from sim.gateway import paho_log
+
+    gateway._client._easy_log(MQTT_LOG_ERR, "Caught exception in %s", "on_test")
+    (line,) = events.named("gateway.mqtt_log")
+    assert line["name"] == paho_log.name
+    assert line["msg"] % line["args"] == "Caught exception in on_test"
+
+
+@pytest.mark.parametrize("meta", [
+    b'{"note":"\\ud800"}',  # a lone surrogate: valid JSON, not storable as UTF-8
+    b'{"exposure":NaN}',
+    b'{"a":' * 40 + b"1" + b"}" * 40,
+    b"[" * 3000 + b"]" * 3000,
+], ids=["surrogate", "nan", "nested", "deeper-than-the-parser"])
+def test_bundle_metadata_that_cannot_be_stored_is_rejected_and_the_gateway_goes_on(
+        gateway, device, store, events, meta) -> None:
+    import struct
+
+    image = b"\xff\xd8jpeg"
+    data = (b"DRMB\x01" + struct.pack(">I", len(meta)) + meta + struct.pack(">Q", len(image))
+            + image)
+    ack = device.transfer("odd-meta", data)
+    assert (ack.state, ack.reason) == ("rejected", "bad_bundle")
+    assert not (store / DEVICE / "odd-meta.jpg").exists()
+    assert events.named("gateway.callback_failed") == []
+    _, good_image, good = payload()
+    assert device.transfer("after", good).state == "committed"
+    assert (store / DEVICE / "after.jpg").read_bytes() == good_image

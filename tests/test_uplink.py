@@ -103,7 +103,7 @@ def test_entry_stays_until_gateway_acks(broker, outbox, store, events) -> None:
         # The broker PUBACKs the manifest, but no gateway answers: the entry must stay.
         events.wait_for("uplink.retry", capture_id=capture_id)
         assert [e.capture_id for e in outbox.pending()] == [capture_id]
-        with Gateway(broker.host, broker.port, store):
+        with Gateway(broker.host, broker.port, store, allow_unsealed=True):
             assert up.wait_idle(30)
     assert_stored(store, capture_id, meta, image)
     assert outbox.depth() == 0
@@ -119,7 +119,7 @@ def test_broker_down_at_start_then_up(tmp_path, outbox, store, events) -> None:
         assert not up.online
         assert outbox.depth() == 1
         broker.start()
-        with Gateway(broker.host, broker.port, store):
+        with Gateway(broker.host, broker.port, store, allow_unsealed=True):
             assert up.wait_idle(30)
     finally:
         up.stop()
@@ -176,7 +176,7 @@ def test_corrupt_entry_is_quarantined_and_the_next_is_delivered(
 def test_mqtt311_end_to_end(broker, outbox, store) -> None:
     capture_id, meta, image = put(outbox, 5, size=100_000)
     up = make_uplink(broker, outbox, protocol="mqtt311")
-    with Gateway(broker.host, broker.port, store, protocol="mqtt311"), up:
+    with Gateway(broker.host, broker.port, store, protocol="mqtt311", allow_unsealed=True), up:
         assert up.wait_idle(30)
     assert_stored(store, capture_id, meta, image)
 
@@ -187,7 +187,7 @@ def test_falls_back_to_mqtt311_when_the_broker_refuses_mqtt5(
     # amqtt comes with the dev extra (`make test` installs it); without it this errors.
     capture_id, meta, image = put(outbox, 10, size=80_000)
     with AmqttBroker(tmp_path / "amqtt") as broker, \
-            Gateway(broker.host, broker.port, store, protocol="mqtt311") as gw:
+            Gateway(broker.host, broker.port, store, protocol="mqtt311", allow_unsealed=True) as gw:
         assert gw.wait_ready(10)
         up = make_uplink(broker, outbox)  # configured for MQTT 5
         with up:
@@ -212,7 +212,7 @@ def test_falls_back_to_mqtt311_when_the_broker_refuses_mqtt5_explicitly(
 ) -> None:
     capture_id, meta, image = put(outbox, 14, size=70_000)
     with FaultProxy(broker.host, broker.port, first_packet=_refuse_mqtt5) as proxy, \
-            Gateway(broker.host, broker.port, store) as gw:
+            Gateway(broker.host, broker.port, store, allow_unsealed=True) as gw:
         assert gw.wait_ready(10)
         up = Uplink(uplink_config(broker, port=proxy.port), DEVICE, outbox, "test-1.0")
         with up:
@@ -225,7 +225,7 @@ def test_falls_back_to_mqtt311_when_the_broker_refuses_mqtt5_explicitly(
 
 def test_chunks_fit_the_brokers_maximum_packet_size(tmp_path, outbox, store, events) -> None:
     with MosquittoBroker(tmp_path / "small", extra_conf="max_packet_size 8192") as broker, \
-            Gateway(broker.host, broker.port, store) as gw:
+            Gateway(broker.host, broker.port, store, allow_unsealed=True) as gw:
         assert gw.wait_ready(10)
         capture_id, meta, image = put(outbox, 6, size=60_000)
         up = make_uplink(broker, outbox, chunk_size=64 * 1024)
@@ -238,7 +238,7 @@ def test_chunks_fit_the_brokers_maximum_packet_size(tmp_path, outbox, store, eve
 
 def test_receive_maximum_is_respected(tmp_path, outbox, store, events) -> None:
     with MosquittoBroker(tmp_path / "rm", extra_conf="max_inflight_messages 2") as broker, \
-            Gateway(broker.host, broker.port, store) as gw:
+            Gateway(broker.host, broker.port, store, allow_unsealed=True) as gw:
         assert gw.wait_ready(10)
         capture_id, meta, image = put(outbox, 7, size=100_000)
         up = make_uplink(broker, outbox, chunk_size=2048)
@@ -405,7 +405,7 @@ def test_gateway_killed_mid_transfer_resumes_and_stores_once(
 ) -> None:
     capture_id, meta, image = put(outbox, 11, size=8_000_000)
     command = [sys.executable, "-m", "sim.gateway", "--host", broker.host,
-               "--port", str(broker.port), "--store", str(store)]
+               "--port", str(broker.port), "--store", str(store), "--insecure-dev-mode"]
     received = store / ".gateway" / "staging" / DEVICE / capture_id / "received"
     first = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
     up = make_uplink(broker, outbox, chunk_size=2048)
@@ -492,7 +492,7 @@ def test_mqtt311_broker_with_an_unstated_packet_cap_gets_smaller_chunks(
     # Over 3.1.1 there is no CONNACK Maximum Packet Size: Mosquitto just drops the client on
     # a too large PUBLISH. The uplink must learn a chunk size that fits.
     with MosquittoBroker(tmp_path / "cap311", extra_conf="max_packet_size 10000") as broker, \
-            Gateway(broker.host, broker.port, store, protocol="mqtt311") as gw:
+            Gateway(broker.host, broker.port, store, protocol="mqtt311", allow_unsealed=True) as gw:
         assert gw.wait_ready(10)
         capture_id, meta, image = put(outbox, 12, size=100_000)
         up = make_uplink(broker, outbox, protocol="mqtt311", chunk_size=64 * 1024)
@@ -583,7 +583,7 @@ def test_soak_kill9_and_broker_restarts(broker, store, tmp_path, events) -> None
         broker.kill()
         broker.start()
 
-    with Gateway(broker.host, broker.port, store) as gw:
+    with Gateway(broker.host, broker.port, store, allow_unsealed=True) as gw:
         assert gw.wait_ready(10)
         # A bar on a terminal: `make soak` runs for many minutes.
         for trial in tqdm(range(trials), desc="soak trials", unit="trial",

@@ -34,10 +34,27 @@ MAX_CHUNKS = 65536
 CHUNK_HEADER_SIZE = 56
 #: Room kept for the fixed header, topic, packet id and MQTT 5 properties of a chunk PUBLISH.
 PUBLISH_OVERHEAD = 512
+#: Bytes a JSON control message (manifest, final, ack) may have: real ones are a few hundred.
+MAX_CONTROL_MESSAGE = 64 * 1024
+#: Nesting a JSON control message may have. Version 1 messages are flat (depth 1); the room
+#: above that is for compatible additions. Deeper input is refused before it is parsed, so
+#: no parser recursion depends on what a peer sends.
+MAX_JSON_DEPTH = 8
+#: Digits an integer in a control message may have (2**53 has 16).
+MAX_INT_DIGITS = 20
 
 _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 _DEVICE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
+_HEX64_OR_EMPTY = re.compile(r"^(?:[0-9a-f]{64})?$")
+# A MIME type's characters (RFC 6838 names, plus parameters): printable ASCII, bounded.
+_CONTENT_TYPE = re.compile(r"^[\x21-\x7e]{1,127}$")
+# Reason codes are short identifiers; unknown ones are allowed (docs/protocol.md, section 9).
+_REASON = re.compile(r"^[A-Za-z0-9_.:-]{0,64}$")
+# JSON strings (with their escapes) and the brackets outside them, for the depth scan. The
+# string token is possessive and also ends at the end of input, so it never backtracks: the
+# scan stays linear whatever the payload (a plain pattern is quadratic on '"\\"\\"...').
+_JSON_STRING_OR_BRACKET = re.compile(rb'"(?:[^"\\]|\\.)*+(?:"|\\?\Z)|[\[\]{}]', re.DOTALL)
 _CHUNK = struct.Struct(">4sB3xIIII32s")
 CHUNK_MAGIC = b"DRMC"
 assert _CHUNK.size == CHUNK_HEADER_SIZE
@@ -105,7 +122,7 @@ def parse_up_topic(prefix: str, topic: str) -> tuple[str, str, str]:
     if len(parts) != 4 or parts[1] != "up" or parts[3] not in UP_KINDS:
         raise ProtocolError("bad_topic", f"{topic!r} is not <device>/up/<capture>/<kind>")
     device_id, _, capture_id, kind = parts
-    if not _DEVICE_RE.match(device_id) or not _ID_RE.match(capture_id):
+    if not _DEVICE_RE.fullmatch(device_id) or not _ID_RE.fullmatch(capture_id):
         raise ProtocolError("bad_topic", f"bad device or capture id in {topic!r}")
     return device_id, capture_id, kind
 
@@ -113,7 +130,7 @@ def parse_up_topic(prefix: str, topic: str) -> tuple[str, str, str]:
 def parse_ack_topic(prefix: str, device_id: str, topic: str) -> str:
     head = f"{prefix}/{device_id}/ack/"
     capture_id = topic[len(head):] if topic.startswith(head) else ""
-    if not _ID_RE.match(capture_id):
+    if not _ID_RE.fullmatch(capture_id):
         raise ProtocolError("bad_topic", f"{topic!r} is not an ack topic of {device_id!r}")
     return capture_id
 
@@ -137,34 +154,97 @@ def _dump(obj: dict[str, Any]) -> bytes:
     return json.dumps(obj, separators=(",", ":"), sort_keys=True).encode("utf-8")
 
 
-def _load(payload: bytes, kind: str) -> dict[str, Any]:
+def _depth(payload: bytes) -> int:
+    """The deepest nesting of arrays and objects, brackets inside strings not counted."""
+    depth = deepest = 0
+    for match in _JSON_STRING_OR_BRACKET.finditer(payload):
+        token = match.group()
+        if token in (b"[", b"{"):
+            depth += 1
+            deepest = max(deepest, depth)
+        elif token in (b"]", b"}"):
+            depth -= 1
+    return deepest
+
+
+def _no_constant(name: str) -> Any:
+    raise ProtocolError("bad_message", f"{name} is not a JSON number")
+
+
+def _bounded_int(text: str) -> int:
+    if len(text.lstrip("-")) > MAX_INT_DIGITS:
+        raise ProtocolError("bad_message", f"an integer of {len(text)} digits")
+    return int(text)
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    # Parsers disagree on which of two equal keys wins; a message that says both is refused.
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        raise ProtocolError("bad_message", "duplicate keys in a JSON object")
+    return obj
+
+
+def load_json(payload: bytes, kind: str) -> dict[str, Any]:
+    """Parse a control message as a JSON object, treating it as hostile: bounded size and
+    nesting, strict UTF-8, no NaN or Infinity, no huge integers, no duplicate keys. Every
+    failure is a ``ProtocolError`` ("bad_message")."""
+    if len(payload) > MAX_CONTROL_MESSAGE:
+        raise ProtocolError("bad_message", f"{kind} has {len(payload)} bytes, more than "
+                            f"{MAX_CONTROL_MESSAGE}")
+    depth = _depth(bytes(payload))
+    if depth > MAX_JSON_DEPTH:
+        raise ProtocolError("bad_message", f"{kind} nests {depth} deep, more than "
+                            f"{MAX_JSON_DEPTH}")
     try:
-        obj = json.loads(payload.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as err:
+        obj = json.loads(bytes(payload).decode("utf-8"), parse_constant=_no_constant,
+                         parse_int=_bounded_int, object_pairs_hook=_unique_keys)
+    except ProtocolError:
+        raise  # raised by a hook above, already named
+    except (UnicodeDecodeError, ValueError, RecursionError) as err:
+        # RecursionError cannot come after the depth check; caught all the same, as the
+        # parser's own limit depends on the interpreter.
         raise ProtocolError("bad_message", f"{kind} is not UTF-8 JSON: {err}") from None
     if not isinstance(obj, dict):
         raise ProtocolError("bad_message", f"{kind} is not a JSON object")
-    version = obj.get("v")
-    if version != PROTOCOL_VERSION:
-        raise ProtocolError("unsupported_version",
-                            f"{kind} has protocol version {version!r}, expected {PROTOCOL_VERSION}")
-    if obj.get("type") != kind:
-        raise ProtocolError("bad_message", f"expected type {kind!r}, got {obj.get('type')!r}")
     return obj
+
+
+def _load(payload: bytes, kind: str) -> dict[str, Any]:
+    obj = load_json(payload, kind)
+    version = obj.get("v")
+    if type(version) is not int or version != PROTOCOL_VERSION:
+        raise ProtocolError("unsupported_version",
+                            f"{kind} has protocol version {version!r:.40}, expected "
+                            f"{PROTOCOL_VERSION}")
+    if obj.get("type") != kind:
+        raise ProtocolError("bad_message", f"expected type {kind!r}, got "
+                            f"{obj.get('type')!r:.40}")
+    return obj
+
+
+def request_number(payload: bytes) -> int:
+    """Best effort: the ``req`` of a control message that was refused, so the refusal can
+    echo it; 0 when it cannot be read."""
+    try:
+        req = load_json(payload, "message").get("req", 0)
+    except ProtocolError:
+        return 0
+    return req if type(req) is int and 0 <= req <= 2**53 else 0
 
 
 def _int(obj: dict[str, Any], key: str, lo: int, hi: int) -> int:
     value = obj.get(key)
     if type(value) is not int or not lo <= value <= hi:
         raise ProtocolError("bad_message", f"{key} must be an integer in [{lo}, {hi}] "
-                            f"(got {value!r})")
+                            f"(got {value!r:.40})")
     return value
 
 
 def _str(obj: dict[str, Any], key: str, pattern: re.Pattern[str] | None = None) -> str:
     value = obj.get(key)
-    if not isinstance(value, str) or (pattern is not None and not pattern.match(value)):
-        raise ProtocolError("bad_message", f"{key} is missing or malformed (got {value!r})")
+    if not isinstance(value, str) or (pattern is not None and not pattern.fullmatch(value)):
+        raise ProtocolError("bad_message", f"{key} is missing or malformed (got {value!r:.40})")
     return value
 
 
@@ -198,7 +278,7 @@ class Manifest:
             chunk_size=chunk_size,
             chunk_count=chunk_count,
             sha256=_str(obj, "sha256", _HEX64),
-            content_type=_str(obj, "content_type"),
+            content_type=_str(obj, "content_type", _CONTENT_TYPE),
             req=_int(obj, "req", 0, 2**53),
         )
 
@@ -266,7 +346,7 @@ class Ack:
         obj = _load(payload, "ack")
         state = obj.get("state")
         if state not in ACK_STATES:
-            raise ProtocolError("bad_message", f"unknown ack state {state!r}")
+            raise ProtocolError("bad_message", f"unknown ack state {state!r:.40}")
         chunk_count = _int(obj, "chunk_count", 0, MAX_CHUNKS)
         missing: tuple[int, ...] = ()
         if state == "incomplete":
@@ -281,8 +361,8 @@ class Ack:
             req=_int(obj, "req", 0, 2**53),
             missing=missing,
             chunk_count=chunk_count,
-            reason=str(obj.get("reason", "")),
-            sha256=str(obj.get("sha256", "")),
+            reason=_str(obj, "reason", _REASON) if "reason" in obj else "",
+            sha256=_str(obj, "sha256", _HEX64_OR_EMPTY) if "sha256" in obj else "",
         )
 
 

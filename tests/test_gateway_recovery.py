@@ -1,0 +1,156 @@
+"""Work a crash interrupted is finished when the gateway starts again (issue 12, finding 10).
+
+A real gateway process (``python -m sim.crash gateway``) is SIGKILLed at an exact moment of
+a store; a new gateway on the same store must leave every committed capture with its DICOM
+file, no staging of a committed capture, no journal entry and no temp file, and answer the
+device as if nothing had happened."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import select
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import cv2
+import pytest
+from pydicom.filereader import dcmread
+
+from device_agent.uplink import bundle
+from device_agent.uplink.protocol import Final, Manifest, chunk_count_for, encode_chunk
+from sim.dicom_export import DERMOSCOPIC_PHOTOGRAPHY
+from sim.gateway import Gateway
+from sim.scene import SceneSpec, render
+from tests.test_gateway_hostile import _Probe
+
+DEVICE = "dev-hostile"  # the probe's device
+CHUNK = 4096
+
+
+def _capture(capture_id: str) -> tuple[bytes, bytes]:
+    ok, jpeg = cv2.imencode(".jpg", render(SceneSpec(seed=3)), [cv2.IMWRITE_JPEG_QUALITY, 80])
+    assert ok
+    image = jpeg.tobytes()
+    metadata = {"capture_id": capture_id, "device_id": DEVICE, "kind": "capture",
+                "captured_at": "2026-11-25T12:30:00.123+00:00",
+                "dicom": {"LightSourcePolarization": "POLARIZED", "ContactMethod": "CONTACT"}}
+    return image, bundle.pack(metadata, image)
+
+
+def _send(probe: _Probe, capture_id: str, data: bytes, final_req: int) -> None:
+    """Manifest, every chunk, final (the final's ack is the caller's business)."""
+    sha = hashlib.sha256(data).hexdigest()
+    count = chunk_count_for(len(data), CHUNK)
+    probe.publish(capture_id, "manifest", Manifest(capture_id, len(data), CHUNK, count, sha,
+                                                   bundle.CONTENT_TYPE, final_req - 1).encode())
+    assert probe.ack(capture_id).state == "incomplete"
+    for i in range(count):
+        probe.publish(capture_id, "chunk", encode_chunk(bytes.fromhex(sha), CHUNK, i,
+                                                        data[i * CHUNK:(i + 1) * CHUNK]))
+    probe.publish(capture_id, "final", Final(capture_id, sha, count, final_req).encode())
+
+
+def _crashing_gateway(broker, store: Path, moment: str) -> subprocess.Popen:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "sim.crash", "gateway", "--store", str(store),
+         "--port", str(broker.port), "--kill-at", moment],
+        stdout=subprocess.PIPE, text=True)
+    ready, _, _ = select.select([proc.stdout], [], [], 30)
+    assert ready, "the crashing gateway did not start within 30 s"
+    assert proc.stdout.readline().strip() == "ready"
+    return proc
+
+
+def _leftovers(store: Path) -> list[str]:
+    """Everything a finished store must not leave behind."""
+    left = [p for p in store.rglob(".*") if p.is_file()]  # temp files, anywhere
+    left += list((store / ".gateway" / "staging").glob("*/*"))
+    left += [p for p in (store / ".gateway" / "pending").rglob("*") if p.is_file()]
+    return sorted(str(p.relative_to(store)) for p in left)
+
+
+@pytest.mark.parametrize("moment", ["commit", "stored", "dicom"])
+def test_a_gateway_killed_mid_store_finishes_the_work_when_it_starts_again(
+        broker, store, events, moment) -> None:
+    capture_id = f"k-{moment}"
+    image, data = _capture(capture_id)
+    with _Probe(broker) as probe:
+        proc = _crashing_gateway(broker, store, moment)
+        try:
+            _send(probe, capture_id, data, final_req=2)
+            assert proc.wait(timeout=30) == -signal.SIGKILL
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(timeout=10)
+        if moment == "dicom":  # the ack went out before the export began
+            assert probe.ack(capture_id).state == "committed"
+        # What the kill left: the journal entry, and (but at "commit") the stored image.
+        pending = store / ".gateway" / "pending" / DEVICE / f"{capture_id}.json"
+        assert pending.exists()
+        assert (store / DEVICE / f"{capture_id}.jpg").exists() == (moment != "commit")
+        assert not (store / DEVICE / f"{capture_id}.dcm").exists()
+        assert _leftovers(store) != []
+
+        with Gateway(broker.host, broker.port, store, allow_unsealed=True) as gw:
+            assert gw.wait_ready(10)
+            assert gw.wait_exported(30)
+            if moment == "commit":
+                # Nothing was committed: the device's next attempt finds every chunk staged.
+                sha = hashlib.sha256(data).hexdigest()
+                count = chunk_count_for(len(data), CHUNK)
+                probe.publish(capture_id, "manifest", Manifest(
+                    capture_id, len(data), CHUNK, count, sha, bundle.CONTENT_TYPE, 3).encode())
+                again = probe.ack(capture_id)
+                assert (again.state, again.missing) == ("incomplete", ())
+                probe.publish(capture_id, "final", Final(capture_id, sha, count, 4).encode())
+                assert probe.ack(capture_id).state == "committed"
+                assert gw.wait_exported(30)
+            else:
+                # Committed before the kill: the device's retry is answered from the ledger.
+                probe.publish(capture_id, "final", Final(
+                    capture_id, hashlib.sha256(data).hexdigest(),
+                    chunk_count_for(len(data), CHUNK), 5).encode())
+                ack = probe.ack(capture_id)
+                assert (ack.state, ack.req) == ("committed", 5)
+
+    assert (store / DEVICE / f"{capture_id}.jpg").read_bytes() == image
+    ledger = json.loads((store / ".gateway" / "ledger" / DEVICE / f"{capture_id}.json")
+                        .read_text())
+    assert ledger["image_sha256"] == hashlib.sha256(image).hexdigest()
+    dicom = dcmread(store / DEVICE / f"{capture_id}.dcm")
+    assert dicom.SOPClassUID == DERMOSCOPIC_PHOTOGRAPHY
+    assert _leftovers(store) == []
+    assert [e["capture_id"] for e in events.named("gateway.recovering")] == [capture_id]
+
+
+def test_recovery_reads_only_the_journal_not_the_store(broker, store, events) -> None:
+    """A start with an empty journal looks at no stored capture: a store of thousands of
+    captures starts as fast as an empty one."""
+    device_dir = store / DEVICE
+    device_dir.mkdir(parents=True)
+    for n in range(50):  # stored captures without a DICOM file (e.g. export_dicom was off)
+        (device_dir / f"old-{n}.jpg").write_bytes(b"\xff\xd8")
+        (device_dir / f"old-{n}.json").write_text("{}")
+    (device_dir / ".stray-by-someone-else.tmp").write_bytes(b"")
+    with Gateway(broker.host, broker.port, store, allow_unsealed=True) as gw:
+        assert gw.wait_ready(10)
+        assert gw.wait_exported(10)
+    assert events.named("gateway.recovering") == []
+    assert not list(device_dir.glob("*.dcm"))
+    assert (device_dir / ".stray-by-someone-else.tmp").exists()  # not ours to judge
+
+
+def test_an_interrupted_journal_write_is_dropped(broker, store) -> None:
+    pending = store / ".gateway" / "pending" / DEVICE
+    pending.mkdir(parents=True)
+    stray = pending / ".c9.json.abcd1234.tmp"  # write_atomic's temp, cut short
+    stray.write_bytes(b'{"capt')
+    with Gateway(broker.host, broker.port, store, allow_unsealed=True) as gw:
+        assert gw.wait_ready(10)
+    assert not stray.exists()
+    assert os.listdir(pending) == []
