@@ -6,12 +6,12 @@ device's command topic (docs/protocol.md). Every command gets exactly one answer
 "message"}}``; a malformed or unknown command is answered with a clear error and the agent
 carries on. Validation is pydantic's, one model per command, unknown fields refused, and
 numbers must be finite (a NaN threshold would pass every check). Every payload is hostile
-until parsed: bounded in size and nesting before it reaches the JSON parser.
+until parsed: it is read by the protocol's own bounded JSON reader (size, nesting, no NaN,
+no huge integers, no duplicate keys).
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import traceback
 from collections.abc import Callable
@@ -21,11 +21,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from device_agent.logs import log_event
 from device_agent.session import SessionError
+from device_agent.uplink.protocol import ProtocolError, load_json
 
 log = logging.getLogger(__name__)
 MAX_COMMAND_BYTES = 16 * 1024
-#: Deeper JSON than this is refused before parsing (Python's parser recurses per level).
-MAX_NESTING = 16
 
 
 class _Args(BaseModel):
@@ -93,14 +92,10 @@ def parse(payload: bytes) -> tuple[str | None, str, _Args]:
     if len(payload) > MAX_COMMAND_BYTES:
         raise CommandError("too_large", f"command is {len(payload)} bytes; at most "
                            f"{MAX_COMMAND_BYTES}")
-    if _nesting(payload) > MAX_NESTING:
-        raise CommandError("bad_json", f"nested deeper than {MAX_NESTING} levels")
     try:
-        request = json.loads(payload)
-    except (UnicodeDecodeError, ValueError, RecursionError) as err:
-        raise CommandError("bad_json", f"not a JSON object: {err}") from None
-    if not isinstance(request, dict):
-        raise CommandError("bad_json", "not a JSON object")
+        request = load_json(payload, "command")
+    except ProtocolError as err:
+        raise CommandError("bad_json", f"not a JSON object: {err.detail}") from None
     request_id = request.get("id")
     if request_id is not None and not isinstance(request_id, str):
         raise CommandError("bad_request", "id must be a string")
@@ -118,19 +113,6 @@ def parse(payload: bytes) -> tuple[str | None, str, _Args]:
                              for e in err.errors())
         raise CommandError("invalid_args", f"{name}: {problems}") from None
     return request_id, name, args
-
-
-def _nesting(payload: bytes) -> int:
-    """How deep brackets nest, counted without parsing (strings may hold brackets: that
-    only over-counts, and a command has no reason to put many in a string)."""
-    depth = deepest = 0
-    for byte in payload:
-        if byte in b"[{":
-            depth += 1
-            deepest = max(deepest, depth)
-        elif byte in b"]}":
-            depth -= 1
-    return deepest
 
 
 def execute(payload: bytes, target: CommandTarget) -> dict[str, Any]:

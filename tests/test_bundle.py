@@ -146,3 +146,12 @@ def test_topics_carry_only_device_and_capture_ids() -> None:
     for bad in ("derm/v1/dev-1/up/cap-1", "derm/v1/dev-1/up/cap-1/other", "x/dev/up/c/chunk"):
         with pytest.raises(ProtocolError):
             parse_up_topic("derm/v1", bad)
+
+
+def test_deeply_nested_metadata_is_a_bundle_error_not_a_crash() -> None:
+    from device_agent.uplink.bundle import _HEAD, _IMAGE_LEN, MAGIC, VERSION
+
+    meta = b"[" * 5000 + b"]" * 5000  # deeper than any JSON parser recurses
+    forged = _HEAD.pack(MAGIC, VERSION, len(meta)) + meta + _IMAGE_LEN.pack(3) + b"img"
+    with pytest.raises(BundleError, match="metadata"):
+        unpack(forged)

@@ -62,7 +62,7 @@ def unpack(data: bytes) -> tuple[dict, bytes]:
         raise BundleError("truncated metadata")
     try:
         metadata = json.loads(data[pos:end_meta].decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as err:
+    except (UnicodeDecodeError, ValueError, RecursionError) as err:
         raise BundleError(f"metadata is not UTF-8 JSON: {err}") from None
     if not isinstance(metadata, dict):
         raise BundleError("metadata is not a JSON object")
