@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 import warnings
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from PIL import Image, UnidentifiedImageError
@@ -33,13 +32,9 @@ def image_size(path: str | os.PathLike[str], max_pixels: int = DEFAULT_MAX_PIXEL
     """
     # Imported here: the command line imports this module for its default, and OpenCV (which
     # quality needs) takes a noticeable part of a second to import.
-    from device_agent.camera.quality import ImageError
+    from device_agent.camera.quality import ImageError, regular_file
 
-    p = Path(path)
-    if not p.exists():
-        raise ImageError(f"{p}: no such file")
-    if not p.is_file():
-        raise ImageError(f"{p}: not a regular file")
+    p = regular_file(path)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)

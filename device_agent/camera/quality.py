@@ -53,17 +53,23 @@ class ImageError(ValueError):
     """An image file could not be read as an image; the message names the file and why."""
 
 
+def regular_file(path: str | os.PathLike[str]) -> Path:
+    """``path`` as a Path, or ImageError if it is missing or not a regular file."""
+    p = Path(path)
+    if not p.exists():
+        raise ImageError(f"{p}: no such file")
+    if not p.is_file():
+        raise ImageError(f"{p}: not a regular file")
+    return p
+
+
 def load_image(path: str | os.PathLike[str]) -> np.ndarray:
     """Read an image file as HxWx3 uint8 BGR; raise ImageError when that is not possible.
 
     Trusted files only (the repository's, a bench's): files from a person go through
     :func:`device_agent.camera.imagefile.load_image`, which refuses oversized images from
     their header before decoding."""
-    p = Path(path)
-    if not p.exists():
-        raise ImageError(f"{p}: no such file")
-    if not p.is_file():
-        raise ImageError(f"{p}: not a regular file")
+    p = regular_file(path)
     try:
         data = p.read_bytes()
     except OSError as exc:
