@@ -219,21 +219,17 @@ def test_status_tells_a_person_what_the_device_is_doing(tmp_path):
     assert record["status"]["last_capture"]["verdict"] == "accept"
 
 
-def test_an_idle_device_sleeps_and_the_next_press_only_wakes_it(tmp_path):
+def test_an_idle_device_sleeps_and_the_next_press_only_wakes_it(tmp_path, events):
     config = sim_config(tmp_path / "device", free_port(), camera={"sleep_after_s": 1.5})
     with SimDevice(config, with_uplink=False) as device:
         agent, board = device.agent, device.board
-        deadline = time.monotonic() + 10
-        while not agent.asleep and time.monotonic() < deadline:
-            time.sleep(0.05)  # waiting out the idle time is what is tested
+        events.wait_for("camera.asleep", timeout=10)  # waiting out the idle time is tested
         assert agent.asleep
-        assert board.pin(board.pins.ring_polarised).state == 0  # ring dark while asleep
+        assert board.wait_for(board.pins.ring_polarised, lambda t: bool(t) and t[-1].value == 0, 5)
         assert agent.status()["camera"]["asleep"] is True
         count = agent.outcome_count
         board.press()
-        deadline = time.monotonic() + 10
-        while agent.asleep and time.monotonic() < deadline:
-            time.sleep(0.05)
+        events.wait_for("camera.awake", timeout=10)
         assert not agent.asleep
         assert agent.outcome_count == count  # waking is not a capture
         assert agent.ring.wait_until(time.monotonic(), timeout=5)
