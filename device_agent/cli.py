@@ -223,6 +223,24 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _wipe(args: argparse.Namespace) -> int:
+    from device_agent.wipe import WipeRefused, wipe
+
+    try:
+        report = wipe(args.config, discard_undelivered=args.discard_undelivered)
+    except WipeRefused as err:
+        print(f"device-agent wipe: refused: {err}", file=sys.stderr)
+        return EXIT_FAILED
+    for path in report.removed:
+        print(f"removed   {path}")
+    if report.discarded:
+        print(f"discarded {report.discarded} undelivered capture(s), as asked")
+    for path in report.left:
+        print(f"left      {path} (not the agent's: remove it yourself if it should go)")
+    print("wiped: ask clinic IT to revoke this device's certificate (docs/provisioning.md)")
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="device-agent", description="Capture agent of the dermascope."
@@ -276,6 +294,12 @@ def build_parser() -> argparse.ArgumentParser:
                       help="replace the device key (needs a new certificate afterwards)")
     prov.add_argument("--config", type=Path, default=DEFAULT_CONFIG_PATH)
     prov.set_defaults(func=_provision)
+
+    wipe = commands.add_parser("wipe", help="decommission: remove keys, identity and state")
+    wipe.add_argument("--config", type=Path, default=DEFAULT_CONFIG_PATH)
+    wipe.add_argument("--discard-undelivered", action="store_true",
+                      help="destroy accepted captures the clinic has not yet acknowledged")
+    wipe.set_defaults(func=_wipe)
 
     demo = commands.add_parser("demo", help="the whole device end to end on the simulator")
     demo.add_argument("--out", type=Path, default=Path("demo-out"))
