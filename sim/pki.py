@@ -12,6 +12,7 @@ from __future__ import annotations
 import datetime as dt
 import ipaddress
 import os
+import re
 import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -176,7 +177,8 @@ class TestCA:
         csr = (x509.CertificateSigningRequestBuilder().subject_name(_name(common_name))
                .sign(key, hashes.SHA256()))
         cert = self.sign_csr(csr, server=server, days=days, valid_from=valid_from)
-        stem = self.folder / common_name
+        # A hostile CN ("dev2/up") is still a file name here, never a path.
+        stem = self.folder / re.sub(r"[^A-Za-z0-9._-]", "_", common_name)
         key_path = stem.with_suffix(".key")
         key_path.write_bytes(_key_pem(key))
         key_path.chmod(0o600)
