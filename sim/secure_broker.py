@@ -59,14 +59,16 @@ def build_guard_plugin() -> Path:
         compiler = shutil.which("cc") or shutil.which("gcc")
         if not compiler:
             raise BrokerError("no C compiler to build the dermascope_guard plugin: "
-                              "apt-get install gcc mosquitto-dev libmosquitto-dev")
+                              "apt-get install gcc mosquitto-dev libmosquitto-dev libssl-dev")
         tmp = out.with_suffix(f".{getpass.getuser()}.tmp")
         result = subprocess.run(
             [compiler, "-shared", "-fPIC", "-O2", "-Wall", "-Wextra", "-Werror", "-o",
-             str(tmp), str(GUARD_SOURCE)], capture_output=True, text=True, timeout=120)
+             str(tmp), str(GUARD_SOURCE), "-lcrypto"], capture_output=True, text=True,
+            timeout=120)
         if result.returncode != 0:
-            raise BrokerError(f"building {GUARD_SOURCE.name} failed (are mosquitto-dev and "
-                              f"libmosquitto-dev installed?): {result.stderr.strip()[-2000:]}")
+            raise BrokerError(f"building {GUARD_SOURCE.name} failed (are mosquitto-dev, "
+                              f"libmosquitto-dev and libssl-dev installed?): "
+                              f"{result.stderr.strip()[-2000:]}")
         tmp.replace(out)
         return out
 
@@ -100,6 +102,7 @@ class SecureMosquitto(MosquittoBroker):
             "acl_file": str(acl),
             "plugin": str(build_guard_plugin()),
             "plugin_opt_trusted": " ".join(trusted),
+            "plugin_opt_crlfile": str(self.ca.crl_path),
         })
         self.conf_path.write_text(
             # Mosquitto started as root drops to the "mosquitto" user, who cannot read the

@@ -223,11 +223,18 @@ def test_a_revoked_device_is_refused_after_a_reload_that_keeps_the_others(tmp_pa
                 connect_fully(again, broker)
             again.socket() and again.socket().close()
 
+            # Connected during the reload, the revoked device is cut off at its next message.
+            leaving.client.publish("derm/v1/dev2/up/c1/manifest", b"after", qos=1)
+            assert leaving.disconnected.wait(TIMEOUT)
+
             # The others stayed connected through the reload and keep delivering.
             for i in range(5):
                 assert not staying.publish(f"derm/v1/dev1/up/c{i}/manifest").is_failure
                 assert gateway.messages.get(timeout=TIMEOUT)[0] == f"derm/v1/dev1/up/c{i}/manifest"
-            assert not staying.disconnected.is_set() and not gateway.disconnected.is_set()
+            assert not staying.disconnected.is_set()
+            assert not gateway.disconnected.is_set()
+            assert "derm/v1/dev2/up/c1/manifest" not in {
+                gateway.messages.get_nowait()[0] for _ in range(gateway.messages.qsize())}
             fresh = connect("dev1")  # a good certificate still connects after the reload
             fresh.close()
         finally:

@@ -14,14 +14,18 @@
  *   - a device's SUBSCRIBE outside its own subtree "<prefix>/<CN>/...", so no device joins a
  *     shared subscription or subscribes to anyone else's topics;
  *   - a retained PUBLISH anywhere but the client's own "<prefix>/<CN>/status" (a trusted
- *     client may only clear a retained message, with an empty payload).
+ *     client may only clear a retained message, with an empty payload);
+ *   - anything by a client whose certificate is on the CRL (plugin_opt_crlfile, re-read at
+ *     every reload), which it then disconnects. Mosquitto checks the CRL only at the TLS
+ *     handshake: without this, a revoked device connected during the reload stayed on.
  *
  * Everything else is deferred to the acl_file, which stays the one readable policy.
- * Options: plugin_opt_topic_prefix (default "derm/v1") and plugin_opt_trusted (names that are
- * not devices, e.g. "gateway commander"; separated by spaces or commas).
+ * Options (read at start): plugin_opt_topic_prefix (default "derm/v1"), plugin_opt_trusted
+ * (names that are not devices, e.g. "gateway commander"; separated by spaces or commas) and
+ * plugin_opt_crlfile (the listener's crlfile).
  *
- * Build: cc -shared -fPIC -O2 -Wall -Wextra -o dermascope_guard.so dermascope_guard.c
- * (Debian/Ubuntu: apt-get install gcc mosquitto-dev libmosquitto-dev).
+ * Build: cc -shared -fPIC -O2 -Wall -Wextra -o dermascope_guard.so dermascope_guard.c -lcrypto
+ * (Debian/Ubuntu: apt-get install gcc mosquitto-dev libmosquitto-dev libssl-dev).
  */
 #include <stdbool.h>
 #include <stddef.h>
@@ -31,15 +35,75 @@
 #include <mosquitto.h>
 #include <mosquitto_broker.h>
 #include <mosquitto_plugin.h>
+#include <openssl/pem.h>
+#include <openssl/x509.h>
 
 #define MAX_ID 64
 #define MAX_TRUSTED 32
 #define MAX_NAME 128
+#define MAX_PATH 4096
+#define MAX_KICKS 256
 
 static mosquitto_plugin_id_t *plugin_id;
 static char topic_prefix[MAX_NAME] = "derm/v1";
 static char trusted[MAX_TRUSTED][MAX_NAME];
 static int trusted_count;
+static char crl_path[MAX_PATH];
+static X509_CRL *crl;
+/* Clients found revoked during an ACL check, disconnected at the next tick: kicking a
+ * client from inside the handling of its own packet is not safe. */
+static char *to_kick[MAX_KICKS];
+static int kick_count;
+
+static int load_crl(void)
+{
+	FILE *f;
+	X509_CRL *fresh;
+
+	if(crl_path[0] == '\0') return MOSQ_ERR_SUCCESS;
+	f = fopen(crl_path, "r");
+	if(f == NULL){
+		mosquitto_log_printf(MOSQ_LOG_ERR, "dermascope_guard: cannot open crlfile \"%s\"", crl_path);
+		return MOSQ_ERR_INVAL;
+	}
+	fresh = PEM_read_X509_CRL(f, NULL, NULL, NULL);
+	fclose(f);
+	if(fresh == NULL){
+		mosquitto_log_printf(MOSQ_LOG_ERR, "dermascope_guard: \"%s\" is not a PEM CRL", crl_path);
+		return MOSQ_ERR_INVAL;
+	}
+	X509_CRL_free(crl);
+	crl = fresh;
+	mosquitto_log_printf(MOSQ_LOG_INFO, "dermascope_guard: CRL \"%s\" lists %d certificate(s)",
+			crl_path, sk_X509_REVOKED_num(X509_CRL_get_REVOKED(crl)));
+	return MOSQ_ERR_SUCCESS;
+}
+
+static bool is_revoked(struct mosquitto *client)
+{
+	X509 *cert;
+	X509_REVOKED *entry = NULL;
+	int found;
+
+	if(crl == NULL) return false;
+	cert = mosquitto_client_certificate(client);
+	if(cert == NULL) return false;
+	found = X509_CRL_get0_by_cert(crl, &entry, cert);
+	X509_free(cert);
+	return found == 1;
+}
+
+static void schedule_kick(const char *client_id)
+{
+	if(client_id == NULL) return;
+	for(int i = 0; i < kick_count; i++){
+		if(strcmp(to_kick[i], client_id) == 0) return;
+	}
+	if(kick_count < MAX_KICKS){
+		to_kick[kick_count] = mosquitto_strdup(client_id);
+		if(to_kick[kick_count]) kick_count++;
+	}
+}
 
 static bool is_trusted(const char *user)
 {
@@ -96,6 +160,10 @@ static int acl_check(int event, void *event_data, void *userdata)
 	(void)event;
 	(void)userdata;
 	if(user == NULL) return deny(user, "access without a certificate identity", ed->topic);
+	if(is_revoked(ed->client)){
+		schedule_kick(mosquitto_client_id(ed->client));
+		return deny(user, "access with a revoked certificate", ed->topic);
+	}
 	trust = is_trusted(user);
 	if(!trust && !is_device_id(user)) return deny(user, "access by a CN that is not a device id", ed->topic);
 
@@ -116,6 +184,30 @@ static int acl_check(int event, void *event_data, void *userdata)
 	return MOSQ_ERR_PLUGIN_DEFER;
 }
 
+static int on_tick(int event, void *event_data, void *userdata)
+{
+	(void)event;
+	(void)event_data;
+	(void)userdata;
+	for(int i = 0; i < kick_count; i++){
+		mosquitto_log_printf(MOSQ_LOG_NOTICE, "dermascope_guard: disconnecting \"%s\": certificate revoked", to_kick[i]);
+		mosquitto_kick_client_by_clientid(to_kick[i], false);
+		mosquitto_free(to_kick[i]);
+	}
+	kick_count = 0;
+	return MOSQ_ERR_SUCCESS;
+}
+
+/* SIGHUP: the listener re-reads its crlfile; so do we. A bad file keeps the previous CRL. */
+static int on_reload(int event, void *event_data, void *userdata)
+{
+	(void)event;
+	(void)event_data;
+	(void)userdata;
+	load_crl();
+	return MOSQ_ERR_PLUGIN_DEFER;
+}
+
 static int parse_options(struct mosquitto_opt *options, int option_count)
 {
 	trusted_count = 0;
@@ -127,6 +219,9 @@ static int parse_options(struct mosquitto_opt *options, int option_count)
 				return MOSQ_ERR_INVAL;
 			}
 			snprintf(topic_prefix, sizeof(topic_prefix), "%s", options[i].value);
+		}else if(strcmp(options[i].key, "crlfile") == 0){
+			if(strlen(options[i].value) >= MAX_PATH) return MOSQ_ERR_INVAL;
+			snprintf(crl_path, sizeof(crl_path), "%s", options[i].value);
 		}else if(strcmp(options[i].key, "trusted") == 0){
 			const char *p = options[i].value;
 			while(*p){
@@ -166,9 +261,14 @@ int mosquitto_plugin_init(mosquitto_plugin_id_t *identifier, void **userdata,
 	plugin_id = identifier;
 	rc = parse_options(options, option_count);
 	if(rc) return rc;
+	rc = load_crl();
+	if(rc) return rc;
 	mosquitto_log_printf(MOSQ_LOG_INFO, "dermascope_guard: topic prefix \"%s\", %d trusted name(s)",
 			topic_prefix, trusted_count);
-	return mosquitto_callback_register(plugin_id, MOSQ_EVT_ACL_CHECK, acl_check, NULL, NULL);
+	rc = mosquitto_callback_register(plugin_id, MOSQ_EVT_ACL_CHECK, acl_check, NULL, NULL);
+	if(rc == MOSQ_ERR_SUCCESS) rc = mosquitto_callback_register(plugin_id, MOSQ_EVT_RELOAD, on_reload, NULL, NULL);
+	if(rc == MOSQ_ERR_SUCCESS) rc = mosquitto_callback_register(plugin_id, MOSQ_EVT_TICK, on_tick, NULL, NULL);
+	return rc;
 }
 
 int mosquitto_plugin_cleanup(void *userdata, struct mosquitto_opt *options, int option_count)
@@ -176,5 +276,9 @@ int mosquitto_plugin_cleanup(void *userdata, struct mosquitto_opt *options, int 
 	(void)userdata;
 	(void)options;
 	(void)option_count;
+	mosquitto_callback_unregister(plugin_id, MOSQ_EVT_TICK, on_tick, NULL);
+	mosquitto_callback_unregister(plugin_id, MOSQ_EVT_RELOAD, on_reload, NULL);
+	X509_CRL_free(crl);
+	crl = NULL;
 	return mosquitto_callback_unregister(plugin_id, MOSQ_EVT_ACL_CHECK, acl_check, NULL);
 }
