@@ -85,7 +85,7 @@ static bool is_revoked(struct mosquitto *client)
 	X509_REVOKED *entry = NULL;
 	int found;
 
-	if(crl == NULL) return false;
+	if(crl == NULL || sk_X509_REVOKED_num(X509_CRL_get_REVOKED(crl)) <= 0) return false;
 	cert = mosquitto_client_certificate(client);
 	if(cert == NULL) return false;
 	found = X509_CRL_get0_by_cert(crl, &entry, cert);
