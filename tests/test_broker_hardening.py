@@ -240,3 +240,35 @@ def test_a_revoked_device_is_refused_after_a_reload_that_keeps_the_others(tmp_pa
         finally:
             for c in (gateway, staying, leaving):
                 c.close()
+
+
+def test_a_client_that_does_not_read_holds_at_most_its_queue_limit_at_the_broker(broker, pki):
+    # A gateway that stops reading (hung, or slow) must not make the broker hold every upload
+    # for it: beyond max_queued_bytes (plus what is in flight) the broker drops messages, and
+    # devices resend after their ack timeout.
+    size = 1_000_000  # one chunk near max_packet_size
+    queued = int(shipped_directive("max_queued_bytes"))
+    in_flight = int(shipped_directive("max_inflight_bytes"))
+    sent = queued // size + in_flight // size + 20
+    stalled = Client(broker, pki["ca"], pki["gateway"])
+    stalled.client.connect(broker.host, broker.port, keepalive=60)
+    stalled.client.subscribe("derm/v1/dev3/up/#", qos=1)
+    while stalled.acks.empty():  # run the network loop by hand until the SUBACK, then stop
+        assert stalled.client.loop(timeout=1.0) == mqtt.MQTT_ERR_SUCCESS
+    assert not refused(stalled.acks.get_nowait())
+    device = Client(broker, pki["ca"], pki["dev3"]).connect()
+    try:
+        for i in range(sent):
+            assert not device.publish(f"derm/v1/dev3/up/q{i}/chunk", bytes(size)).is_failure
+        stalled.client.loop_start()  # reading again
+        first = stalled.messages.get(timeout=TIMEOUT)
+        # Queued behind whatever the broker kept for us: when it arrives, all of that has.
+        assert not device.publish("derm/v1/dev3/up/marker/manifest", b"m").is_failure
+        topics = [first[0]]
+        while topics[-1] != "derm/v1/dev3/up/marker/manifest":
+            topics.append(stalled.messages.get(timeout=TIMEOUT)[0])
+        kept = len(topics) - 1
+        assert queued // size <= kept <= (queued + in_flight) // size + 2 < sent
+    finally:
+        device.close()
+        stalled.close()
