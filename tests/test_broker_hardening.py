@@ -261,10 +261,12 @@ def test_a_client_that_does_not_read_holds_at_most_its_queue_limit_at_the_broker
         for i in range(sent):
             assert not device.publish(f"derm/v1/dev3/up/q{i}/chunk", bytes(size)).is_failure
         stalled.client.loop_start()  # reading again
-        first = stalled.messages.get(timeout=TIMEOUT)
-        # Queued behind whatever the broker kept for us: when it arrives, all of that has.
+        # Past the first in-flight window, a message came out of the queue: it has room
+        # now, so the marker is queued behind whatever the broker kept, and arrives last.
+        topics = [stalled.messages.get(timeout=TIMEOUT)[0]
+                  for _ in range(in_flight // size + 2)]
         assert not device.publish("derm/v1/dev3/up/marker/manifest", b"m").is_failure
-        topics = [first[0]]
+        topics.append(stalled.messages.get(timeout=TIMEOUT)[0])
         while topics[-1] != "derm/v1/dev3/up/marker/manifest":
             topics.append(stalled.messages.get(timeout=TIMEOUT)[0])
         kept = len(topics) - 1
