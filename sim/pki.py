@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
@@ -82,9 +83,12 @@ def revoke_in_crl(crl_path: Path, ca_cert: x509.Certificate,
     added = []
     now = dt.datetime.now(dt.UTC)
     for cert in certificates:
-        if cert.issuer != ca_cert.subject:
-            raise CRLError(f"certificate {cert.serial_number:x} was issued by "
-                           f"{cert.issuer.rfc4514_string()}, not by this CA")
+        try:
+            cert.verify_directly_issued_by(ca_cert)
+        except (ValueError, TypeError, InvalidSignature):
+            raise CRLError(f"certificate {cert.serial_number:x} ({cert.subject.rfc4514_string()})"
+                           f" was issued by {cert.issuer.rfc4514_string()}, not by this CA"
+                           ) from None
         if cert.serial_number not in entries:
             entries[cert.serial_number] = now
             added.append(cert.serial_number)
