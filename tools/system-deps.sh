@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs the system packages the demo and the tests need, only when they are missing:
-# Mosquitto (the real broker the tests start on a free loopback port), Python's venv, and
+# Mosquitto (the real broker the tests start on a free loopback port) with what builds its
+# dermascope_guard plugin (gcc, mosquitto-dev, libmosquitto-dev, libssl-dev), Python's venv, and
 # systemd-analyze (the unit-file checks).
 # Uses apt, through sudo when not root. Touches no broker configuration: the tests and the
 # demo write their own config into a temporary folder and never use the system service.
@@ -9,6 +10,20 @@ set -euo pipefail
 need=()
 if ! command -v mosquitto >/dev/null 2>&1 && [ ! -x /usr/sbin/mosquitto ]; then
     need+=(mosquitto)
+fi
+# The broker's dermascope_guard plugin (deploy/mosquitto/dermascope_guard.c) is compiled
+# by the tests as clinic IT compiles it: a C compiler and Mosquitto's plugin headers.
+if ! command -v cc >/dev/null 2>&1; then
+    need+=(gcc)
+fi
+if [ ! -f /usr/include/mosquitto_plugin.h ]; then
+    need+=(mosquitto-dev)
+fi
+if [ ! -f /usr/include/mosquitto.h ]; then
+    need+=(libmosquitto-dev)
+fi
+if [ ! -f /usr/include/openssl/x509.h ]; then
+    need+=(libssl-dev)
 fi
 # systemd-analyze checks the unit file (minimal images may lack systemd).
 if ! command -v systemd-analyze >/dev/null 2>&1; then
