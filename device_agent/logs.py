@@ -26,6 +26,20 @@ def log_event(logger: logging.Logger, event: str, level: int = logging.INFO, **f
     logger.log(level, event, extra=extra)
 
 
+class EventName(logging.Filter):
+    """Gives a library's log records (paho's) an ``event`` name, so every line of the JSON
+    log has one, as the log's contract says."""
+
+    def __init__(self, event: str) -> None:
+        super().__init__()
+        self.event = event
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not hasattr(record, "event"):
+            record.event = self.event
+        return True
+
+
 def json_formatter() -> logging.Formatter:
     return JsonFormatter(
         "{asctime}{levelname}{name}{message}",

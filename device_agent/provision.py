@@ -33,7 +33,9 @@ from device_agent.durable import write_atomic
 from device_agent.uplink.seal import KeyFileError, load_public_key, public_key_pem
 
 DEVICE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
-RESERVED_IDS = {"gateway", "admin"}  # names the broker ACL gives other rights
+# Names the broker ACL gives other rights (extra gateway workers are gateway-2, gateway-3...).
+RESERVED_IDS = {"gateway", "admin", "commander"}
+RESERVED_PREFIXES = ("gateway-",)
 
 
 class ProvisionError(ValueError):
@@ -184,9 +186,11 @@ def provision(
     """Provision (or re-provision) the device; raise ProvisionError for any wrong input
     before anything is written."""
     report = Report()
-    if not DEVICE_ID.match(device_id) or device_id in RESERVED_IDS:
+    if (not DEVICE_ID.match(device_id) or device_id in RESERVED_IDS
+            or device_id.startswith(RESERVED_PREFIXES)):
         raise ProvisionError(f"device id {device_id!r}: use 1-64 letters, digits, '-' or '_', "
-                             f"starting with a letter or digit, and not {sorted(RESERVED_IDS)}")
+                             f"starting with a letter or digit, and not {sorted(RESERVED_IDS)} "
+                             f"nor {RESERVED_PREFIXES[0]}...")
     host, port = parse_broker(broker)
     ca = load_ca(ca_path)
     try:

@@ -69,6 +69,9 @@ class Clinic:
     device_cert: Path
     device_key: Path
     gateway_tls: dict[str, str]
+    # The clinic's command tool has its own certificate: the broker binds a connection's
+    # client id to its certificate, so two connections on one certificate evict each other.
+    commander_tls: dict[str, str]
     seal_public: Path
     seal_private: X25519PrivateKey
 
@@ -76,13 +79,15 @@ class Clinic:
 def make_clinic(folder: Path, device_id: str) -> Clinic:
     ca = TestCA(folder)
     device = ca.issue(device_id)
-    gateway = ca.issue("gateway")
     private, public = generate_keypair()
     seal_public = folder / "clinic-seal.pub.pem"
     seal_public.write_bytes(public_key_pem(public))
-    return Clinic(ca, device.cert, device.key,
-                  {"ca_certs": str(ca.cert_path), "certfile": str(gateway.cert),
-                   "keyfile": str(gateway.key)}, seal_public, private)
+    tls = {name: {"ca_certs": str(ca.cert_path), "certfile": str(issued.cert),
+                  "keyfile": str(issued.key)}
+           for name, issued in (("gateway", ca.issue("gateway")),
+                                ("commander", ca.issue("commander")))}
+    return Clinic(ca, device.cert, device.key, tls["gateway"], tls["commander"], seal_public,
+                  private)
 
 
 def demo_config(out: Path, port: int, seed: int, clinic: Clinic) -> Config:
@@ -152,7 +157,7 @@ def run_demo(out: Path, captures: int, seed: int = 7) -> int:
             with Gateway(broker.host, broker.port, out / "gateway",
                          private_keys=[clinic.seal_private], tls=clinic.gateway_tls):
                 print("gateway   reference receiver, holds the clinic's sealing key")
-                commander = Commander(broker.host, broker.port, tls=clinic.gateway_tls)
+                commander = Commander(broker.host, broker.port, tls=clinic.commander_tls)
                 try:
                     _press_through(demo_config(out, broker.port, seed, clinic), captures,
                                    seed, commander)

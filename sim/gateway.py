@@ -63,7 +63,7 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
 from device_agent.durable import TEMP_SUFFIX, fsync_dir, write_atomic
-from device_agent.logs import add_json_handler, log_event
+from device_agent.logs import EventName, add_json_handler, log_event
 from device_agent.uplink import bundle, seal
 from device_agent.uplink.client import tcp_nodelay
 from device_agent.uplink.protocol import (
@@ -96,15 +96,7 @@ _TEMP_NAME = re.compile(r"^\.(?P<capture>.+)\.(?:jpg|json|dcm)\.[^.]+"
                         + re.escape(TEMP_SUFFIX) + "$")
 
 
-class _PahoEvents(logging.Filter):
-    """Gives paho's log records an ``event`` name, like every other line of the JSON log."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        record.event = "gateway.mqtt_log"
-        return True
-
-
-paho_log.addFilter(_PahoEvents())
+paho_log.addFilter(EventName("gateway.mqtt_log"))
 if paho_log.level == logging.NOTSET:
     # paho logs every packet at DEBUG; what matters (errors, caught exceptions) is above.
     paho_log.setLevel(logging.INFO)

@@ -115,7 +115,7 @@ def test_a_loose_key_file_is_tightened(tmp_path, clinic):
     ("change", "message"),
     [
         ({"device_id": "bad id"}, "device id 'bad id'"),
-        ({"device_id": "gateway"}, "not \\['admin', 'gateway'\\]"),
+        ({"device_id": "gateway"}, "not \\['admin', 'commander', 'gateway'\\]"),
         ({"broker": "mqtts://host:99999"}, "port must be"),
         ({"broker": "http://x"}, "expected host"),
     ],
@@ -174,3 +174,10 @@ def test_the_command_line(tmp_path, clinic):
         check=False)
     assert bad.returncode == 2
     assert "nope.pem: cannot read" in bad.stderr
+
+
+@pytest.mark.parametrize("reserved", ["gateway", "commander", "admin", "gateway-2"])
+def test_names_the_broker_gives_other_rights_are_refused(tmp_path, clinic, reserved):
+    with pytest.raises(ProvisionError, match="device id"):
+        run(tmp_path / "etc" / "config.toml", clinic, device_id=reserved)
+    assert not (tmp_path / "etc" / "device.key").exists()

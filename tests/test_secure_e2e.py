@@ -125,10 +125,11 @@ def test_the_case_token_is_in_no_topic_no_upload_and_no_log(tmp_path, clinic, ev
     # in any upload or status message an administrator of the broker could read, not in a log.
     token, site = "TD-2026-004711", "posterior torso"
     client, seen = spy(clinic)
-    gateway = clinic["ca"].issue("gateway")
+    # Its own certificate: the broker binds the client id to it (the gateway holds "gateway").
+    issued = clinic["ca"].issue("commander")
     commander = Commander(clinic["broker"].host, clinic["broker"].port,
                           tls={"ca_certs": str(clinic["ca"].cert_path),
-                               "certfile": str(gateway.cert), "keyfile": str(gateway.key)})
+                               "certfile": str(issued.cert), "keyfile": str(issued.key)})
     try:
         with SimDevice(device_config(tmp_path, clinic)) as device:
             device.wait_online()

@@ -53,7 +53,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 
 from device_agent import threads
 from device_agent.config import UplinkConfig
-from device_agent.logs import log_event
+from device_agent.logs import EventName, log_event
 from device_agent.uplink import bundle, seal
 from device_agent.uplink.outbox import CorruptEntry, Outbox, OutboxEntry
 from device_agent.uplink.protocol import (
@@ -75,6 +75,7 @@ log = logging.getLogger(__name__)
 #: paho's own log (client.enable_logger): only what is worth a technician's attention.
 paho_log = logging.getLogger(f"{__name__}.paho")
 paho_log.setLevel(logging.WARNING)
+paho_log.addFilter(EventName("uplink.mqtt_log"))
 
 #: Answers a command: called with the JSON-able answer, from any thread, at most once.
 Reply = Callable[[dict[str, Any]], None]
