@@ -22,9 +22,11 @@ from sim.camera import SimCamera
 
 
 def sim_config(state_dir: Path, port: int, device_id: str = "sim-0001", **sections: dict) -> Config:
-    """A simulator config: sim camera, mock pins, a loopback broker on ``port``, plain MQTT
-    and unsealed captures (both declared as a developer's bench) unless ``sections`` says
-    otherwise.
+    """A simulator config: sim camera, mock pins, a loopback broker on ``port``, plain MQTT,
+    unsealed captures and unsigned acks and commands (all declared as a developer's bench)
+    unless ``sections`` says otherwise. A clinic key needs a gateway key beside it
+    (``security={"clinic_public_key": ..., "gateway_public_key": [...]}``); a gateway key
+    alone makes an unsealed bench that still demands signed acks and commands.
 
     ``sections`` overrides or adds config tables, e.g. ``uplink={"ack_timeout": 5}``.
     """
