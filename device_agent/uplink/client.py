@@ -81,6 +81,19 @@ log = logging.getLogger(__name__)
 paho_log = logging.getLogger(f"{__name__}.paho")
 paho_log.setLevel(logging.WARNING)
 
+
+class _PahoEvents(logging.Filter):
+    """Gives paho's records an ``event`` name: every line of the JSON log has one (the demo's
+    contract), also paho's "Client is not connected" of a loop ending with its connection."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not hasattr(record, "event"):
+            record.event = "uplink.mqtt_log"
+        return True
+
+
+paho_log.addFilter(_PahoEvents())
+
 #: Answers a command: called with the JSON-able answer, from any thread, at most once.
 Reply = Callable[[dict[str, Any]], None]
 #: Takes a command's payload and its Reply (device_agent.agent.Agent.submit_command).
