@@ -9,7 +9,7 @@ numbers must be finite (a NaN threshold would pass every check). Every payload i
 until parsed: it is read by the protocol's own bounded JSON reader (size, nesting, no NaN,
 no huge integers, no duplicate keys).
 
-On a device, commands are signed by the clinic (``signing``, docs/protocol.md "Commands"):
+On a device, commands are signed by the clinic (``signing``, docs/protocol.md §11, §13):
 the agent's ``CommandGuard`` checks the signature, the device id, the expiry and the
 sequence before anything is parsed further, and refuses with ``unauthenticated``,
 ``wrong_device``, ``expired`` or ``replayed``. Unsigned commands pass only in development

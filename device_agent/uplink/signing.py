@@ -54,8 +54,9 @@ _DEVICE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
 
 
 class SignatureError(ValueError):
-    """A message that is not signed by a trusted key. ``reason`` is a stable short code:
-    ``unsigned``, ``bad_envelope``, ``unknown_key``, ``bad_signature``."""
+    """A message the device must not act on. ``reason`` is a stable short code: from the
+    envelope ``unsigned``, ``bad_envelope``, ``unknown_key``, ``bad_signature``; from an
+    ack's binding (the uplink) ``wrong_device``, ``wrong_capture``, ``sha256_mismatch``."""
 
     def __init__(self, reason: str, detail: str) -> None:
         super().__init__(f"{reason}: {detail}")
