@@ -266,3 +266,25 @@ def test_the_command_guard_refuses_a_damaged_sequence_file_rather_than_forget_it
     with pytest.raises(signing.CommandRefused, match="damaged") as err:
         guard.open(signing.sign(later, gateway_key), now)
     assert err.value.code == "internal_error"
+
+
+def test_the_commanders_sequence_survives_a_restart_and_a_clock_stepped_back(tmp_path, broker,
+                                                                            gateway_key):
+    from sim.commander import Commander
+
+    sequence = tmp_path / "clinic-seq.json"
+    future = (time.time_ns() // 1000) + 10**12  # as if written with a clock far ahead
+    sequence.write_text(json.dumps({"last_seq": future}))
+    first = Commander(broker.host, broker.port, signing_key=gateway_key, sequence_file=sequence)
+    try:
+        assert first.next_sequence() == future + 1
+    finally:
+        first.close()
+    again = Commander(broker.host, broker.port, signing_key=gateway_key, sequence_file=sequence)
+    try:
+        assert again.next_sequence() == future + 2
+    finally:
+        again.close()
+    sequence.write_text("damaged")
+    with pytest.raises(ValueError, match="not a command sequence file"):
+        Commander(broker.host, broker.port, signing_key=gateway_key, sequence_file=sequence)

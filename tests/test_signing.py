@@ -260,3 +260,16 @@ def test_the_gateway_signs_its_acks_from_a_pem_file(tmp_path, key):
     path.write_bytes(public_key_pem(generate_keypair()[1]))
     with pytest.raises(signing.SigningKeyError, match="not an unencrypted PEM private key"):
         Gateway("127.0.0.1", 1, tmp_path / "store", signing_key=path)
+
+
+def test_the_gateway_command_line_names_a_bad_signing_key(tmp_path):
+    import subprocess
+    import sys
+
+    bad = tmp_path / "not-a-key.pem"
+    bad.write_text("nothing")
+    result = subprocess.run(
+        [sys.executable, "-m", "sim.gateway", "--store", str(tmp_path / "store"),
+         "--signing-key", str(bad)], capture_output=True, text=True, timeout=60, check=False)
+    assert result.returncode == 2
+    assert "not-a-key.pem: not an unencrypted PEM private key" in result.stderr
