@@ -55,12 +55,15 @@ from device_agent.status import status_path, write_status
 from device_agent.uplink.bundle import pack
 from device_agent.uplink.outbox import Outbox, StorageFull
 from device_agent.uplink.seal import load_public_key, seal
+from device_agent.uplink.signing import CommandGuard, SequenceStore, Trust
 
 log = logging.getLogger(__name__)
 
 
 class UplinkLike(Protocol):
     on_command: Callable[[bytes, Callable[[dict[str, Any]], None]], None] | None
+    #: The gateway signing keys acks must carry (set by the agent from its config).
+    trust: Trust | None
 
     @property
     def online(self) -> bool: ...
@@ -124,6 +127,8 @@ class _Command:
 
 #: Commands waiting for the agent's thread; more are answered "busy" at once.
 MAX_QUEUED_COMMANDS = 16
+#: In the state folder: the highest command sequence accepted (replays are refused).
+COMMAND_SEQUENCE_FILE = "command-sequence.json"
 
 
 class Agent:
@@ -148,8 +153,18 @@ class Agent:
         self.brightness = config.illumination.brightness
         self.override_window = config.button.override_window
         self.clinic_key = self._load_clinic_key()
+        # One trust list for acks and commands; unsigned passes only in development mode
+        # without a gateway key (the config allows no other way to leave it out).
+        sec = config.security
+        self.trust = Trust.from_files(sec.gateway_public_key,
+                                      allow_unsigned=sec.insecure_dev_mode
+                                      and not sec.gateway_public_key)
+        self.command_guard = CommandGuard(
+            self.trust, config.device.id,
+            SequenceStore(config.device.state_dir / COMMAND_SEQUENCE_FILE))
         if uplink is not None:
             uplink.on_command = self.submit_command
+            uplink.trust = self.trust
         self.lights = Lights(
             config.pins.status_led,
             config.pins.ring_polarised,
@@ -220,6 +235,10 @@ class Agent:
             log_event(log, "security.unsealed", logging.WARNING,
                       reason="security.insecure_dev_mode: captures are stored and sent "
                              "unsealed; development only, never with patients")
+        if self.trust.allow_unsigned:
+            log_event(log, "security.unauthenticated_gateway", logging.WARNING,
+                      reason="security.insecure_dev_mode without gateway_public_key: unsigned "
+                             "acks and commands are accepted; development only")
         self._announce_recovered()
         self.ring_started_at = time.monotonic()
         self.camera.start()
@@ -613,7 +632,7 @@ class Agent:
 
     def execute_command(self, payload: bytes) -> dict[str, Any]:
         """Run one command now, on the caller's thread (the agent's, or a test's)."""
-        return commands.execute(payload, self)
+        return commands.execute(payload, self, self.command_guard)
 
     def open_case(self, args: OpenCase) -> dict[str, Any]:
         case = self.session.open_case(args.case_token, args.anatomic_site, args.timeout_s)

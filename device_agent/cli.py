@@ -125,7 +125,8 @@ def _provision(args: argparse.Namespace) -> int:
 
     try:
         report = provision(args.config, args.device_id, args.broker, args.ca, args.clinic_key,
-                           cert_path=args.cert, rotate_key=args.rotate_key)
+                           cert_path=args.cert, rotate_key=args.rotate_key,
+                           gateway_keys=args.gateway_key)
     except ProvisionError as err:
         print(f"device-agent provision: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
@@ -289,6 +290,9 @@ def build_parser() -> argparse.ArgumentParser:
     prov.add_argument("--ca", type=Path, required=True, help="the clinic CA certificate (PEM)")
     prov.add_argument("--clinic-key", type=Path, required=True,
                       help="the clinic's X25519 sealing public key (PEM)")
+    prov.add_argument("--gateway-key", type=Path, action="append", default=[],
+                      help="the clinic gateway's Ed25519 public key (PEM) that acks and "
+                           "commands are signed with; repeat during a key rotation")
     prov.add_argument("--cert", type=Path, help="the device certificate the clinic CA signed")
     prov.add_argument("--rotate-key", action="store_true",
                       help="replace the device key (needs a new certificate afterwards)")

@@ -8,10 +8,18 @@ carries on. Validation is pydantic's, one model per command, unknown fields refu
 numbers must be finite (a NaN threshold would pass every check). Every payload is hostile
 until parsed: it is read by the protocol's own bounded JSON reader (size, nesting, no NaN,
 no huge integers, no duplicate keys).
+
+On a device, commands are signed by the clinic (``signing``, docs/protocol.md §11, §13):
+the agent's ``CommandGuard`` checks the signature, the device id, the expiry and the
+sequence before anything is parsed further, and refuses with ``unauthenticated``,
+``wrong_device``, ``expired`` or ``replayed``. Unsigned commands pass only in development
+mode without a gateway key.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import logging
 import traceback
 from collections.abc import Callable
@@ -22,6 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from device_agent.logs import log_event
 from device_agent.session import SessionError
 from device_agent.uplink.protocol import ProtocolError, load_json
+from device_agent.uplink.signing import CommandGuard, CommandRefused
 
 log = logging.getLogger(__name__)
 MAX_COMMAND_BYTES = 16 * 1024
@@ -87,15 +96,27 @@ def _error(request_id: str | None, code: str, message: str) -> dict[str, Any]:
     return {"id": request_id, "ok": False, "error": {"code": code, "message": message}}
 
 
-def parse(payload: bytes) -> tuple[str | None, str, _Args]:
-    """(request id, command name, validated args); CommandError for anything malformed."""
+def parse(payload: bytes, guard: CommandGuard | None = None
+          ) -> tuple[str | None, str, _Args]:
+    """(request id, command name, validated args); CommandError for anything malformed or,
+    with a ``guard``, not authentic (None: the caller vouches for the payload)."""
     if len(payload) > MAX_COMMAND_BYTES:
         raise CommandError("too_large", f"command is {len(payload)} bytes; at most "
                            f"{MAX_COMMAND_BYTES}")
+    if guard is not None:
+        try:
+            request, _signed = guard.open(payload)
+        except CommandRefused as err:
+            raise CommandError(err.code, str(err)) from None
+        return _validate(request)
     try:
         request = load_json(payload, "command")
     except ProtocolError as err:
         raise CommandError("bad_json", f"not a JSON object: {err.detail}") from None
+    return _validate(request)
+
+
+def _validate(request: dict[str, Any]) -> tuple[str | None, str, _Args]:
     request_id = request.get("id")
     if request_id is not None and not isinstance(request_id, str):
         raise CommandError("bad_request", "id must be a string")
@@ -115,17 +136,32 @@ def parse(payload: bytes) -> tuple[str | None, str, _Args]:
     return request_id, name, args
 
 
-def execute(payload: bytes, target: CommandTarget) -> dict[str, Any]:
-    """Parse, run and answer one command. Never raises: a bad command is refused, and a
-    command that fails inside the agent is answered ``internal_error`` and logged with its
-    traceback (a bug behind one command must not take the device down)."""
+def _request_id(payload: bytes) -> str | None:
+    """Best effort: the id of a refused command, signed or not, so that its answer pairs
+    with the request over MQTT 3.1.1 too (nothing else of it is used)."""
+    try:
+        obj = load_json(payload, "command")
+        if isinstance(obj.get("body"), str):
+            obj = load_json(base64.b64decode(obj["body"], validate=True), "command")
+    except (ProtocolError, binascii.Error, ValueError):
+        return None
+    request_id = obj.get("id")
+    return request_id if isinstance(request_id, str) and len(request_id) <= 128 else None
+
+
+def execute(payload: bytes, target: CommandTarget,
+            guard: CommandGuard | None = None) -> dict[str, Any]:
+    """Parse, run and answer one command. Never raises: a bad or unauthentic command is
+    refused, and a command that fails inside the agent is answered ``internal_error`` and
+    logged with its traceback (a bug behind one command must not take the device down)."""
     request_id: str | None = None
     name = "?"
     try:
-        request_id, name, args = parse(payload)
+        request_id, name, args = parse(payload, guard)
         handler: Callable[[Any], dict[str, Any]] = getattr(target, name)
         result = handler(args)
     except CommandError as err:
+        request_id = request_id or _request_id(payload)
         log_event(log, "command.refused", logging.WARNING, request_id=request_id,
                   code=err.code, error=str(err))
         return _error(request_id, err.code, str(err))

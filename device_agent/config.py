@@ -164,9 +164,31 @@ class UplinkConfig(_Section):
 class SecurityConfig(_Section):
     # The clinic's X25519 public key (PEM): every capture is sealed to it before it is stored.
     clinic_public_key: Path | None = None
-    # No clinic key: captures are stored and sent unsealed. For a developer's bench only;
-    # doctor reports such a device as not fit for clinical use.
+    # The clinic gateway's Ed25519 public key(s) (PEM) that acks and commands must be signed
+    # with; one path or a list (during a rotation, the old and the new key).
+    gateway_public_key: list[Path] = []
+    # A developer's bench: a key that is not configured is not required. Without a clinic
+    # key captures are stored and sent unsealed; without a gateway key unsigned acks and
+    # commands are accepted. Doctor reports such a device as not fit for clinical use.
     insecure_dev_mode: bool = False
+
+    @field_validator("gateway_public_key", mode="before")
+    @classmethod
+    def _one_or_more(cls, value: object) -> object:
+        return [value] if isinstance(value, str | Path) else value
+
+    @field_validator("gateway_public_key")
+    @classmethod
+    def _usable_signing_keys(cls, value: list[Path]) -> list[Path]:
+        # Read now, as the clinic key: a wrong path stops the start with the field named.
+        from device_agent.uplink.signing import SigningKeyError, load_public_key
+
+        for path in value:
+            try:
+                load_public_key(path)
+            except SigningKeyError as err:
+                raise ValueError(str(err)) from None
+        return value
 
     @field_validator("clinic_public_key")
     @classmethod
@@ -229,10 +251,17 @@ class Config(_Section):
             raise ValueError("security.clinic_public_key: no clinic key configured, captures "
                              "would leave unsealed; run device-agent provision (it sets it), or "
                              "set security.insecure_dev_mode = true on a developer's bench only")
-        if sec.clinic_public_key is not None and sec.insecure_dev_mode:
+        if not sec.gateway_public_key and not sec.insecure_dev_mode:
+            raise ValueError("security.gateway_public_key: no gateway signing key configured, "
+                             "acks and commands could not be authenticated; run device-agent "
+                             "provision with --gateway-key (it sets it), or set "
+                             "security.insecure_dev_mode = true on a developer's bench only")
+        if sec.clinic_public_key is not None and sec.gateway_public_key and sec.insecure_dev_mode:
+            # A leftover of a bench: with both keys it changes nothing, yet doctor would call
+            # the device unfit and an auditor would read it as an opt-out.
             raise ValueError("security.insecure_dev_mode = true contradicts "
-                             "security.clinic_public_key (captures are sealed to it); "
-                             "remove one of them")
+                             "security.clinic_public_key and security.gateway_public_key (both "
+                             "keys are configured); remove it")
         return self
 
     @field_validator("quality")

@@ -11,13 +11,19 @@ What it writes (all in the config file's folder, /etc/device-agent on a device):
     device.crt   the signed certificate, once the clinic CA has signed the CSR
     ca.crt       the clinic CA, which the device uses to verify the broker
     clinic-seal.pub.pem   the clinic's X25519 key that every capture is sealed to
+    gateway-sign-<key id>.pub.pem   the clinic gateway's Ed25519 key(s) that acks and commands
+                 must be signed with (two during a rotation of that key)
     config.toml  mode 0600
+
+The gateway keys given replace the trusted set; given none, a re-run keeps the set the
+config already names (e.g. when only installing the certificate).
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,6 +36,7 @@ from cryptography.x509.oid import NameOID
 
 from device_agent.config import load_config
 from device_agent.durable import write_atomic
+from device_agent.uplink import signing
 from device_agent.uplink.seal import KeyFileError, load_public_key, public_key_pem
 
 DEVICE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
@@ -155,7 +162,34 @@ def parse_broker(text: str) -> tuple[str, int]:
     return host, port
 
 
-def _update_config(path: Path, device_id: str, host: str, port: int, folder: Path) -> None:
+def _configured_gateway_keys(path: Path) -> list[Path]:
+    """The gateway keys a config already names (a re-run without --gateway-key keeps them)."""
+    if not path.exists():
+        return []
+    try:
+        security = tomlkit.parse(path.read_text(encoding="utf-8")).get("security", {})
+    except (OSError, UnicodeDecodeError, tomlkit.exceptions.ParseError) as err:
+        raise ProvisionError(f"{path}: cannot read the existing config ({err})") from None
+    value = security.get("gateway_public_key", [])
+    return [Path(str(p)) for p in ([value] if isinstance(value, str) else value)]
+
+
+def _load_gateway_keys(paths: Sequence[Path]) -> list[signing.Ed25519PublicKey]:
+    keys = []
+    for path in paths:
+        try:
+            keys.append(signing.load_public_key(path))
+        except signing.SigningKeyError as err:
+            raise ProvisionError(f"gateway key: {err}") from None
+    if not keys:
+        raise ProvisionError("--gateway-key: give the clinic gateway's signing key (Ed25519, "
+                             "PEM); without it the device could not tell the gateway's acks "
+                             "and commands from forged ones")
+    return keys
+
+
+def _update_config(path: Path, device_id: str, host: str, port: int, folder: Path,
+                   gateway_keys: list[Path]) -> None:
     doc = tomlkit.parse(path.read_text(encoding="utf-8")) if path.exists() else tomlkit.document()
     values = {
         "device": {"id": device_id},
@@ -163,6 +197,7 @@ def _update_config(path: Path, device_id: str, host: str, port: int, folder: Pat
                    "cert_file": str(folder / "device.crt"), "key_file": str(folder / "device.key"),
                    "insecure_dev_mode": False},
         "security": {"clinic_public_key": str(folder / "clinic-seal.pub.pem"),
+                     "gateway_public_key": [str(p) for p in gateway_keys],
                      "insecure_dev_mode": False},
         # The real camera: a provisioned device must never stream the simulator's frames.
         "camera": {"backend": "picamera2"},
@@ -182,6 +217,7 @@ def provision(
     clinic_key_path: Path,
     cert_path: Path | None = None,
     rotate_key: bool = False,
+    gateway_keys: Sequence[Path] = (),
 ) -> Report:
     """Provision (or re-provision) the device; raise ProvisionError for any wrong input
     before anything is written."""
@@ -197,6 +233,7 @@ def provision(
         clinic_key = load_public_key(clinic_key_path)
     except KeyFileError as err:
         raise ProvisionError(f"clinic key: {err}") from None
+    signing_keys = _load_gateway_keys(gateway_keys or _configured_gateway_keys(config_path))
 
     folder = config_path.parent
     folder.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -218,6 +255,13 @@ def provision(
     write_atomic(folder / "ca.crt", ca.public_bytes(serialization.Encoding.PEM), mode=0o644)
     write_atomic(folder / "clinic-seal.pub.pem", public_key_pem(clinic_key), mode=0o644)
     report.say(f"installed clinic CA and clinic sealing key in {folder}")
+    installed = []
+    trusted = {signing.key_id(k): k for k in signing_keys}  # a key given twice counts once
+    for kid, public in trusted.items():
+        public_path = folder / f"gateway-sign-{kid}.pub.pem"
+        write_atomic(public_path, signing.public_key_pem(public), mode=0o644)
+        installed.append(public_path)
+    report.say(f"trusted   gateway signing key(s) {', '.join(trusted)} (key ids)")
 
     if rotate_key and crt_path.exists():
         crt_path.replace(folder / "device.crt.old")
@@ -227,7 +271,7 @@ def provision(
         write_atomic(crt_path, cert.public_bytes(serialization.Encoding.PEM), mode=0o644)
         report.say(f"installed {crt_path}, valid until {cert.not_valid_after_utc:%Y-%m-%d}")
 
-    _update_config(config_path, device_id, host, port, folder)
+    _update_config(config_path, device_id, host, port, folder, installed)
     load_config(config_path)  # the written config must itself be valid
     report.say(f"wrote     {config_path} (mode 0600) for broker {host}:{port}")
     report.ready = crt_path.exists()

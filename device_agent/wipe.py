@@ -20,6 +20,7 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from device_agent.agent import COMMAND_SEQUENCE_FILE
 from device_agent.camera.calibration import calibration_path
 from device_agent.config import Config, load_config
 from device_agent.logs import log_event
@@ -48,7 +49,7 @@ def identity_files(config: Config, config_path: Path) -> list[Path]:
     if key is not None:
         files += [key, key.with_suffix(".csr")]
     for path in (config.uplink.cert_file, config.uplink.ca_file,
-                 config.security.clinic_public_key):
+                 config.security.clinic_public_key, *config.security.gateway_public_key):
         if path is not None:
             files.append(path)
     if config.uplink.cert_file is not None:
@@ -94,7 +95,8 @@ def wipe(config_path: Path, *, discard_undelivered: bool = False) -> WipeReport:
             report.removed.append(path)
     # Only the agent's own files: a state_dir set to a shared folder by mistake must not
     # cost anything else.
-    for path in (config.outbox_dir, status_path(state), calibration_path(state)):
+    for path in (config.outbox_dir, status_path(state), calibration_path(state),
+                 state / COMMAND_SEQUENCE_FILE):
         if path.is_dir():
             shutil.rmtree(path)
         elif path.exists():

@@ -17,10 +17,12 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from device_agent.config import Config
 from device_agent.logs import add_json_handler
+from device_agent.uplink import signing
 from device_agent.uplink.seal import generate_keypair, public_key_pem
 from sim.commander import Commander
 from sim.device import SimDevice, sim_config
@@ -63,7 +65,8 @@ class Verification:
 @dataclass(frozen=True)
 class Clinic:
     """The demo's stand-in for a clinic: a CA, the broker's and gateway's certificates,
-    the device's identity, and the clinic's sealing key pair."""
+    the device's identity, the clinic's sealing key pair and the gateway's signing key
+    pair (acks and commands)."""
 
     ca: TestCA
     device_cert: Path
@@ -74,6 +77,8 @@ class Clinic:
     commander_tls: dict[str, str]
     seal_public: Path
     seal_private: X25519PrivateKey
+    signing_public: Path
+    signing_private: Ed25519PrivateKey
 
 
 def make_clinic(folder: Path, device_id: str) -> Clinic:
@@ -86,8 +91,11 @@ def make_clinic(folder: Path, device_id: str) -> Clinic:
                   "keyfile": str(issued.key)}
            for name, issued in (("gateway", ca.issue("gateway")),
                                 ("commander", ca.issue("commander")))}
+    signing_private = signing.generate_key()
+    signing_public = folder / "gateway-sign.pub.pem"
+    signing_public.write_bytes(signing.public_key_pem(signing_private.public_key()))
     return Clinic(ca, device.cert, device.key, tls["gateway"], tls["commander"], seal_public,
-                  private)
+                  private, signing_public, signing_private)
 
 
 def demo_config(out: Path, port: int, seed: int, clinic: Clinic) -> Config:
@@ -96,7 +104,8 @@ def demo_config(out: Path, port: int, seed: int, clinic: Clinic) -> Config:
         uplink={"insecure_dev_mode": False, "host": "localhost",
                 "ca_file": str(clinic.ca.cert_path), "cert_file": str(clinic.device_cert),
                 "key_file": str(clinic.device_key)},
-        security={"clinic_public_key": str(clinic.seal_public)})
+        security={"clinic_public_key": str(clinic.seal_public),
+                  "gateway_public_key": [str(clinic.signing_public)]})
 
 
 def _events(path: Path) -> list[dict]:
@@ -155,9 +164,14 @@ def run_demo(out: Path, captures: int, seed: int = 7) -> int:
             print(f"broker    Mosquitto on {broker.host}:{broker.port} (private, loopback), "
                   "mutual TLS with the shipped config and ACL")
             with Gateway(broker.host, broker.port, out / "gateway",
-                         private_keys=[clinic.seal_private], tls=clinic.gateway_tls):
-                print("gateway   reference receiver, holds the clinic's sealing key")
-                commander = Commander(broker.host, broker.port, tls=clinic.commander_tls)
+                         private_keys=[clinic.seal_private], tls=clinic.gateway_tls,
+                         signing_key=clinic.signing_private):
+                kid = signing.key_id(clinic.signing_private.public_key())
+                print("gateway   reference receiver, holds the clinic's sealing key; signs "
+                      f"every ack (Ed25519 key {kid})")
+                commander = Commander(broker.host, broker.port, tls=clinic.commander_tls,
+                                      signing_key=clinic.signing_private,
+                                      sequence_file=out / "clinic" / "command-sequence.json")
                 try:
                     _press_through(demo_config(out, broker.port, seed, clinic), captures,
                                    seed, commander)
@@ -185,7 +199,8 @@ def run_demo(out: Path, captures: int, seed: int = 7) -> int:
 
 def _press_through(config: Config, captures: int, seed: int, commander: Commander) -> None:
     with SimDevice(config) as device:
-        print(f"device    {config.device.id}: sealed to the clinic key (HPKE), mutual TLS")
+        print(f"device    {config.device.id}: sealed to the clinic key (HPKE), mutual TLS, "
+              "acts only on signed acks and commands")
         device.wait_online()
         answer = commander.send(config.device.id, "open_case", case_token="DEMO-CASE-1",
                                 anatomic_site="posterior torso")

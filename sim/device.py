@@ -22,9 +22,12 @@ from sim.camera import SimCamera
 
 
 def sim_config(state_dir: Path, port: int, device_id: str = "sim-0001", **sections: dict) -> Config:
-    """A simulator config: sim camera, mock pins, a loopback broker on ``port``, plain MQTT
-    and unsealed captures (both declared as a developer's bench) unless ``sections`` says
-    otherwise.
+    """A simulator config: sim camera, mock pins, a loopback broker on ``port``, plain MQTT,
+    unsealed captures and unsigned acks and commands (all declared as a developer's bench)
+    unless ``sections`` says otherwise. A config with both keys
+    (``security={"clinic_public_key": ..., "gateway_public_key": [...]}``) is no bench; with
+    one of them, the other is not required (a clinic key alone seals and accepts unsigned
+    acks; a gateway key alone demands signed acks and commands of an unsealed bench).
 
     ``sections`` overrides or adds config tables, e.g. ``uplink={"ack_timeout": 5}``.
     """
@@ -36,8 +39,8 @@ def sim_config(state_dir: Path, port: int, device_id: str = "sim-0001", **sectio
                    "retry_min": 0.2, "retry_max": 2.0, "heartbeat_interval": 5.0,
                    "insecure_dev_mode": True},
     }
-    # A clinic key and the unsealed opt-out contradict each other: give the key alone.
-    if "clinic_public_key" not in sections.get("security", {}):
+    given = sections.get("security", {})
+    if not (given.get("clinic_public_key") and given.get("gateway_public_key")):
         data["security"] = {"insecure_dev_mode": True}
     for name, values in sections.items():
         data[name] = {**data.get(name, {}), **values}

@@ -64,7 +64,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 
 from device_agent.durable import TEMP_SUFFIX, fsync_dir, write_atomic
 from device_agent.logs import EventName, add_json_handler, log_event
-from device_agent.uplink import bundle, seal
+from device_agent.uplink import bundle, seal, signing
 from device_agent.uplink.client import tcp_nodelay
 from device_agent.uplink.protocol import (
     Ack,
@@ -218,13 +218,17 @@ class Gateway:
                  private_keys: Sequence[X25519PrivateKey] = (),
                  staging_ttl: float = DEFAULT_STAGING_TTL,
                  tls: dict[str, str] | None = None, export_dicom: bool = True,
-                 allow_unsealed: bool = False) -> None:
+                 allow_unsealed: bool = False,
+                 signing_key: signing.Ed25519PrivateKey | Path | None = None) -> None:
         """``private_keys``: the clinic's keys that open sealed captures (several during a key
         rotation). Without any, sealed captures wait at the device (ack "retry").
         ``tls``: paho ``tls_set`` arguments (``ca_certs``, ``certfile``, ``keyfile``) for a
         broker with mutual TLS. ``export_dicom``: also write ``<capture>.dcm``.
         ``allow_unsealed``: development only: also store captures that were not sealed to
-        the clinic's key (otherwise they are rejected, reason "unsealed")."""
+        the clinic's key (otherwise they are rejected, reason "unsealed").
+        ``signing_key``: the clinic's Ed25519 key (or its PEM file) that signs every ack, so
+        devices act only on acks of this gateway (docs/protocol.md, "Signed messages");
+        without it acks go unsigned, which provisioned devices refuse."""
         if protocol not in ("mqtt5", "mqtt311"):
             raise ValueError(f"protocol must be 'mqtt5' or 'mqtt311' (got {protocol!r})")
         self.host = host
@@ -240,6 +244,8 @@ class Gateway:
         self.tls = tls
         self.export_dicom = export_dicom
         self.allow_unsealed = allow_unsealed
+        self.signing_key = (signing.load_private_key(signing_key)
+                            if isinstance(signing_key, (str, Path)) else signing_key)
         # Work that is no part of the promise runs on its own thread, after the ack: the
         # DICOM export (derived, redone from the stored JPEG and sidecar at any time) and
         # removing a committed transfer's staging (the ledger already answers replays).
@@ -295,6 +301,10 @@ class Gateway:
             log_event(log, "gateway.insecure_dev_mode", level=logging.WARNING,
                       detail="unsealed captures are accepted: for development only, never "
                              "with patient images")
+        if self.signing_key is None:
+            log_event(log, "gateway.unsigned_acks", level=logging.ERROR,
+                      detail="no signing key (--signing-key): acks go unsigned; provisioned "
+                             "devices refuse them and deliver nothing. Development only")
         for d in (self.store_dir, self._staging, self._ledger, self._pending):
             d.mkdir(parents=True, exist_ok=True)
         if self._later_thread is None:
@@ -519,14 +529,17 @@ class Gateway:
         correlation = None
         if message.properties is not None:
             correlation = getattr(message.properties, "CorrelationData", None)
+        request: Manifest | Final | None = None
         try:
             if kind == "manifest":
-                ack = self._handle_manifest(device_id, capture_id, Manifest.decode(message.payload))
+                request = Manifest.decode(message.payload)
+                ack = self._handle_manifest(device_id, capture_id, request)
             elif kind == "chunk":
                 self._handle_chunk(device_id, capture_id, message.payload)
                 return
             else:
-                ack = self._handle_final(device_id, capture_id, Final.decode(message.payload))
+                request = Final.decode(message.payload)
+                ack = self._handle_final(device_id, capture_id, request)
         except ProtocolError as err:
             log_event(log, "gateway.bad_message", level=logging.WARNING, device_id=device_id,
                       capture_id=capture_id, kind=kind, reason=err.reason, detail=err.detail)
@@ -540,6 +553,10 @@ class Gateway:
                       capture_id=capture_id, error=str(err))
             ack = Ack(capture_id, "retry", req=request_number(message.payload),
                       reason="storage_error")
+        if request is not None and not ack.sha256:
+            # Bind the answer to the transfer it answers: a device acts on an incomplete or
+            # committed ack only for its own transfer's SHA-256.
+            ack = dataclasses.replace(ack, sha256=request.sha256)
         self._send_ack(device_id, ack, correlation)
 
     def _send_ack(self, device_id: str, ack: Ack, correlation: bytes | None) -> None:
@@ -549,8 +566,11 @@ class Gateway:
             props.MessageExpiryInterval = 600
             if correlation:
                 props.CorrelationData = correlation
+        payload = dataclasses.replace(ack, device_id=device_id).encode()
+        if self.signing_key is not None:
+            payload = signing.sign(payload, self.signing_key)
         info = self._client.publish(Topics(self.prefix, device_id).ack(ack.capture_id),
-                                    ack.encode(), qos=1, properties=props)
+                                    payload, qos=1, properties=props)
         if info.rc not in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_NO_CONN):
             log_event(log, "gateway.ack_failed", level=logging.WARNING,
                       capture_id=ack.capture_id, rc=str(info.rc))
@@ -873,6 +893,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ca", type=Path, help="clinic CA (PEM), for a mutual-TLS broker")
     parser.add_argument("--cert", type=Path, help="the gateway's certificate (CN gateway)")
     parser.add_argument("--cert-key", type=Path, help="the gateway's TLS private key")
+    parser.add_argument("--signing-key", type=Path,
+                        help="the clinic's Ed25519 private key (PEM) that signs every ack; "
+                             "devices trust its public half (security.gateway_public_key)")
     parser.add_argument("--insecure-dev-mode", action="store_true",
                         help="development only: also store captures that are not sealed to "
                              "the clinic's key (logged as a warning)")
@@ -887,6 +910,11 @@ def main(argv: list[str] | None = None) -> int:
         keys = [seal.load_private_key(path) for path in args.key]
     except seal.KeyFileError as err:
         parser.error(str(err))
+    try:
+        signing_key = (signing.load_private_key(args.signing_key)
+                       if args.signing_key else None)
+    except signing.SigningKeyError as err:
+        parser.error(str(err))
 
     add_json_handler("sim.gateway", stream=sys.stdout)
     if args.log:
@@ -897,7 +925,8 @@ def main(argv: list[str] | None = None) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: done.set())
     gateway = Gateway(args.host, args.port, args.store, args.prefix, args.protocol, args.group,
-                      private_keys=keys, tls=tls, allow_unsealed=args.insecure_dev_mode)
+                      private_keys=keys, tls=tls, allow_unsealed=args.insecure_dev_mode,
+                      signing_key=signing_key)
     gateway.start()
     while not done.wait(3600):
         pass

@@ -168,3 +168,123 @@ def test_commands_over_mqtt_are_answered_on_the_response_topic(tmp_path, broker)
             assert commander.send(config.device.id, "close_case")["ok"] is True
         finally:
             commander.close()
+
+
+# ------------------------------------------------------------------ signed commands (issue 13)
+
+
+@pytest.fixture(scope="module")
+def gateway_key():
+    from device_agent.uplink import signing
+
+    return signing.generate_key()
+
+
+def signed_device_config(tmp_path, port, key):
+    from device_agent.uplink import signing
+
+    public = tmp_path / "gateway-sign.pub.pem"
+    public.write_bytes(signing.public_key_pem(key.public_key()))
+    # Unsealed (a bench), but with a gateway key: commands must be signed.
+    return sim_config(tmp_path / "dev", port, security={"gateway_public_key": [str(public)]})
+
+
+def test_only_signed_fresh_commands_for_this_device_run_over_mqtt(tmp_path, broker, events,
+                                                                   gateway_key):
+    from device_agent.uplink import signing
+    from sim.commander import Commander
+
+    config = signed_device_config(tmp_path, broker.port, gateway_key)
+    device_id = config.device.id
+    clinic = Commander(broker.host, broker.port, signing_key=gateway_key,
+                       sequence_file=tmp_path / "clinic-seq.json")
+    unsigned = Commander(broker.host, broker.port)
+    rogue = Commander(broker.host, broker.port, signing_key=signing.generate_key())
+    now = int(time.time())
+
+    def signed(target: str = device_id, seq: int | None = None, expires: int | None = None,
+               window: float = 5.0) -> bytes:
+        request = {"id": "x1", "command": "set_settings", "args": {"override_window": window}}
+        body = signing.command_body(target, clinic.next_sequence() if seq is None else seq,
+                                    now + 300 if expires is None else expires, request)
+        return signing.sign(body, gateway_key)
+
+    try:
+        with SimDevice(config) as device:
+            device.wait_online()
+            assert clinic.send(device_id, "set_settings", override_window=7.0)["ok"] is True
+            assert device.agent.override_window == 7.0
+            replay = signed(window=11.0)
+            assert clinic.send_raw(device_id, replay)["ok"] is True
+            assert device.agent.override_window == 11.0
+            assert clinic.send(device_id, "set_settings", override_window=7.0)["ok"] is True
+            tampered = json.loads(signed(window=3.0))
+            tampered["body"] = signed(window=4.0).split(b'"body":"')[1].split(b'"')[0].decode()
+            refusals = {
+                "unauthenticated": [
+                    unsigned.send(device_id, "set_settings", override_window=1.0),
+                    rogue.send(device_id, "set_settings", override_window=1.0),
+                    clinic.send_raw(device_id, json.dumps(tampered).encode()),
+                ],
+                "replayed": [replayed := clinic.send_raw(device_id, replay)],
+                "expired": [clinic.send_raw(device_id, signed(expires=now - 5)),
+                            clinic.send_raw(device_id, signed(expires=now + 3 * 86400))],
+                "wrong_device": [clinic.send_raw(device_id, signed(target="sim-other"))],
+            }
+            for code, answers in refusals.items():
+                for answer in answers:
+                    assert answer["ok"] is False, answer
+                    assert answer["error"]["code"] == code, answer
+            assert device.agent.override_window == 7.0  # nothing refused changed anything
+            assert replayed["id"] == "x1"  # a refusal still pairs with its request
+            assert len(events.named("command.refused")) == 7
+        # The sequence is durable: after a restart, the replay is still refused.
+        with SimDevice(config) as device:
+            device.wait_online()
+            answer = clinic.send_raw(device_id, replay)
+            assert answer["error"]["code"] == "replayed"
+            assert device.agent.override_window != 11.0
+            assert clinic.send(device_id, "status")["ok"] is True
+    finally:
+        for commander in (clinic, unsigned, rogue):
+            commander.close()
+
+
+def test_the_command_guard_refuses_a_damaged_sequence_file_rather_than_forget_it(
+        tmp_path, gateway_key):
+    from device_agent.uplink import signing
+
+    store = signing.SequenceStore(tmp_path / "command-sequence.json")
+    guard = signing.CommandGuard(signing.Trust.of([gateway_key.public_key()]), "dev-1", store)
+    request = {"id": "r", "command": "status", "args": {}}
+    now = time.time()
+    body = signing.command_body("dev-1", 5, int(now) + 60, request)
+    assert guard.open(signing.sign(body, gateway_key), now) == (request, True)
+    assert store.last() == 5
+    store.path.write_text("{not json")
+    later = signing.command_body("dev-1", 6, int(now) + 60, request)
+    with pytest.raises(signing.CommandRefused, match="damaged") as err:
+        guard.open(signing.sign(later, gateway_key), now)
+    assert err.value.code == "internal_error"
+
+
+def test_the_commanders_sequence_survives_a_restart_and_a_clock_stepped_back(tmp_path, broker,
+                                                                            gateway_key):
+    from sim.commander import Commander
+
+    sequence = tmp_path / "clinic-seq.json"
+    future = (time.time_ns() // 1000) + 10**12  # as if written with a clock far ahead
+    sequence.write_text(json.dumps({"last_seq": future}))
+    first = Commander(broker.host, broker.port, signing_key=gateway_key, sequence_file=sequence)
+    try:
+        assert first.next_sequence() == future + 1
+    finally:
+        first.close()
+    again = Commander(broker.host, broker.port, signing_key=gateway_key, sequence_file=sequence)
+    try:
+        assert again.next_sequence() == future + 2
+    finally:
+        again.close()
+    sequence.write_text("damaged")
+    with pytest.raises(ValueError, match="not a command sequence file"):
+        Commander(broker.host, broker.port, signing_key=gateway_key, sequence_file=sequence)

@@ -16,6 +16,7 @@ from device_agent.config import (
     load_config,
     parse_config,
 )
+from device_agent.uplink import signing
 from device_agent.uplink.seal import generate_keypair, public_key_pem
 from sim.pki import TestCA
 
@@ -38,9 +39,19 @@ def clinic_key(tmp_path) -> Path:
     return path
 
 
-def test_the_shipped_example_config_is_valid(tmp_path, clinic_key):
-    # It names the clinic key where provisioning installs it; here, a real key stands in.
-    text = EXAMPLE.read_text().replace("/etc/device-agent/clinic-seal.pub.pem", str(clinic_key))
+@pytest.fixture
+def gateway_key(tmp_path) -> Path:
+    path = tmp_path / "gateway-sign.pub.pem"
+    path.write_bytes(signing.public_key_pem(signing.generate_key().public_key()))
+    return path
+
+
+def test_the_shipped_example_config_is_valid(tmp_path, clinic_key, gateway_key):
+    # It names the keys where provisioning installs them; here, real keys stand in.
+    text = (EXAMPLE.read_text()
+            .replace("/etc/device-agent/clinic-seal.pub.pem", str(clinic_key))
+            .replace("/etc/device-agent/gateway-sign-0123456789abcdef.pub.pem",
+                     str(gateway_key)))
     (tmp_path / "config.toml").write_text(text)
     config = load_config(tmp_path / "config.toml")
     assert config.device.id
@@ -66,18 +77,21 @@ def test_picamera2_missing_is_a_config_error_naming_the_field(monkeypatch):
         open_camera(CameraConfig(backend="picamera2"), SimConfig())
 
 
-def test_unsealed_captures_must_be_declared(clinic_key):
+def test_unsealed_captures_must_be_declared(clinic_key, gateway_key):
     with pytest.raises(ConfigError, match=r"^site.toml: security.clinic_public_key: no clinic "
                                           "key configured"):
         parse_config({"device": {"id": "d1"}, "uplink": {"insecure_dev_mode": True}},
                      "site.toml")
     assert parse_config(bench()).security.insecure_dev_mode
-    sealed = {"device": {"id": "d1"}, "uplink": {"insecure_dev_mode": True},
-              "security": {"clinic_public_key": str(clinic_key)}}
+    keys = {"clinic_public_key": str(clinic_key), "gateway_public_key": str(gateway_key)}
+    sealed = {"device": {"id": "d1"}, "uplink": {"insecure_dev_mode": True}, "security": keys}
     assert parse_config(sealed).security.clinic_public_key == clinic_key
+    # A bench that seals but has no gateway key yet: allowed, as a bench.
+    assert parse_config(bench(security={"clinic_public_key": str(clinic_key)})).security
     with pytest.raises(ConfigError, match=r"security.insecure_dev_mode = true contradicts "
-                                          r"security.clinic_public_key"):
-        parse_config(bench(security={"clinic_public_key": str(clinic_key)}))
+                                          r"security.clinic_public_key and "
+                                          r"security.gateway_public_key"):
+        parse_config(bench(security=keys))
 
 
 def _ec_public_pem() -> bytes:

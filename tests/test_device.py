@@ -41,11 +41,19 @@ def test_the_simulator_config_declares_a_developers_bench(tmp_path):
     assert bench.uplink.insecure_dev_mode
     assert bench.security.insecure_dev_mode
     assert bench.security.clinic_public_key is None
+    from device_agent.uplink import signing
     from device_agent.uplink.seal import generate_keypair, public_key_pem
 
     key = tmp_path / "seal.pub.pem"
     key.write_bytes(public_key_pem(generate_keypair()[1]))
-    sealed = sim_config(tmp_path, 1, security={"clinic_public_key": str(key)})
+    gateway_key = tmp_path / "gateway-sign.pub.pem"
+    gateway_key.write_bytes(signing.public_key_pem(signing.generate_key().public_key()))
+    # One key alone is still a bench (the other is not required)...
+    assert sim_config(tmp_path, 1, security={"clinic_public_key": str(key)}
+                      ).security.insecure_dev_mode
+    # ... both keys make a clinic device's security section.
+    sealed = sim_config(tmp_path, 1, security={"clinic_public_key": str(key),
+                                               "gateway_public_key": [str(gateway_key)]})
     assert sealed.security.clinic_public_key == key
     assert not sealed.security.insecure_dev_mode
 

@@ -63,15 +63,20 @@ def test_a_bench_device_is_never_fit_for_clinical_use(tmp_path, broker):
 
 
 def test_a_sealed_device_on_the_real_camera_has_neither_bench_failure(tmp_path, broker):
+    from device_agent.uplink import signing
     from device_agent.uplink.seal import generate_keypair, public_key_pem
 
     key = tmp_path / "clinic-seal.pub.pem"
     key.write_bytes(public_key_pem(generate_keypair()[1]))
+    gateway_key = tmp_path / "gateway-sign.pub.pem"
+    gateway_key.write_bytes(signing.public_key_pem(signing.generate_key().public_key()))
     stubs = tmp_path / "stubs" / "picamera2"  # picamera2 absent, as on any machine but a Pi
     stubs.mkdir(parents=True)
     (stubs / "__init__.py").write_text("raise ImportError('not on a Pi')\n")
     config = write_config(tmp_path, broker.port, "insecure_dev_mode = true\n",
-                          security=f'clinic_public_key = "{key}"\n', backend="picamera2")
+                          security=f'clinic_public_key = "{key}"\n'
+                                   f'gateway_public_key = "{gateway_key}"\n',
+                          backend="picamera2")
     code, checks = doctor(config, env_path=stubs.parent)
     assert "backend" not in checks
     assert checks["sealing"]["level"] == "ok"

@@ -13,6 +13,7 @@ from cryptography import x509
 
 from device_agent.config import load_config
 from device_agent.provision import ProvisionError, provision
+from device_agent.uplink import signing
 from device_agent.uplink.seal import generate_keypair, public_key_pem
 from sim.pki import TestCA
 
@@ -23,15 +24,21 @@ def clinic(tmp_path):
     _, public = generate_keypair()
     seal_key = tmp_path / "clinic" / "seal.pub.pem"
     seal_key.write_bytes(public_key_pem(public))
-    return ca, seal_key
+    return ca, seal_key, gateway_key(tmp_path / "clinic" / "gateway-sign.pub.pem")
+
+
+def gateway_key(path: Path) -> Path:
+    """A fresh gateway signing key's public half, as clinic IT hands it to the technician."""
+    path.write_bytes(signing.public_key_pem(signing.generate_key().public_key()))
+    return path
 
 
 def run(config: Path, clinic, **kwargs):
-    ca, seal_key = clinic
+    ca, seal_key, gateway = clinic
     return provision(config, kwargs.pop("device_id", "derm-0042"),
                      kwargs.pop("broker", "mqtts://broker.clinic.example:8883"),
                      kwargs.pop("ca_path", ca.cert_path), kwargs.pop("clinic_key", seal_key),
-                     **kwargs)
+                     gateway_keys=kwargs.pop("gateway_keys", [gateway]), **kwargs)
 
 
 def mode(path: Path) -> int:
@@ -158,22 +165,56 @@ def test_certificates_from_a_wrong_ca_expired_or_for_another_id_are_refused(tmp_
 
 
 def test_the_command_line(tmp_path, clinic):
-    ca, seal_key = clinic
+    ca, seal_key, gateway = clinic
     config = tmp_path / "config.toml"
     result = subprocess.run(
         [sys.executable, "-m", "device_agent", "provision", "--device-id", "derm-7",
          "--broker", "broker.local", "--ca", str(ca.cert_path), "--clinic-key", str(seal_key),
-         "--config", str(config)], capture_output=True, text=True, timeout=60, check=False)
+         "--gateway-key", str(gateway), "--config", str(config)],
+        capture_output=True, text=True, timeout=60, check=False)
     assert result.returncode == 0, result.stderr
     assert "sign device.csr" in result.stdout
     assert "PRIVATE KEY" not in result.stdout + result.stderr
     bad = subprocess.run(
         [sys.executable, "-m", "device_agent", "provision", "--device-id", "derm-7",
          "--broker", "broker.local", "--ca", str(tmp_path / "nope.pem"), "--clinic-key",
-         str(seal_key), "--config", str(config)], capture_output=True, text=True, timeout=60,
-        check=False)
+         str(seal_key), "--gateway-key", str(gateway), "--config", str(config)],
+        capture_output=True, text=True, timeout=60, check=False)
     assert bad.returncode == 2
     assert "nope.pem: cannot read" in bad.stderr
+    assert len(load_config(config).security.gateway_public_key) == 1
+
+
+def test_the_gateway_signing_key_is_installed_required_and_kept(tmp_path, clinic):
+    config = tmp_path / "config.toml"
+    run(config, clinic)
+    loaded = load_config(config)
+    expected = signing.key_id(signing.load_public_key(clinic[2]))
+    assert loaded.security.gateway_public_key == [tmp_path / f"gateway-sign-{expected}.pub.pem"]
+    # A re-run without --gateway-key (e.g. installing the certificate) keeps the trusted set.
+    run(config, clinic, gateway_keys=[])
+    assert load_config(config).security.gateway_public_key == loaded.security.gateway_public_key
+    # A fresh device must be given one: its acks and commands could not be authenticated.
+    with pytest.raises(ProvisionError, match="--gateway-key: give the clinic gateway's"):
+        run(tmp_path / "other" / "config.toml", clinic, gateway_keys=[])
+    assert not (tmp_path / "other" / "device.key").exists()
+    # Not an Ed25519 key: named, nothing written.
+    with pytest.raises(ProvisionError, match="must be Ed25519, got X25519PublicKey"):
+        run(tmp_path / "other" / "config.toml", clinic, gateway_keys=[clinic[1]])
+    assert not (tmp_path / "other" / "device.key").exists()
+
+
+def test_a_gateway_key_rotation_trusts_old_and_new_then_only_the_new(tmp_path, clinic):
+    config = tmp_path / "config.toml"
+    old = clinic[2]
+    new = gateway_key(tmp_path / "new-gateway-sign.pub.pem")
+    run(config, clinic, gateway_keys=[old])
+    run(config, clinic, gateway_keys=[old, new])  # the overlap: both trusted
+    trust = signing.Trust.from_files(load_config(config).security.gateway_public_key)
+    assert set(trust.keys) == {signing.key_id(signing.load_public_key(p)) for p in (old, new)}
+    run(config, clinic, gateway_keys=[new])  # the gateway switched: the old key goes
+    trust = signing.Trust.from_files(load_config(config).security.gateway_public_key)
+    assert set(trust.keys) == {signing.key_id(signing.load_public_key(new))}
 
 
 @pytest.mark.parametrize("reserved", ["gateway", "commander", "admin", "gateway-2"])

@@ -1,19 +1,24 @@
-"""The whole secure path: a provisioned device (mutual TLS, sealing to the clinic key)
-through Mosquitto running the shipped config and ACL, to a gateway holding the clinic key.
-An administrator subscribed to everything sees no image and no capture metadata."""
+"""The whole secure path: a provisioned device (mutual TLS, sealing to the clinic key,
+trusting the gateway's signing key) through Mosquitto running the shipped config and ACL, to
+a gateway holding the clinic key and signing its acks. An administrator subscribed to
+everything sees no image and no capture metadata; a client holding the gateway's own
+certificate cannot make the device delete a capture."""
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import queue
+from contextlib import contextmanager
 
 import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
-from device_agent.uplink import bundle
+from device_agent.uplink import bundle, signing
 from device_agent.uplink.outbox import Outbox
+from device_agent.uplink.protocol import Ack, Topics
 from device_agent.uplink.seal import generate_keypair, private_key_pem, public_key_pem, seal
 from sim.commander import Commander
 from sim.device import SimDevice, sim_config
@@ -24,20 +29,36 @@ from sim.secure_broker import SecureMosquitto
 DEVICE = "sim-0001"
 
 
-@pytest.fixture
-def clinic(tmp_path):
+@contextmanager
+def secure_broker(tmp_path):
+    """The clinic without its gateway: CA, sealing and signing keys, the shipped broker."""
     ca = TestCA(tmp_path / "pki")
     private, public = generate_keypair()
     (tmp_path / "pki" / "seal.pub.pem").write_bytes(public_key_pem(public))
     (tmp_path / "pki" / "seal.key.pem").write_bytes(private_key_pem(private))
+    signing_key = signing.generate_key()
+    (tmp_path / "pki" / "gateway-sign.pub.pem").write_bytes(
+        signing.public_key_pem(signing_key.public_key()))
     with SecureMosquitto(tmp_path / "broker", ca,
                          extra_acl="\nuser admin\ntopic read #\n") as broker:
         gw = ca.issue("gateway")
         tls = {"ca_certs": str(ca.cert_path), "certfile": str(gw.cert), "keyfile": str(gw.key)}
-        with Gateway(broker.host, broker.port, tmp_path / "store", private_keys=[private],
-                     tls=tls) as gateway:
-            yield {"ca": ca, "broker": broker, "gateway": gateway, "public": public,
-                   "store": tmp_path / "store", "seal_pub": tmp_path / "pki" / "seal.pub.pem"}
+        yield {"ca": ca, "broker": broker, "public": public, "private": private, "tls": tls,
+               "signing_key": signing_key, "store": tmp_path / "store",
+               "seal_pub": tmp_path / "pki" / "seal.pub.pem",
+               "sign_pub": tmp_path / "pki" / "gateway-sign.pub.pem"}
+
+
+def start_gateway(clinic) -> Gateway:
+    return Gateway(clinic["broker"].host, clinic["broker"].port, clinic["store"],
+                   private_keys=[clinic["private"]], tls=clinic["tls"],
+                   signing_key=clinic["signing_key"])
+
+
+@pytest.fixture
+def clinic(tmp_path):
+    with secure_broker(tmp_path) as clinic, start_gateway(clinic) as gateway:
+        yield {**clinic, "gateway": gateway}
 
 
 def device_config(tmp_path, clinic):
@@ -47,7 +68,8 @@ def device_config(tmp_path, clinic):
         uplink={"insecure_dev_mode": False, "ca_file": str(clinic["ca"].cert_path),
                 "cert_file": str(issued.cert), "key_file": str(issued.key),
                 "host": "localhost"},
-        security={"clinic_public_key": str(clinic["seal_pub"])})
+        security={"clinic_public_key": str(clinic["seal_pub"]),
+                  "gateway_public_key": [str(clinic["sign_pub"])]})
 
 
 def spy(clinic) -> tuple[mqtt.Client, queue.Queue]:
@@ -129,7 +151,8 @@ def test_the_case_token_is_in_no_topic_no_upload_and_no_log(tmp_path, clinic, ev
     issued = clinic["ca"].issue("commander")
     commander = Commander(clinic["broker"].host, clinic["broker"].port,
                           tls={"ca_certs": str(clinic["ca"].cert_path),
-                               "certfile": str(issued.cert), "keyfile": str(issued.key)})
+                               "certfile": str(issued.cert), "keyfile": str(issued.key)},
+                          signing_key=clinic["signing_key"])
     try:
         with SimDevice(device_config(tmp_path, clinic)) as device:
             device.wait_online()
@@ -161,3 +184,45 @@ def test_the_case_token_is_in_no_topic_no_upload_and_no_log(tmp_path, clinic, ev
     for record in events.records:
         text = json.dumps(record, default=str)
         assert token not in text, record["event"]
+
+
+def test_the_gateways_certificate_alone_cannot_make_the_device_drop_a_capture(tmp_path, events):
+    # Finding 5: a client holding the gateway's TLS certificate (or a compromised broker)
+    # answers "committed" before the real gateway has stored anything.
+    with secure_broker(tmp_path) as clinic:
+        # A client id of the gateway's form: the broker may bind client ids to identities.
+        forger = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="gateway-forger-1",
+                             protocol=mqtt.MQTTv5)
+        forger.tls_set(**clinic["tls"])
+        forger.connect(clinic["broker"].host, clinic["broker"].port)
+        forger.loop_start()
+        try:
+            with SimDevice(device_config(tmp_path, clinic)) as device:
+                device.show(None)
+                outcome = device.press()
+                assert outcome.verdict == "accept"
+                capture_id = outcome.capture_id
+                events.wait_for("uplink.manifest_sent", capture_id=capture_id)
+                digest = hashlib.sha256(device.outbox.read(device.outbox.get(capture_id)))
+                commit = Ack(capture_id, "committed", sha256=digest.hexdigest(),
+                             device_id=DEVICE).encode()
+                stolen = signing.sign(commit, signing.generate_key())  # not the clinic's key
+                resigned = json.loads(signing.sign(commit, clinic["signing_key"]))
+                resigned["body"] = base64.b64encode(commit.replace(b'"req":0', b'"req":1')
+                                                    ).decode()
+                topic = Topics("derm/v1", DEVICE).ack(capture_id)
+                for payload in (commit, stolen, json.dumps(resigned).encode()):
+                    forger.publish(topic, payload, qos=1).wait_for_publish(timeout=10)
+                for reason in ("unsigned", "unknown_key", "bad_signature"):
+                    events.wait_for("uplink.ack_refused", capture_id=capture_id, reason=reason)
+                assert device.outbox.get(capture_id) is not None
+                assert not events.named("capture.delivered")
+                # The real gateway comes: the capture is delivered, sealed and signed for.
+                with start_gateway(clinic) as gateway:
+                    assert gateway.wait_ready(10)
+                    assert device.uplink.wait_idle(timeout=30)
+        finally:
+            forger.disconnect()
+            forger.loop_stop()
+    assert (clinic["store"] / DEVICE / f"{capture_id}.jpg").exists()
+    assert len(events.named("capture.delivered", capture_id=capture_id)) == 1

@@ -14,6 +14,7 @@ import tomlkit
 from device_agent.config import load_config
 from device_agent.provision import provision
 from device_agent.status import status_path, write_status
+from device_agent.uplink import signing
 from device_agent.uplink.outbox import Outbox
 from device_agent.uplink.seal import generate_keypair, public_key_pem
 from sim.pki import TestCA
@@ -26,8 +27,11 @@ def device(tmp_path: Path) -> Path:
     _, public = generate_keypair()
     seal = tmp_path / "clinic" / "seal.pub.pem"
     seal.write_bytes(public_key_pem(public))
+    gateway = tmp_path / "clinic" / "gateway-sign.pub.pem"
+    gateway.write_bytes(signing.public_key_pem(signing.generate_key().public_key()))
     config = tmp_path / "etc" / "config.toml"
-    provision(config, "derm-0042", "broker.clinic.example", ca.cert_path, seal)
+    provision(config, "derm-0042", "broker.clinic.example", ca.cert_path, seal,
+              gateway_keys=[gateway])
     signed = ca.sign_csr_file(config.parent / "device.csr", tmp_path / "signed.crt")
     assert provision(config, "derm-0042", "broker.clinic.example", ca.cert_path, seal,
                      cert_path=signed).ready
@@ -37,6 +41,7 @@ def device(tmp_path: Path) -> Path:
     config.write_text(tomlkit.dumps(doc))
     state.mkdir()
     (state / "calibration.json").write_text("{}")
+    (state / "command-sequence.json").write_text('{"seq": 7}')
     return config
 
 

@@ -22,6 +22,11 @@ Why it is built this way:
 - Commands from the gateway are not run here: ``on_command`` hands them to the agent's
   thread with a ``reply`` function, so a slow or failing command never holds up paho's loop
   and never races a capture.
+- Acks are authenticated (``signing``): the device acts on an ack only when the clinic's
+  gateway key signed it for this device, this capture and this transfer's SHA-256, so
+  neither a compromised broker nor a stolen gateway certificate can make it delete a capture
+  that was never stored. Anything else is refused (``uplink.ack_refused``) and ignored: the
+  capture stays and its transfer times out and starts again.
 - The three threads are supervised (device_agent.threads): ``healthy`` turns false when one
   died, and the service then stops with a failure for systemd to restart it.
 """
@@ -54,7 +59,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 from device_agent import threads
 from device_agent.config import UplinkConfig
 from device_agent.logs import EventName, log_event
-from device_agent.uplink import bundle, seal
+from device_agent.uplink import bundle, seal, signing
 from device_agent.uplink.outbox import CorruptEntry, Outbox, OutboxEntry
 from device_agent.uplink.protocol import (
     MAX_CHUNKS,
@@ -144,8 +149,14 @@ class Uplink:
     def __init__(self, config: UplinkConfig, device_id: str, outbox: Outbox,
                  software_version: str, *, window: int = DEFAULT_WINDOW,
                  connect_timeout: float = 5.0,
-                 on_command: CommandSink | None = None) -> None:
+                 on_command: CommandSink | None = None,
+                 trust: signing.Trust | None = None) -> None:
+        """``trust``: the gateway signing keys acks must be signed with (the agent sets it
+        from ``security.gateway_public_key``). Without one, unsigned acks are accepted over
+        plain MQTT only (a developer's bench); with TLS every ack is refused until a key
+        is given, so nothing is ever deleted on an unauthenticated word."""
         self.config = config
+        self.trust = trust
         # Takes each command from the gateway, and a function to answer it with.
         self.on_command = on_command
         self.device_id = device_id
@@ -170,6 +181,8 @@ class Uplink:
         self._dropped_for_size = False
         self._receive_max = 65535
         self._acks: dict[str, Ack] = {}
+        # The transfer in progress (capture id, SHA-256 hex): an ack must name both.
+        self._current: tuple[str, str] | None = None
         self._inflight: set[int] = set()
         # PUBACKs that arrived before _publish registered their mid (paho's thread can be
         # faster than ours); bounded, since a stale one only costs one window slot.
@@ -233,6 +246,17 @@ class Uplink:
         if self._net is not None:
             return
         self._stop.clear()  # start() after stop() works again
+        if self.trust is None:
+            self.trust = signing.Trust(allow_unsigned=not self.config.tls)
+        if self.trust.allow_unsigned:
+            log_event(log, "security.unsigned_acks", level=logging.WARNING,
+                      reason="no gateway signing key: unsigned acks are accepted; "
+                             "development only")
+        elif not self.trust.keys:
+            self.last_error = "no gateway signing key: acks cannot be verified"
+            log_event(log, "security.no_gateway_key", level=logging.ERROR,
+                      reason="no gateway signing key: every ack is refused and nothing is "
+                             "delivered; set security.gateway_public_key")
         self._close.clear()
         self._net = threads.start(f"uplink-net-{self.device_id}", self._net_main)
         self._sender = threads.start(f"uplink-sender-{self.device_id}", self._sender_main)
@@ -456,18 +480,47 @@ class Uplink:
             return
         try:
             capture_id = parse_ack_topic(self.config.topic_prefix, self.device_id, message.topic)
-            ack = Ack.decode(message.payload)
-            if ack.capture_id != capture_id:
-                raise ProtocolError("bad_message", "ack capture id differs from its topic")
         except ProtocolError as err:
             log_event(log, "uplink.bad_ack", level=logging.WARNING, topic=message.topic,
                       reason=err.reason, detail=err.detail)
             return
-        if self.outbox.get(capture_id) is None:
-            return  # a late answer about a capture already delivered or quarantined
+        with self._cond:
+            current = self._current
+        if current is None or current[0] != capture_id:
+            return  # a late answer, or one about a capture not being sent: nothing to do
+        try:
+            ack = self._authentic_ack(capture_id, current[1], message.payload)
+        except signing.SignatureError as err:
+            self.last_error = f"ack refused: {err.reason}"
+            log_event(log, "uplink.ack_refused", level=logging.WARNING, capture_id=capture_id,
+                      reason=err.reason, detail=err.detail)
+            return
+        except ProtocolError as err:
+            log_event(log, "uplink.bad_ack", level=logging.WARNING, topic=message.topic,
+                      reason=err.reason, detail=err.detail)
+            return
         with self._cond:
             self._acks[capture_id] = ack
             self._cond.notify_all()
+
+    def _authentic_ack(self, capture_id: str, sha256: str, payload: bytes) -> Ack:
+        """The ack in ``payload`` if the device may act on it: signed by a trusted key (or
+        unsigned in development mode), for this device and capture, and for a
+        ``committed`` or ``incomplete`` one, about this very transfer (its SHA-256), so a
+        signed ack of another transfer replayed here means nothing."""
+        trust = self.trust or signing.Trust()
+        opened = trust.open(payload, "ack")
+        ack = Ack.decode(opened.body)
+        if ack.capture_id != capture_id:
+            raise signing.SignatureError("wrong_capture", "the ack names another capture "
+                                         "than its topic")
+        if ack.device_id != self.device_id and (opened.key_id is not None or ack.device_id):
+            raise signing.SignatureError("wrong_device", f"the ack is for device "
+                                         f"{ack.device_id or '(none)'!r:.70}")
+        if ack.state in ("committed", "incomplete") and ack.sha256 != sha256:
+            raise signing.SignatureError("sha256_mismatch", f"a {ack.state} ack for another "
+                                         "transfer of this capture (SHA-256 differs)")
+        return ack
 
     def _answer(self, client: mqtt.Client, message: mqtt.MQTTMessage) -> None:
         """Hand a command to the agent with a function that publishes its answer: to the
@@ -661,6 +714,15 @@ class Uplink:
             return  # disconnected or stopping: the sender loop resumes after reconnect
 
     def _run_transfer(self, t: _Transfer, generation: int) -> None:
+        with self._cond:
+            self._current = (t.entry.capture_id, t.sha256.hex())
+        try:
+            self._transfer_rounds(t, generation)
+        finally:
+            with self._cond:
+                self._current = None
+
+    def _transfer_rounds(self, t: _Transfer, generation: int) -> None:
         capture_id = t.entry.capture_id
         attempt = 0
         while True:
@@ -698,13 +760,7 @@ class Uplink:
                     t.exposed = False
                     self._drops_while_chunking = 0
             if ack is not None and ack.state == "committed":
-                if ack.sha256 and ack.sha256 != t.sha256.hex():
-                    # Same capture id, other content: never overwrite, never drop silently.
-                    self.last_error = f"gateway holds other content for {capture_id}"
-                    log_event(log, "uplink.conflict", level=logging.ERROR,
-                              capture_id=capture_id)
-                    self.outbox.quarantine(capture_id, "gateway holds other content")
-                    return
+                # _authentic_ack let it through: signed for this transfer's SHA-256.
                 self.outbox.remove(capture_id)
                 log_event(log, "capture.delivered", capture_id=capture_id, size=len(t.data),
                           chunk_size=t.chunk_size, chunks=t.chunk_count)

@@ -319,6 +319,9 @@ class Ack:
     - ``committed``: the capture is verified and stored (also for any later duplicate).
     - ``rejected``: permanently refused; ``reason`` says why. Retrying will not help.
     - ``retry``: a transient problem at the gateway (e.g. its disk); try again later.
+
+    ``sha256`` is the transfer's digest the ack answers (``committed``: the stored one).
+    ``device_id`` names the device it is for: a signed ack (``signing``) binds both.
     """
 
     capture_id: str
@@ -328,6 +331,7 @@ class Ack:
     chunk_count: int = 0
     reason: str = ""
     sha256: str = ""
+    device_id: str = ""
 
     def encode(self) -> bytes:
         obj: dict[str, Any] = {
@@ -335,6 +339,8 @@ class Ack:
             "state": self.state, "req": self.req, "reason": self.reason, "sha256": self.sha256,
             "chunk_count": self.chunk_count,
         }
+        if self.device_id:
+            obj["device_id"] = self.device_id
         if self.state == "incomplete":
             bitmap = encode_bitmap(self.missing, self.chunk_count)
             obj["missing"] = base64.b64encode(bitmap).decode()
@@ -363,6 +369,7 @@ class Ack:
             chunk_count=chunk_count,
             reason=_str(obj, "reason", _REASON) if "reason" in obj else "",
             sha256=_str(obj, "sha256", _HEX64_OR_EMPTY) if "sha256" in obj else "",
+            device_id=_str(obj, "device_id", _DEVICE_RE) if "device_id" in obj else "",
         )
 
 
