@@ -819,11 +819,13 @@ class Gateway:
         otherwise the claimed token is dropped and the capture filed unassigned, marked
         ``case_unverified``, with an event and an audit line naming the case by reference."""
         case = metadata.get("case")
+        # The protocol's form is {"token": ..., "assigned": ...}; anything else claiming a
+        # case (a bare string, a list...) is a claim that cannot be filed as it stands.
         token = case.get("token") if isinstance(case, dict) else case
         if token is None:
             return metadata
         taken = _timestamp(metadata.get("captured_at"))
-        if isinstance(token, str) and taken is not None \
+        if isinstance(case, dict) and isinstance(token, str) and taken is not None \
                 and self.cases.was_open(device_id, token, taken):
             return metadata
         ref = self.cases.ref(token) if isinstance(token, str) else None
