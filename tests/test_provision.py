@@ -174,3 +174,13 @@ def test_the_command_line(tmp_path, clinic):
         check=False)
     assert bad.returncode == 2
     assert "nope.pem: cannot read" in bad.stderr
+
+
+@pytest.mark.parametrize("device_id", ["derm-B/up", "derm-1\n", "Gateway", "broker", "$SYS",
+                                       "a+b", "a#", " derm-1", "derm\t1", "-derm", "x" * 65])
+def test_a_device_id_that_could_name_something_else_is_refused(tmp_path, clinic,
+                                                              device_id) -> None:
+    config = tmp_path / "etc" / "config.toml"
+    with pytest.raises(ProvisionError, match="device id"):
+        run(config, clinic, device_id=device_id)
+    assert not config.parent.exists()  # nothing written, no CSR to sign
