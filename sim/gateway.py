@@ -14,6 +14,10 @@ Layout under ``store_dir``::
     .gateway/staging/<device>/<capture>/       manifest.json, data, received (see _Staging)
     .gateway/ledger/<device>/<capture>.json    transfer sha256 etc. of committed captures
     .gateway/pending/<device>/<capture>.json   a store whose after-ack work is not done yet
+    .gateway/audit.jsonl                       the hash-chained audit log (sim/audit.py)
+    .gateway/cases/<device>.jsonl, case-key    the case registry (sim/cases.py)
+
+Files are 0640, folders 0750: patient images are for the gateway's account and group only.
 
 A capture's after-ack work (DICOM export, removing its staging) is journaled in
 ``.gateway/pending`` before the capture is stored and the entry removed once the work is
@@ -29,6 +33,12 @@ Every message is treated as hostile (bounded, validated by ``protocol``); every 
 callback and the after-ack thread are supervised: an unexpected exception is logged with its
 traceback and the gateway goes on. Unsealed captures are refused unless the gateway runs in
 development mode (``allow_unsealed``, ``--insecure-dev-mode``).
+
+Identities (docs/security.md): a capture is stored under the device the broker let publish
+it (the topic), and refused (``device_mismatch``) if its metadata names another; it is filed
+under a case only if the clinic opened that case on that device through ``open_case``
+(otherwise filed unassigned, ``case_unverified``). Final acks, seal errors, mismatches,
+unverified cases and commands go to the audit log.
 
 Run: ``python -m sim.gateway --host 127.0.0.1 --port 1883 --store DIR --key clinic.pem``
 """
