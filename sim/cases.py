@@ -77,21 +77,32 @@ class CaseRegistry:
 
     def _load_or_make_key(self) -> bytes:
         path = self.folder / "case-key"
-        make_dirs(self.folder)
         try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        except FileExistsError:
-            key = path.read_bytes()  # another gateway of the store made it
-            if len(key) != _KEY_BYTES:
-                raise CaseRegistryError(f"{path}: {len(key)} bytes, expected {_KEY_BYTES}; "
-                                        "restore it from the backup") from None
-            return key
-        key = secrets.token_bytes(_KEY_BYTES)
-        with os.fdopen(fd, "wb") as f:
-            f.write(key)
-            f.flush()
-            os.fsync(f.fileno())
-        fsync_dir(self.folder)
+            make_dirs(self.folder)
+            if not path.exists():
+                # Written whole under a temporary name, then linked into place: a link never
+                # replaces, so of two gateways making a key at once one wins and the other
+                # reads it, never a half-written file.
+                tmp = self.folder / f".case-key.{secrets.token_hex(8)}.tmp"
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                with os.fdopen(fd, "wb") as f:
+                    f.write(secrets.token_bytes(_KEY_BYTES))
+                    f.flush()
+                    os.fsync(f.fileno())
+                try:
+                    os.link(tmp, path)
+                except FileExistsError:
+                    pass  # another gateway of the store was first: its key counts
+                finally:
+                    tmp.unlink()
+                fsync_dir(self.folder)
+            key = path.read_bytes()
+        except OSError as err:
+            raise CaseRegistryError(f"{path}: cannot read or make the case key: {err}") \
+                from err
+        if len(key) != _KEY_BYTES:
+            raise CaseRegistryError(f"{path}: {len(key)} bytes, expected {_KEY_BYTES}; "
+                                    "restore it from the store's backup")
         return key
 
     def ref(self, token: str) -> str:

@@ -76,7 +76,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 
 from device_agent.durable import TEMP_SUFFIX, fsync_dir, make_dirs, write_atomic
 from device_agent.logs import add_json_handler, log_event
-from device_agent.provision import check_device_id
+from device_agent.provision import DEVICE_ID, check_device_id
 from device_agent.session import check_case_token
 from device_agent.uplink import bundle, seal
 from device_agent.uplink.client import tcp_nodelay
@@ -816,7 +816,10 @@ class Gateway:
                                 claimed: object) -> Ack:
         # The broker vouches for the topic's device (its certificate); metadata that names
         # another device is a device speaking for another: refused for good, nothing stored.
-        shown = repr(claimed)[:80]
+        # The claimed id is logged only if it has the form of one: the field is the device's
+        # to fill, and free text there could be anything, a patient's name included.
+        shown = claimed if isinstance(claimed, str) and DEVICE_ID.match(claimed) \
+            else f"<not a device id: {type(claimed).__name__}>"
         log_event(log, "gateway.device_mismatch", level=logging.ERROR, device_id=device_id,
                   capture_id=capture_id, claimed_device_id=shown)
         self._audit("capture.device_mismatch", device_id=device_id, capture_id=capture_id,

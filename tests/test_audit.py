@@ -161,3 +161,21 @@ def test_the_gateway_audits_its_final_acks_and_seal_errors_without_tokens(
     anchors = events.named("audit.appended")
     assert [a["seq"] for a in anchors] == [1, 2, 3, 4]
     assert anchors[-1]["sha256"] == audit.verify(path).head
+
+
+def test_an_audit_log_that_cannot_be_written_is_an_error_and_the_device_still_gets_its_ack(
+        broker, store, events) -> None:
+    audit.audit_path(store).mkdir(parents=True)  # a folder where the file should be
+    with Gateway(broker.host, broker.port, store, allow_unsealed=True) as gw:
+        assert gw.wait_ready(10)
+        dev = RawDevice(broker)
+        try:
+            data = bundle.pack({"capture_id": "f1", "device_id": DEVICE}, b"img")
+            assert dev.transfer("f1", data).state == "committed"
+        finally:
+            dev.close()
+        with pytest.raises(audit.AuditError, match=r"audit\.jsonl"):
+            gw.send_command(DEVICE, "status", timeout=1.0)  # no audit line, no command
+    (failed,) = events.named("gateway.audit_failed")
+    assert (failed["levelname"], failed["audit_event"]) == ("ERROR", "ack.sent")
+    assert "audit.jsonl" in failed["error"]

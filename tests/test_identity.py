@@ -149,11 +149,18 @@ def test_metadata_naming_another_device_is_rejected_and_nothing_stored(
     assert stored_files(clinic["store"]) == []
     (event,) = events.named("gateway.device_mismatch")
     assert (event["device_id"], event["capture_id"]) == (A, "c1")
-    assert event["claimed_device_id"] == repr(B)
+    assert event["claimed_device_id"] == B
+    # Free text in the field is not logged: it could be anything, a name included.
+    ack = device_a.upload("c1b", {"device_id": "Jens Hansen", "kind": "capture"})
+    assert (ack.state, ack.reason) == ("rejected", "device_mismatch")
+    assert events.named("gateway.device_mismatch")[-1]["claimed_device_id"] == (
+        "<not a device id: str>")
     lines = audit_lines(clinic["store"])
-    assert [(x["event"], x["device_id"]) for x in lines if x["event"] != "audit.appended"] == [
-        ("capture.device_mismatch", A), ("ack.sent", A)]
-    assert lines[-1]["reason"] == "device_mismatch"
+    assert [(x["event"], x.get("claimed_device_id")) for x in lines] == [
+        ("capture.device_mismatch", B), ("ack.sent", None),
+        ("capture.device_mismatch", "<not a device id: str>"), ("ack.sent", None)]
+    assert lines[1]["reason"] == "device_mismatch"
+    assert "Jens" not in audit.audit_path(clinic["store"]).read_text()
 
 
 def test_a_capture_with_its_own_device_id_is_stored(clinic, device_a) -> None:
@@ -330,3 +337,43 @@ def test_a_command_never_reaches_another_device_by_a_crafted_id(clinic) -> None:
     with pytest.raises(ProvisionError):
         clinic["gateway"].close_case(f"{A}/cmd/x")
     assert not (clinic["store"] / ".gateway" / "cases").exists()
+
+
+# ------------------------------------------------------------------ the registry itself
+
+
+def test_the_registry_knows_when_each_case_was_open(tmp_path) -> None:
+    from sim.cases import CaseRegistry
+
+    reg = CaseRegistry(tmp_path / ".gateway", skew=10)
+    t0 = 1_800_000_000.0
+    reg.opened(A, "TD-1", at=t0)
+    reg.opened(A, "TD-2", timeout_s=600, at=t0 + 1000)  # replaces TD-1 on the device
+    reg.closed(A, at=t0 + 1200)
+    reg.opened(B, "TD-1", at=t0 + 5000)
+    again = CaseRegistry(tmp_path / ".gateway", skew=10)  # another gateway of the store
+    assert again.ref("TD-1") == reg.ref("TD-1") != reg.ref("TD-2")
+    assert again.was_open(A, "TD-1", t0 + 500)
+    assert again.was_open(A, "TD-1", t0 - 5)           # within the clocks' skew
+    assert not again.was_open(A, "TD-1", t0 - 60)
+    assert not again.was_open(A, "TD-1", t0 + 1100)     # TD-2 was open by then
+    assert again.was_open(A, "TD-2", t0 + 1100)
+    assert not again.was_open(A, "TD-2", t0 + 1300)     # closed at +1200
+    assert not again.was_open(A, "TD-1", t0 + 6000)     # open then, but on B
+    assert again.was_open(B, "TD-1", t0 + 6000)
+    assert again.open_case(A, t0 + 1100).ref == reg.ref("TD-2")
+    assert again.open_case(A, t0 + 1300) is None
+    text = b"".join(p.read_bytes() for p in (tmp_path / ".gateway" / "cases").iterdir())
+    assert b"TD-1" not in text
+    assert b"TD-2" not in text
+
+
+def test_the_registry_refuses_a_corrupted_file_by_name(tmp_path) -> None:
+    from sim.cases import CaseRegistry, CaseRegistryError
+
+    reg = CaseRegistry(tmp_path / ".gateway")
+    reg.opened(A, "TD-1")
+    with (tmp_path / ".gateway" / "cases" / f"{A}.jsonl").open("a") as f:
+        f.write("garbage\n")
+    with pytest.raises(CaseRegistryError, match=rf"{A}\.jsonl: line 2"):
+        reg.was_open(A, "TD-1", 0.0)
