@@ -107,7 +107,10 @@ class CaseRegistry:
 
     def ref(self, token: str) -> str:
         """The case's reference: what is stored, audited and logged instead of the token."""
-        return hmac.new(self._secret(), token.encode("utf-8"), hashlib.sha256).hexdigest()[:32]
+        # surrogatepass: a hostile capture's token may hold a lone surrogate (valid JSON,
+        # not UTF-8); it still gets a reference, and simply matches no case.
+        data = token.encode("utf-8", "surrogatepass")
+        return hmac.new(self._secret(), data, hashlib.sha256).hexdigest()[:32]
 
     # ------------------------------------------------------------------------------ writing
 

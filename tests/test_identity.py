@@ -68,6 +68,14 @@ def clinic(tmp_path: Path) -> Iterator[dict[str, Any]]:
                    "store": store, "seal_pub": seal_pub}
 
 
+def raw_bundle(metadata: dict[str, Any], image: bytes) -> bytes:
+    """A bundle as a hostile device may make one: its JSON may hold what ``bundle.pack``
+    refuses (a lone surrogate, escaped)."""
+    meta = json.dumps(metadata).encode()
+    return (bundle.MAGIC + bytes([bundle.VERSION]) + len(meta).to_bytes(4, "big") + meta
+            + len(image).to_bytes(8, "big") + image)
+
+
 class TlsDevice:
     """A device's certificate in a raw client: sends whatever metadata it likes."""
 
@@ -96,7 +104,7 @@ class TlsDevice:
     def upload(self, capture_id: str, metadata: dict[str, Any],
                sealed_as: str | None = None) -> Ack:
         """Pack, seal (as ``sealed_as``, this device by default) and transfer a capture."""
-        data = seal.seal(bundle.pack({"capture_id": capture_id, **metadata}, b"\xff\xd8 img"),
+        data = seal.seal(raw_bundle({"capture_id": capture_id, **metadata}, b"\xff\xd8 img"),
                          self.public, sealed_as or self.device_id, capture_id)
         sha = hashlib.sha256(data)
         count = chunk_count_for(len(data), CHUNK)
@@ -233,6 +241,8 @@ def test_a_claimed_case_the_clinic_did_not_open_on_that_device_is_filed_unassign
         "never": {"token": "TD-2026-000555", "assigned": True},     # never opened anywhere
         "earlier": {"token": "TD-2026-000999", "assigned": True},   # before it was opened
         "odd": "TD-2026-000999",                                    # not even an object
+        "surrogate": {"token": "\ud800", "assigned": True},         # not even text
+        "list": {"token": ["TD-2026-000999"], "assigned": True},
     }
     for capture_id, case in claims.items():
         taken = now_iso(-3600) if capture_id == "earlier" else now_iso()
@@ -246,10 +256,11 @@ def test_a_claimed_case_the_clinic_did_not_open_on_that_device_is_filed_unassign
     assert ok.state == "committed"
     assert json.loads((store / A / "ok.json").read_text())["case"]["token"] == "TD-2026-000999"
     unverified = events.named("gateway.case_unverified")
-    assert sorted(e["capture_id"] for e in unverified) == ["b-case", "earlier", "never", "odd"]
+    assert sorted(e["capture_id"] for e in unverified) == [
+        "b-case", "earlier", "list", "never", "odd", "surrogate"]
     assert {e["case_ref"] for e in unverified if e["capture_id"] == "b-case"} == {
         gateway.cases.ref(TOKEN)}
-    assert len([x for x in audit_lines(store) if x["event"] == "capture.case_unverified"]) == 4
+    assert len([x for x in audit_lines(store) if x["event"] == "capture.case_unverified"]) == 6
 
 
 def test_the_gateway_refuses_to_open_a_cpr_number_as_a_case(clinic) -> None:
