@@ -179,3 +179,14 @@ def test_an_audit_log_that_cannot_be_written_is_an_error_and_the_device_still_ge
     (failed,) = events.named("gateway.audit_failed")
     assert (failed["levelname"], failed["audit_event"]) == ("ERROR", "ack.sent")
     assert "audit.jsonl" in failed["error"]
+
+
+def test_a_damaged_last_line_stops_appends_until_it_is_looked_at(tmp_path) -> None:
+    path = write_log(tmp_path, 2)
+    with path.open("ab") as f:
+        f.write(b'{"forged": true}\n')
+    before = path.read_bytes()
+    with pytest.raises(audit.AuditError, match="last line is not an audit record"):
+        audit.AuditLog(path).append("ack.sent", capture_id="c9")
+    assert path.read_bytes() == before
+    assert "line 3: out of sequence" in run_verify(tmp_path).stderr
