@@ -39,6 +39,9 @@ Pin = Annotated[int, Field(ge=0, le=53)]
 
 
 class DeviceConfig(_Section):
+    # pydantic runs ``pattern`` on Rust's regex engine, where "$" is the very end of the
+    # text (unlike Python's re, where it also matches before a trailing newline):
+    # tests/test_identity.py proves "derm-1\n" is refused here and in topic_prefix.
     id: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")]
     state_dir: Path = Path("/var/lib/device-agent")
 

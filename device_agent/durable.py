@@ -24,6 +24,23 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def make_dirs(path: Path, mode: int = 0o750) -> None:
+    """``mkdir -p`` where every folder it creates gets ``mode`` (``Path.mkdir`` gives the
+    parents it creates the default mode, usually 0755: readable by everyone). The umask
+    may make them stricter still."""
+    missing: list[Path] = []
+    while not path.is_dir():
+        missing.append(path)
+        path = path.parent
+    for folder in reversed(missing):
+        try:
+            folder.mkdir(mode=mode)
+        except FileExistsError:
+            if not folder.is_dir():
+                raise
+            # another process made it meanwhile
+
+
 def write_atomic(path: Path, data: bytes, *, mode: int = 0o600, durable: bool = True,
                  sync_dir: bool | None = None) -> None:
     """Replace ``path`` with ``data`` atomically; ``mode`` applies from the first byte, so

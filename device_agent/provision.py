@@ -39,10 +39,14 @@ from device_agent.durable import write_atomic
 from device_agent.uplink import signing
 from device_agent.uplink.seal import KeyFileError, load_public_key, public_key_pem
 
-DEVICE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
-# Names the broker ACL gives other rights (extra gateway workers are gateway-2, gateway-3...).
-RESERVED_IDS = {"gateway", "admin", "commander"}
-RESERVED_PREFIXES = ("gateway-",)
+#: A device id: it becomes a certificate CN, the broker user name and a topic level, so
+#: nothing that MQTT, a file name or a log could read otherwise (no ``/ + # $``, no
+#: whitespace). ``\Z``, not ``$``: ``$`` also matches before a trailing newline.
+DEVICE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}\Z")
+#: Names the broker ACL or the clinic's services use (compared case-insensitively, so no
+#: look-alike such as "Gateway" is ever issued to a device).
+RESERVED_IDS = frozenset({"gateway", "gateways", "admin", "broker", "clinic", "commander",
+                          "root", "mosquitto"})
 
 
 class ProvisionError(ValueError):
@@ -58,6 +62,20 @@ class Report:
 
     def say(self, line: str) -> None:
         self.lines.append(line)
+
+
+def check_device_id(device_id: object) -> str:
+    """``device_id`` if it may name a device (certificate CN, broker user, topic level);
+    ProvisionError naming the problem otherwise. The clinic's CSR signing uses it too."""
+    if not isinstance(device_id, str) or not DEVICE_ID.match(device_id):
+        raise ProvisionError(f"device id {device_id!r}: use 1-64 letters, digits, '-' or '_', "
+                             "starting with a letter or digit (no '/', '+', '#', '$', "
+                             "whitespace or newline)")
+    if device_id.lower() in RESERVED_IDS or device_id.lower().startswith("gateway-"):
+        raise ProvisionError(f"device id {device_id!r} is reserved (not one of "
+                             f"{', '.join(sorted(RESERVED_IDS))}, nor gateway-<n>: the "
+                             "clinic's gateway workers)")
+    return device_id
 
 
 def _now() -> dt.datetime:
@@ -222,11 +240,7 @@ def provision(
     """Provision (or re-provision) the device; raise ProvisionError for any wrong input
     before anything is written."""
     report = Report()
-    if (not DEVICE_ID.match(device_id) or device_id in RESERVED_IDS
-            or device_id.startswith(RESERVED_PREFIXES)):
-        raise ProvisionError(f"device id {device_id!r}: use 1-64 letters, digits, '-' or '_', "
-                             f"starting with a letter or digit, and not {sorted(RESERVED_IDS)} "
-                             f"nor {RESERVED_PREFIXES[0]}...")
+    check_device_id(device_id)
     host, port = parse_broker(broker)
     ca = load_ca(ca_path)
     try:

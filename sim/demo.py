@@ -24,7 +24,6 @@ from device_agent.config import Config
 from device_agent.logs import add_json_handler
 from device_agent.uplink import signing
 from device_agent.uplink.seal import generate_keypair, public_key_pem
-from sim.commander import Commander
 from sim.device import SimDevice, sim_config
 from sim.gateway import Gateway
 from sim.pki import TestCA
@@ -165,18 +164,13 @@ def run_demo(out: Path, captures: int, seed: int = 7) -> int:
                   "mutual TLS with the shipped config and ACL")
             with Gateway(broker.host, broker.port, out / "gateway",
                          private_keys=[clinic.seal_private], tls=clinic.gateway_tls,
-                         signing_key=clinic.signing_private):
+                         signing_key=clinic.signing_private,
+                         command_tls=clinic.commander_tls) as gateway:
                 kid = signing.key_id(clinic.signing_private.public_key())
                 print("gateway   reference receiver, holds the clinic's sealing key; signs "
-                      f"every ack (Ed25519 key {kid})")
-                commander = Commander(broker.host, broker.port, tls=clinic.commander_tls,
-                                      signing_key=clinic.signing_private,
-                                      sequence_file=out / "clinic" / "command-sequence.json")
-                try:
-                    _press_through(demo_config(out, broker.port, seed, clinic), captures,
-                                   seed, commander)
-                finally:
-                    commander.close()
+                      f"every ack and command (Ed25519 key {kid}); opens the case")
+                _press_through(demo_config(out, broker.port, seed, clinic), captures, seed,
+                               gateway)
     finally:
         for handler in handlers:
             for name in ("device_agent", "sim"):
@@ -197,13 +191,14 @@ def run_demo(out: Path, captures: int, seed: int = 7) -> int:
     return 0 if result.ok else 1
 
 
-def _press_through(config: Config, captures: int, seed: int, commander: Commander) -> None:
+def _press_through(config: Config, captures: int, seed: int, gateway: Gateway) -> None:
     with SimDevice(config) as device:
         print(f"device    {config.device.id}: sealed to the clinic key (HPKE), mutual TLS, "
               "acts only on signed acks and commands")
         device.wait_online()
-        answer = commander.send(config.device.id, "open_case", case_token="DEMO-CASE-1",
-                                anatomic_site="posterior torso")
+        # Through the gateway: it records the case, so it files the case's captures.
+        answer = gateway.open_case(config.device.id, "DEMO-CASE-1",
+                                   anatomic_site="posterior torso")
         print(f"command   open_case -> {'ok' if answer['ok'] else answer['error']}")
         for i in range(captures):
             defect, hold = PLAN[i % len(PLAN)]
@@ -221,7 +216,7 @@ def _press_through(config: Config, captures: int, seed: int, commander: Commande
                 if kept is not None:
                     print(f"          hold (override)     -> {kept.verdict}, kept and "
                           f"flagged overridden  [{kept.capture_id[:8]}]")
-        answer = commander.send(config.device.id, "close_case")
+        answer = gateway.close_case(config.device.id)
         print(f"command   close_case -> {'ok' if answer['ok'] else answer['error']}")
         print("uplink    waiting for the gateway to acknowledge every capture ...")
         if device.uplink is not None and not device.uplink.wait_idle(timeout=60.0):

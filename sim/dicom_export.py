@@ -32,6 +32,7 @@ from pydicom.uid import JPEGBaseline8Bit, generate_uid
 DERMOSCOPIC_PHOTOGRAPHY = "1.2.840.10008.5.1.4.1.1.77.1.7"
 MODALITY = "DMS"  # dermoscopy
 MANUFACTURER = "dermascope"
+FILE_MODE = 0o640
 
 
 class DicomExportError(ValueError):
@@ -190,7 +191,11 @@ def export(jpeg: bytes, metadata: dict[str, Any], path: Path) -> Path:
     # Named by process, so two receivers sharing a store never write the same temp file.
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        ds.save_as(tmp, enforce_file_format=True)
+        # Created 0640 (not the umask's usual 0644): a patient image, for the gateway's
+        # account and group only.
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, FILE_MODE)
+        with os.fdopen(fd, "wb") as f:
+            ds.save_as(f, enforce_file_format=True)
         check(tmp, jpeg)
         tmp.replace(path)
     except BaseException:

@@ -14,6 +14,10 @@ Layout under ``store_dir``::
     .gateway/staging/<device>/<capture>/       manifest.json, data, received (see _Staging)
     .gateway/ledger/<device>/<capture>.json    transfer sha256 etc. of committed captures
     .gateway/pending/<device>/<capture>.json   a store whose after-ack work is not done yet
+    .gateway/audit.jsonl                       the hash-chained audit log (sim/audit.py)
+    .gateway/cases/<device>.jsonl, case-key    the case registry (sim/cases.py)
+
+Files are 0640, folders 0750: patient images are for the gateway's account and group only.
 
 A capture's after-ack work (DICOM export, removing its staging) is journaled in
 ``.gateway/pending`` before the capture is stored and the entry removed once the work is
@@ -30,6 +34,12 @@ callback and the after-ack thread are supervised: an unexpected exception is log
 traceback and the gateway goes on. Unsealed captures are refused unless the gateway runs in
 development mode (``allow_unsealed``, ``--insecure-dev-mode``).
 
+Identities (docs/security.md): a capture is stored under the device the broker let publish
+it (the topic), and refused (``device_mismatch``) if its metadata names another; it is filed
+under a case only if the clinic opened that case on that device through ``open_case``
+(otherwise filed unassigned, ``case_unverified``). Final acks, seal errors, mismatches,
+unverified cases and commands go to the audit log.
+
 Run: ``python -m sim.gateway --host 127.0.0.1 --port 1883 --store DIR --key clinic.pem``
 """
 
@@ -37,6 +47,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import datetime as dt
+import functools
 import hashlib
 import json
 import logging
@@ -62,8 +74,10 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
-from device_agent.durable import TEMP_SUFFIX, fsync_dir, write_atomic
+from device_agent.durable import TEMP_SUFFIX, fsync_dir, make_dirs, write_atomic
 from device_agent.logs import EventName, add_json_handler, log_event
+from device_agent.provision import DEVICE_ID, check_device_id
+from device_agent.session import check_case_token
 from device_agent.uplink import bundle, seal, signing
 from device_agent.uplink.client import tcp_nodelay
 from device_agent.uplink.protocol import (
@@ -78,12 +92,22 @@ from device_agent.uplink.protocol import (
     up_filter,
 )
 from sim import dicom_export
+from sim.audit import AuditError, AuditLog, audit_path
+from sim.cases import CaseRegistry
+from sim.commander import Commander
 
 log = logging.getLogger("sim.gateway")
 #: paho-mqtt's own messages (connection trouble, exceptions it caught) go to the JSON log too.
 paho_log = log.getChild("paho")
 
+#: Everything the gateway writes is for the clinic's gateway account and its group (e.g. the
+#: archive's importer), never for every local user: images, metadata, DICOM, ledger,
+#: staging, journal, audit log and case registry. Folders are 0750 (``make_dirs``).
+FILE_MODE = 0o640
+
 DEFAULT_MAX_SIZE = 512 * 1024 * 1024
+#: How long a case opened through the gateway stays open on the device (its own timeout).
+DEFAULT_CASE_TIMEOUT = 4 * 3600.0
 #: A transfer untouched this long was abandoned (device replaced, capture quarantined...).
 DEFAULT_STAGING_TTL = 14 * 86400.0
 ACCEPTED_CONTENT_TYPES = (bundle.CONTENT_TYPE, seal.CONTENT_TYPE)
@@ -93,7 +117,7 @@ MAX_METADATA_DEPTH = 16
 #: What our own writes name their temporary files in a device folder: the image's and the
 #: DICOM's ``.<capture>.<ext>.<pid>.tmp``, write_atomic's ``.<capture>.json.<random>.tmp``.
 _TEMP_NAME = re.compile(r"^\.(?P<capture>.+)\.(?:jpg|json|dcm)\.[^.]+"
-                        + re.escape(TEMP_SUFFIX) + "$")
+                        + re.escape(TEMP_SUFFIX) + r"\Z")
 
 
 paho_log.addFilter(EventName("gateway.mqtt_log"))
@@ -143,9 +167,9 @@ class _Staging:
     @classmethod
     def create(cls, directory: Path, manifest: Manifest) -> _Staging:
         shutil.rmtree(directory, ignore_errors=True)
-        directory.mkdir(parents=True, exist_ok=True)
+        make_dirs(directory)
         write_atomic(directory / "manifest.json", dataclasses.replace(manifest, req=0).encode(),
-                     mode=0o644, durable=False)
+                     mode=FILE_MODE, durable=False)
         return cls(directory, manifest)
 
     def matches(self, sha256: str, size: int | None, chunk_size: int) -> bool:
@@ -212,6 +236,10 @@ class _Staging:
 
 
 class Gateway:
+    # The client that sends commands (``_commander``), made on first use.
+    _commander_client: Commander | None = None
+    _commander_lock = threading.Lock()
+
     def __init__(self, host: str, port: int, store_dir: Path, topic_prefix: str = "derm/v1",
                  protocol: str = "mqtt5", group: str = "gateways",
                  max_size: int = DEFAULT_MAX_SIZE,
@@ -219,7 +247,8 @@ class Gateway:
                  staging_ttl: float = DEFAULT_STAGING_TTL,
                  tls: dict[str, str] | None = None, export_dicom: bool = True,
                  allow_unsealed: bool = False,
-                 signing_key: signing.Ed25519PrivateKey | Path | None = None) -> None:
+                 signing_key: signing.Ed25519PrivateKey | Path | None = None,
+                 command_tls: dict[str, str] | None = None) -> None:
         """``private_keys``: the clinic's keys that open sealed captures (several during a key
         rotation). Without any, sealed captures wait at the device (ack "retry").
         ``tls``: paho ``tls_set`` arguments (``ca_certs``, ``certfile``, ``keyfile``) for a
@@ -228,7 +257,11 @@ class Gateway:
         the clinic's key (otherwise they are rejected, reason "unsealed").
         ``signing_key``: the clinic's Ed25519 key (or its PEM file) that signs every ack, so
         devices act only on acks of this gateway (docs/protocol.md, "Signed messages");
-        without it acks go unsigned, which provisioned devices refuse."""
+        without it acks go unsigned, which provisioned devices refuse; it signs the commands
+        of :meth:`send_command` too. ``command_tls``: the ``tls`` of the connection that sends
+        commands, under its own certificate (CN ``commander``): the shipped broker binds a
+        client id to its certificate, so a second connection with the gateway's would evict
+        the gateway's own (default: ``tls``, enough on a broker without that binding)."""
         if protocol not in ("mqtt5", "mqtt311"):
             raise ValueError(f"protocol must be 'mqtt5' or 'mqtt311' (got {protocol!r})")
         self.host = host
@@ -242,6 +275,7 @@ class Gateway:
         self.private_keys = tuple(private_keys)
         self.staging_ttl = staging_ttl
         self.tls = tls
+        self.command_tls = command_tls if command_tls is not None else tls
         self.export_dicom = export_dicom
         self.allow_unsealed = allow_unsealed
         self.signing_key = (signing.load_private_key(signing_key)
@@ -306,7 +340,7 @@ class Gateway:
                       detail="no signing key (--signing-key): acks go unsigned; provisioned "
                              "devices refuse them and deliver nothing. Development only")
         for d in (self.store_dir, self._staging, self._ledger, self._pending):
-            d.mkdir(parents=True, exist_ok=True)
+            make_dirs(d)
         if self._later_thread is None:
             self._later_thread = threading.Thread(
                 target=supervised, args=("gateway-after-ack", self._after_ack_loop),
@@ -389,10 +423,10 @@ class Gateway:
             return
         ledger = self._ledger_path(device_id, capture_id)
         if record is not None and not ledger.exists():
-            ledger.parent.mkdir(parents=True, exist_ok=True)
+            make_dirs(ledger.parent)
             write_atomic(ledger, json.dumps(
                 {k: v for k, v in record.items() if k != "dicom"}).encode(),
-                mode=0o644, durable=False)
+                mode=FILE_MODE, durable=False)
         self._drop_staging(device_id, capture_id)
         self._queue(lambda: self._finish(device_id, capture_id, dicom))
 
@@ -422,6 +456,10 @@ class Gateway:
             self._later_thread = None
         while self._open:
             self._open.popitem()[1].close()
+        with self._commander_lock:
+            if self._commander_client is not None:
+                self._commander_client.close()
+                self._commander_client = None
 
     def _after_ack(self, job: Callable[[], None]) -> None:
         """Run ``job`` on the after-ack thread once the current message's ack is out."""
@@ -558,6 +596,9 @@ class Gateway:
             # committed ack only for its own transfer's SHA-256.
             ack = dataclasses.replace(ack, sha256=request.sha256)
         self._send_ack(device_id, ack, correlation)
+        if ack.state in ("committed", "rejected"):
+            self._audit("ack.sent", device_id=device_id, capture_id=ack.capture_id,
+                        state=ack.state, reason=ack.reason)
 
     def _send_ack(self, device_id: str, ack: Ack, correlation: bytes | None) -> None:
         props = None
@@ -738,7 +779,12 @@ class Gateway:
                 raise bundle.BundleError("metadata names another capture id")
             if _nesting(metadata) > MAX_METADATA_DEPTH:
                 raise bundle.BundleError(f"metadata nests deeper than {MAX_METADATA_DEPTH}")
+            _check_device(metadata, device_id)
+            metadata = self._file_case(device_id, capture_id, metadata)
             sidecar = _sidecar(metadata)
+        except DeviceMismatch as err:
+            self._drop_staging(device_id, capture_id)
+            return self._refuse_device_mismatch(device_id, capture_id, f.req, err.claimed)
         except (bundle.BundleError, RecursionError) as err:
             # RecursionError: metadata nested too deep for the JSON parser itself.
             log_event(log, "gateway.bad_bundle", level=logging.ERROR, device_id=device_id,
@@ -755,17 +801,141 @@ class Gateway:
                 return seal.open_sealed(data, key, device_id, capture_id)
             except seal.SealError:
                 continue  # perhaps sealed to another of our keys (rotation)
-        # Tampered, truncated, or sealed to a key we do not hold, or under another id.
+        # Tampered, truncated, or sealed to a key we do not hold, or under another id: the
+        # seal binds the device id, so a capture sealed as another device's fails here.
         log_event(log, "gateway.seal_error", level=logging.ERROR, device_id=device_id,
                   capture_id=capture_id)
+        self._audit("seal.error", device_id=device_id, capture_id=capture_id)
         return None
+
+    # ------------------------------------------------------- identities, cases and the audit
+
+    @functools.cached_property
+    def audit(self) -> AuditLog:
+        """The store's hash-chained audit log (sim/audit.py), shared by its gateways."""
+        return AuditLog(audit_path(self.store_dir))
+
+    @functools.cached_property
+    def cases(self) -> CaseRegistry:
+        """Which cases the clinic opened on which device (sim/cases.py)."""
+        return CaseRegistry(self.store_dir / ".gateway")
+
+    def _audit(self, event: str, **fields: Any) -> None:
+        """An audit line for what the gateway did with a device's message. The work is done
+        (a capture stored, an ack due) whether or not the line can be written: a failure
+        is logged as an error for clinic IT, and the device still gets its answer."""
+        try:
+            self.audit.append(event, **fields)
+        except AuditError as err:
+            log_event(log, "gateway.audit_failed", level=logging.ERROR, audit_event=event,
+                      error=str(err))
+
+    def _refuse_device_mismatch(self, device_id: str, capture_id: str, req: int,
+                                claimed: object) -> Ack:
+        # The broker vouches for the topic's device (its certificate); metadata that names
+        # another device is a device speaking for another: refused for good, nothing stored.
+        # The claimed id is logged only if it has the form of one: the field is the device's
+        # to fill, and free text there could be anything, a patient's name included.
+        shown = claimed if isinstance(claimed, str) and DEVICE_ID.match(claimed) \
+            else f"<not a device id: {type(claimed).__name__}>"
+        log_event(log, "gateway.device_mismatch", level=logging.ERROR, device_id=device_id,
+                  capture_id=capture_id, claimed_device_id=shown)
+        self._audit("capture.device_mismatch", device_id=device_id, capture_id=capture_id,
+                    claimed_device_id=shown)
+        return Ack(capture_id, "rejected", req=req, reason="device_mismatch")
+
+    def _file_case(self, device_id: str, capture_id: str, metadata: dict) -> dict:
+        """The metadata to file: as the device sent it if it claims no case, or a case the
+        clinic had open on this device when the capture was taken (``CaseRegistry``);
+        otherwise the claimed token is dropped and the capture filed unassigned, marked
+        ``case_unverified``, with an event and an audit line naming the case by reference."""
+        case = metadata.get("case")
+        # The protocol's form is {"token": ..., "assigned": ...}; anything else claiming a
+        # case (a bare string, a list...) is a claim that cannot be filed as it stands.
+        token = case.get("token") if isinstance(case, dict) else case
+        if token is None:
+            return metadata
+        taken = _timestamp(metadata.get("captured_at"))
+        if isinstance(case, dict) and isinstance(token, str) and taken is not None \
+                and self.cases.was_open(device_id, token, taken):
+            return metadata
+        ref = self.cases.ref(token) if isinstance(token, str) else None
+        log_event(log, "gateway.case_unverified", level=logging.WARNING, device_id=device_id,
+                  capture_id=capture_id, case_ref=ref, captured_at_known=taken is not None)
+        self._audit("capture.case_unverified", device_id=device_id, capture_id=capture_id,
+                    case_ref=ref)
+        return {**metadata, "case": {"token": None, "assigned": False, "case_unverified": True}}
+
+    def send_command(self, device_id: str, command: str, timeout: float = 10.0,
+                     **args: Any) -> dict[str, Any]:
+        """Send a command to a device through ``sim.commander`` and return its answer; each
+        is audited (``command.sent``, then ``command.answered`` or ``command.unanswered``),
+        a case token only by its reference. CommandTimeout if the device does not answer."""
+        token = args.get("case_token")
+        ref = self.cases.ref(token) if isinstance(token, str) else None
+        commander = self._commander()
+        # No audit line, no command: a command the audit cannot show must not go out.
+        self.audit.append("command.sent", device_id=device_id, command=command, case_ref=ref)
+        try:
+            answer = commander.send(device_id, command, timeout=timeout, **args)
+        except OSError as err:  # CommandTimeout, or the broker refused the answer topic
+            self._audit("command.unanswered", device_id=device_id, command=command,
+                        case_ref=ref, error=type(err).__name__)
+            raise
+        error = answer.get("error") if isinstance(answer.get("error"), dict) else {}
+        self._audit("command.answered", device_id=device_id, command=command, case_ref=ref,
+                    ok=answer.get("ok") is True, code=error.get("code"))
+        return answer
+
+    def open_case(self, device_id: str, case_token: str, anatomic_site: str | None = None,
+                  timeout_s: float = DEFAULT_CASE_TIMEOUT, timeout: float = 10.0
+                  ) -> dict[str, Any]:
+        """Open a case on a device: recorded in the case registry first (a capture taken the
+        moment the device has it is then verifiable), then sent. A device that refuses it
+        closes it in the registry again and raises CaseError; a device that does not answer
+        raises CommandTimeout and the case stays recorded (it may have opened it: captures
+        claiming it are then filed under it, which is what the clinic asked for)."""
+        check_device_id(device_id)
+        check_case_token(case_token)  # never a CPR number, not even to the registry
+        ref = self.cases.opened(device_id, case_token, anatomic_site, timeout_s)
+        log_event(log, "gateway.case_opened", device_id=device_id, case_ref=ref)
+        args: dict[str, Any] = {"case_token": case_token, "timeout_s": timeout_s}
+        if anatomic_site is not None:
+            args["anatomic_site"] = anatomic_site
+        answer = self.send_command(device_id, "open_case", timeout=timeout, **args)
+        if answer.get("ok") is not True:
+            self.cases.closed(device_id)
+            raise CaseError(f"{device_id} refused open_case: {answer.get('error')}")
+        return answer
+
+    def close_case(self, device_id: str, timeout: float = 10.0) -> dict[str, Any]:
+        """Close the device's case: recorded first (a capture after this moment is not
+        filed under it), then sent."""
+        check_device_id(device_id)
+        ref = self.cases.closed(device_id)
+        log_event(log, "gateway.case_closed", device_id=device_id, case_ref=ref)
+        answer = self.send_command(device_id, "close_case", timeout=timeout)
+        if answer.get("ok") is not True:
+            raise CaseError(f"{device_id} refused close_case: {answer.get('error')}")
+        return answer
+
+    def _commander(self) -> Commander:
+        # Made on first use (most gateways only receive), signing with the gateway's key and
+        # keeping its sequence in the store, which every worker shares.
+        with self._commander_lock:
+            if self._commander_client is None:
+                self._commander_client = Commander(
+                    self.host, self.port, self.prefix, protocol=self.protocol,
+                    tls=self.command_tls, signing_key=self.signing_key,
+                    sequence_file=self.store_dir / ".gateway" / "command-sequence.json")
+            return self._commander_client
 
     def _store(self, device_id: str, capture_id: str, m: Manifest, metadata: dict,
                sidecar: bytes, image: bytes) -> None:
         device_dir = self.store_dir / device_id
-        device_dir.mkdir(parents=True, exist_ok=True)
+        make_dirs(device_dir)
         ledger_dir = self._ledger / device_id
-        ledger_dir.mkdir(parents=True, exist_ok=True)
+        make_dirs(ledger_dir)
         image_path = self._image_path(device_id, capture_id)
         image_sha = hashlib.sha256(image).hexdigest()
         record = {"capture_id": capture_id, "device_id": device_id, "transfer_sha256": m.sha256,
@@ -774,9 +944,9 @@ class Gateway:
         # First the journal of the after-ack work, durably: a crash anywhere from here on
         # leaves an entry that the next start finishes or undoes (_recover).
         pending = self._pending_path(device_id, capture_id)
-        pending.parent.mkdir(parents=True, exist_ok=True)
-        write_atomic(pending, json.dumps({**record, "dicom": dicom}).encode(), mode=0o644)
-        write_atomic(device_dir / f"{capture_id}.json", sidecar, mode=0o644, sync_dir=False)
+        make_dirs(pending.parent)
+        write_atomic(pending, json.dumps({**record, "dicom": dicom}).encode(), mode=FILE_MODE)
+        write_atomic(device_dir / f"{capture_id}.json", sidecar, mode=FILE_MODE, sync_dir=False)
         tmp = device_dir / f".{capture_id}.jpg.{os.getpid()}{TEMP_SUFFIX}"
         _write_synced(tmp, image)
         try:
@@ -795,11 +965,44 @@ class Gateway:
         # fsynced: losing it needs a power cut right now AND the image archived away before
         # a replay; the image is what must be durable.
         write_atomic(self._ledger_path(device_id, capture_id), json.dumps(record).encode(),
-                     mode=0o644, durable=False)
+                     mode=FILE_MODE, durable=False)
         self.stored_count += 1
         self._after_ack(lambda: self._finish(device_id, capture_id, dicom, image, metadata))
         log_event(log, "capture.stored", capture_id=capture_id, device_id=device_id,
                   path=str(image_path), sha256=image_sha, size=len(image))
+
+
+class DeviceMismatch(ValueError):
+    """The metadata names another device than the one the broker let publish it."""
+
+    def __init__(self, claimed: object) -> None:
+        super().__init__(f"metadata names device {claimed!r:.80}")
+        self.claimed = claimed
+
+
+class CaseError(RuntimeError):
+    """A device refused to open or close a case (the message has its answer)."""
+
+
+def _check_device(metadata: dict, device_id: str) -> None:
+    """DeviceMismatch unless the metadata's ``device_id``, when it has one, is the topic's
+    (the identity the broker enforced from the device's certificate)."""
+    claimed = metadata.get("device_id", device_id)
+    if claimed != device_id:
+        raise DeviceMismatch(claimed)
+
+
+def _timestamp(value: object) -> float | None:
+    """A capture's ``captured_at`` (ISO 8601; UTC when no offset) as Unix time, or None."""
+    if not isinstance(value, str) or len(value) > 64:
+        return None
+    try:
+        taken = dt.datetime.fromisoformat(value)
+    except ValueError:
+        return None
+    if taken.tzinfo is None:
+        taken = taken.replace(tzinfo=dt.UTC)
+    return taken.timestamp()
 
 
 def _nesting(value: Any) -> int:
@@ -827,7 +1030,7 @@ def _sidecar(metadata: dict) -> bytes:
 
 def _write_synced(path: Path, data: bytes) -> None:
     """Write a new file and fsync it (the temp file of the image, linked into place)."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, FILE_MODE)
     with os.fdopen(fd, "wb") as f:
         f.write(data)
         f.flush()

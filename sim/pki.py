@@ -24,6 +24,36 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from device_agent.provision import ProvisionError, check_device_id
+
+#: The clinic's own services, whose certificates are signed only when asked for by name.
+SERVICE_NAMES = ("gateway", "broker", "admin", "commander")
+
+
+class SigningRefused(ValueError):
+    """A CSR the clinic CA must not sign (its CN is no device id, or a reserved name)."""
+
+
+def check_csr_name(csr: x509.CertificateSigningRequest, role: str) -> str:
+    """The CSR's one CN, if a certificate for ``role`` may carry it: a device gets a valid,
+    unreserved device id (it becomes the broker user and a topic level); a service
+    (``gateway``, ``broker``, ``admin``) gets exactly its own name. SigningRefused otherwise."""
+    names = csr.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    if len(names) != 1 or not isinstance(names[0].value, str):
+        raise SigningRefused(f"CSR subject {csr.subject.rfc4514_string()!r}: needs exactly "
+                             "one CN")
+    cn = names[0].value
+    if role == "device":
+        try:
+            return check_device_id(cn)
+        except ProvisionError as err:
+            raise SigningRefused(f"CSR CN: {err}") from None
+    if role not in SERVICE_NAMES:
+        raise SigningRefused(f"role {role!r}: expected 'device' or one of {SERVICE_NAMES}")
+    if cn != role:
+        raise SigningRefused(f"CSR CN {cn!r}: a {role} certificate must have CN {role!r}")
+    return cn
+
 
 def _name(common_name: str) -> x509.Name:
     return x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "Test clinic"),
@@ -153,7 +183,13 @@ class TestCA:
         return self.crl_path
 
     def sign_csr(self, csr: x509.CertificateSigningRequest, *, server: bool = False,
-                 days: float = 365, valid_from: dt.datetime | None = None) -> x509.Certificate:
+                 days: float = 365, valid_from: dt.datetime | None = None,
+                 role: str | None = "device") -> x509.Certificate:
+        """Sign a CSR for a device (``role="device"``, the default: its CN must be a valid
+        device id, not a reserved name) or for one of the clinic's services (``role`` names
+        it). SigningRefused, before anything is signed, otherwise."""
+        if role is not None:
+            check_csr_name(csr, role)
         start = valid_from or dt.datetime.now(dt.UTC) - dt.timedelta(minutes=5)
         usage = ExtendedKeyUsageOID.SERVER_AUTH if server else ExtendedKeyUsageOID.CLIENT_AUTH
         builder = (
@@ -175,12 +211,16 @@ class TestCA:
         return builder.sign(self.key, hashes.SHA256())
 
     def issue(self, common_name: str, *, server: bool = False, days: float = 365,
-              valid_from: dt.datetime | None = None) -> Issued:
-        """A key and certificate for ``common_name`` (a device id, "gateway", "broker")."""
+              valid_from: dt.datetime | None = None, checked: bool = True) -> Issued:
+        """A key and certificate for ``common_name`` (a device id, "gateway", "broker").
+        ``checked=False`` signs any name, as a careless or compromised CA would: for tests
+        that prove the broker holds even then."""
         key = ec.generate_private_key(ec.SECP256R1())
         csr = (x509.CertificateSigningRequestBuilder().subject_name(_name(common_name))
                .sign(key, hashes.SHA256()))
-        cert = self.sign_csr(csr, server=server, days=days, valid_from=valid_from)
+        role = None if not checked else (common_name if common_name in SERVICE_NAMES
+                                         else "device")
+        cert = self.sign_csr(csr, server=server, days=days, valid_from=valid_from, role=role)
         # A hostile CN ("dev2/up") is still a file name here, never a path.
         stem = self.folder / re.sub(r"[^A-Za-z0-9._-]", "_", common_name)
         key_path = stem.with_suffix(".key")

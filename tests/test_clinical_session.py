@@ -18,12 +18,13 @@ DEVICE = "sim-0001"
 def test_a_clinical_session_end_to_end(tmp_path, broker):
     store = tmp_path / "store"
     config = sim_config(tmp_path / "device", broker.port, DEVICE, button={"hold_time": 0.5})
-    with Gateway(broker.host, broker.port, store, allow_unsealed=True), SimDevice(config) as device:
+    with Gateway(broker.host, broker.port, store, allow_unsealed=True) as gateway, \
+            SimDevice(config) as device:
         device.wait_online()
         commander = Commander(broker.host, broker.port)
         try:
-            assert commander.send(DEVICE, "open_case", case_token="TD-2026-42",
-                                  anatomic_site="lower extremity")["ok"]
+            # The case through the gateway, which records it and so files its captures.
+            assert gateway.open_case(DEVICE, "TD-2026-42", anatomic_site="lower extremity")["ok"]
             device.show(None, seed=1)
             polarised = device.press()
             assert commander.send(DEVICE, "set_illumination", mode="non_polarised")["ok"]
@@ -35,7 +36,7 @@ def test_a_clinical_session_end_to_end(tmp_path, broker):
             assert commander.send(DEVICE, "set_illumination", mode="pair")["ok"]
             device.show(None, seed=4)
             pair = device.press()
-            assert commander.send(DEVICE, "close_case")["ok"]
+            assert gateway.close_case(DEVICE)["ok"]
             device.show(None, seed=5)
             after = device.press()
             assert device.uplink.wait_idle(timeout=60)

@@ -288,3 +288,66 @@ def test_the_commanders_sequence_survives_a_restart_and_a_clock_stepped_back(tmp
     sequence.write_text("damaged")
     with pytest.raises(ValueError, match="not a command sequence file"):
         Commander(broker.host, broker.port, signing_key=gateway_key, sequence_file=sequence)
+
+
+# ------------------------------------------------ CPR numbers as case tokens (issue 13, 8)
+
+import datetime as dt  # noqa: E402
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from device_agent.session import SessionError, check_case_token  # noqa: E402
+
+#: What people put between the parts of a CPR number (and in dates): dashes of every kind,
+#: spaces, dots, colons, slashes, or nothing.
+SEPARATORS = ["", "-", " ", ".", ":", "/", "_", "\u2010", "\u2011", "\u2012", "\u2013",
+              "\u2014", "\u2212", "\u00a0", " - ", " \u2013 ", "--", ". "]
+
+
+@st.composite
+def written_cprs(draw: st.DrawFn) -> str:
+    """A real CPR date and serial, written as people write them."""
+    born = draw(st.dates(min_value=dt.date(1858, 1, 1), max_value=dt.date(2057, 12, 31)))
+    serial = draw(st.integers(0, 9999))
+    century = draw(st.booleans())
+    year = f"{born.year:04d}" if century else f"{born.year % 100:02d}"
+    in_date = draw(st.sampled_from(["", "", ".", "-", "/", " "]))  # 01.01.90 or 010190
+    between = draw(st.sampled_from(SEPARATORS))
+    prefix = draw(st.sampled_from(["", "", "cpr", "CPR:", "pt ", "x"]))
+    suffix = draw(st.sampled_from(["", "", "x", "-a", " ", "\n"]))
+    return (f"{prefix}{born.day:02d}{in_date}{born.month:02d}{in_date}{year}"
+            f"{between}{serial:04d}{suffix}")
+
+
+@settings(max_examples=400, deadline=None)
+@given(written_cprs())
+def test_a_cpr_number_is_refused_however_it_is_written(token: str) -> None:
+    with pytest.raises(SessionError, match="national id"):
+        check_case_token(token)
+
+
+KNOWN_CPRS = [
+    "010190:1234", "010190-1234", "0101901234", "010190 1234", "01.01.90-1234",
+    "01.01.1990-1234", "01011990-1234", "010190\u20131234", "010190/1234",
+    "cpr010190-1234x", "CPR:010190.1234", "\uff10\uff11\uff10\uff11\uff19\uff10-1234",
+    "290200-1234",  # 29 February (2000, a leap year)
+]
+ORDINARY_TOKENS = [
+    "TD-2026-000123", "TD-2026-999999", "case-1", "c-9", "REF.2026.11.30", "A1B2C3D4",
+    "TD-2026-0001", "dermato:2026:77", "310299-1234",  # 31 February: no date
+    "12345678",  # eight digits: no CPR number
+]
+
+
+def test_known_ways_of_writing_a_cpr_number_are_refused_and_ordinary_tokens_are_not(
+        device) -> None:
+    for token in KNOWN_CPRS:
+        answer = execute(cmd("open_case", case_token=token), device.agent)
+        assert answer["ok"] is False, token
+        assert "national id" in answer["error"]["message"]
+        assert device.agent.status()["case_open"] is False
+    for token in ORDINARY_TOKENS:
+        assert check_case_token(token) == token
+        answer = execute(cmd("open_case", case_token=token), device.agent)
+        assert answer["ok"] is True, (token, answer)

@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 import queue
+import stat
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -495,3 +496,61 @@ def test_bundle_metadata_that_cannot_be_stored_is_rejected_and_the_gateway_goes_
     _, good_image, good = payload()
     assert device.transfer("after", good).state == "committed"
     assert (store / DEVICE / "after.jpg").read_bytes() == good_image
+
+
+# ------------------------------------------------------------ file modes (issue 13, finding 8)
+
+
+def loose_modes(root: Path) -> list[str]:
+    """Files readable by others or writable by the group, folders open to others, under
+    ``root`` (0640 and 0750 or stricter are what the store must have)."""
+    loose = []
+    for path in [root, *root.rglob("*")]:
+        try:
+            mode = stat.S_IMODE(path.lstat().st_mode)
+        except FileNotFoundError:
+            continue  # a temporary file renamed meanwhile
+        if mode & 0o027:
+            loose.append(f"{path.relative_to(root.parent)} {mode:o}")
+    return loose
+
+
+def test_every_file_and_folder_the_gateway_writes_is_closed_to_others(
+        broker, tmp_path, events) -> None:
+    store = tmp_path / "fresh" / "store"
+    old_umask = os.umask(0o022)  # the usual umask, which gives 0644 and 0755 by default
+    try:
+        seen: list[str] = []
+        journal: list[bool] = []
+
+        def at_store(_: object) -> None:
+            # The moment the capture is stored, its journal entry and staging still exist.
+            journal.append((store / ".gateway" / "pending" / DEVICE / "m1.json").exists())
+            seen.extend(loose_modes(store))
+
+        events.on("capture.stored", at_store)
+        with Gateway(broker.host, broker.port, store, allow_unsealed=True) as gw:
+            assert gw.wait_ready(10)
+            dev = RawDevice(broker)
+            try:
+                _, data = jpeg_capture("m1")
+                assert dev.transfer("m1", data).state == "committed"
+                _, _, other = payload(3000)
+                dev.manifest("m2", other)  # a transfer in flight: staged chunks
+                dev.chunks("m2", other, [0])
+                assert dev.final("m2", other).state == "incomplete"
+            finally:
+                dev.close()
+            assert gw.wait_exported(20)
+            gw.cases.opened(DEVICE, "TD-2026-000001")
+        assert journal == [True]
+        assert seen == []
+        written = {p.relative_to(store).as_posix() for p in store.rglob("*") if p.is_file()}
+        assert {f"{DEVICE}/m1.jpg", f"{DEVICE}/m1.json", f"{DEVICE}/m1.dcm",
+                f".gateway/ledger/{DEVICE}/m1.json", f".gateway/staging/{DEVICE}/m2/data",
+                f".gateway/staging/{DEVICE}/m2/manifest.json", ".gateway/audit.jsonl",
+                f".gateway/cases/{DEVICE}.jsonl", ".gateway/case-key"} <= written
+        assert loose_modes(store) == []
+        assert stat.S_IMODE((store / ".gateway" / "case-key").stat().st_mode) == 0o600
+    finally:
+        os.umask(old_umask)

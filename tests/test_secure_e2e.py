@@ -20,7 +20,6 @@ from device_agent.uplink import bundle, signing
 from device_agent.uplink.outbox import Outbox
 from device_agent.uplink.protocol import Ack, Topics
 from device_agent.uplink.seal import generate_keypair, private_key_pem, public_key_pem, seal
-from sim.commander import Commander
 from sim.device import SimDevice, sim_config
 from sim.gateway import Gateway
 from sim.pki import TestCA
@@ -41,9 +40,13 @@ def secure_broker(tmp_path):
         signing.public_key_pem(signing_key.public_key()))
     with SecureMosquitto(tmp_path / "broker", ca,
                          extra_acl="\nuser admin\ntopic read #\n") as broker:
-        gw = ca.issue("gateway")
+        gw, commander = ca.issue("gateway"), ca.issue("commander")
         tls = {"ca_certs": str(ca.cert_path), "certfile": str(gw.cert), "keyfile": str(gw.key)}
+        # The gateway's commands go out under their own certificate: the broker binds the
+        # client id to it, so one certificate cannot hold two connections.
+        command_tls = {**tls, "certfile": str(commander.cert), "keyfile": str(commander.key)}
         yield {"ca": ca, "broker": broker, "public": public, "private": private, "tls": tls,
+               "command_tls": command_tls,
                "signing_key": signing_key, "store": tmp_path / "store",
                "seal_pub": tmp_path / "pki" / "seal.pub.pem",
                "sign_pub": tmp_path / "pki" / "gateway-sign.pub.pem"}
@@ -52,7 +55,7 @@ def secure_broker(tmp_path):
 def start_gateway(clinic) -> Gateway:
     return Gateway(clinic["broker"].host, clinic["broker"].port, clinic["store"],
                    private_keys=[clinic["private"]], tls=clinic["tls"],
-                   signing_key=clinic["signing_key"])
+                   signing_key=clinic["signing_key"], command_tls=clinic["command_tls"])
 
 
 @pytest.fixture
@@ -147,24 +150,17 @@ def test_the_case_token_is_in_no_topic_no_upload_and_no_log(tmp_path, clinic, ev
     # in any upload or status message an administrator of the broker could read, not in a log.
     token, site = "TD-2026-004711", "posterior torso"
     client, seen = spy(clinic)
-    # Its own certificate: the broker binds the client id to it (the gateway holds "gateway").
-    issued = clinic["ca"].issue("commander")
-    commander = Commander(clinic["broker"].host, clinic["broker"].port,
-                          tls={"ca_certs": str(clinic["ca"].cert_path),
-                               "certfile": str(issued.cert), "keyfile": str(issued.key)},
-                          signing_key=clinic["signing_key"])
+    gateway = clinic["gateway"]  # it opens the case, so it files the capture under it
     try:
         with SimDevice(device_config(tmp_path, clinic)) as device:
             device.wait_online()
-            assert commander.send(DEVICE, "open_case", case_token=token,
-                                  anatomic_site=site)["ok"]
+            assert gateway.open_case(DEVICE, token, anatomic_site=site)["ok"]
             device.show(None)
             outcome = device.press()
             assert outcome.verdict == "accept"
-            assert commander.send(DEVICE, "close_case")["ok"]
+            assert gateway.close_case(DEVICE)["ok"]
             assert device.uplink.wait_idle(timeout=30)
     finally:
-        commander.close()
         client.disconnect()
         client.loop_stop()
 

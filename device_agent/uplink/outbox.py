@@ -61,9 +61,9 @@ log = logging.getLogger(__name__)
 MAGIC = b"DOB1"
 _HEAD = struct.Struct(">4sdQ32sH")
 _SUFFIX = ".entry"
-_NAME_RE = re.compile(r"^(\d{12})\.(.+)\.entry$")
+_NAME_RE = re.compile(r"^(\d{12})\.(.+)\.entry\Z")
 #: Capture ids travel in topic names and file names: no "/", "+", "#", no leading dot.
-CAPTURE_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+CAPTURE_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}\Z")
 
 
 class StorageFull(OSError):

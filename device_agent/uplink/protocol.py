@@ -43,14 +43,14 @@ MAX_JSON_DEPTH = 8
 #: Digits an integer in a control message may have (2**53 has 16).
 MAX_INT_DIGITS = 20
 
-_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
-_DEVICE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
-_HEX64 = re.compile(r"^[0-9a-f]{64}$")
-_HEX64_OR_EMPTY = re.compile(r"^(?:[0-9a-f]{64})?$")
+_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}\Z")
+_DEVICE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}\Z")
+_HEX64 = re.compile(r"^[0-9a-f]{64}\Z")
+_HEX64_OR_EMPTY = re.compile(r"^(?:[0-9a-f]{64})?\Z")
 # A MIME type's characters (RFC 6838 names, plus parameters): printable ASCII, bounded.
-_CONTENT_TYPE = re.compile(r"^[\x21-\x7e]{1,127}$")
+_CONTENT_TYPE = re.compile(r"^[\x21-\x7e]{1,127}\Z")
 # Reason codes are short identifiers; unknown ones are allowed (docs/protocol.md, section 9).
-_REASON = re.compile(r"^[A-Za-z0-9_.:-]{0,64}$")
+_REASON = re.compile(r"^[A-Za-z0-9_.:-]{0,64}\Z")
 # JSON strings (with their escapes) and the brackets outside them, for the depth scan. The
 # string token is possessive and also ends at the end of input, so it never backtracks: the
 # scan stays linear whatever the payload (a plain pattern is quadratic on '"\\"\\"...').
