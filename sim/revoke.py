@@ -23,6 +23,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from device_agent.logs import json_formatter, log_event
+from sim.audit import record_revocation
 from sim.pki import CRLError, revoke_in_crl
 
 log = logging.getLogger("sim.revoke")
@@ -37,6 +38,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="the CRL file the broker reads (crlfile); created if missing")
     parser.add_argument("--days", type=float, default=30,
                         help="validity of the new CRL in days (default 30)")
+    parser.add_argument("--audit", type=Path, metavar="STORE",
+                        help="also record each revocation in the gateway's audit log (its "
+                             "store folder), when the gateway's store is reachable from here")
     parser.add_argument("certificates", type=Path, nargs="*",
                         help="PEM certificates to revoke (none: only re-issue the CRL)")
     args = parser.parse_args(argv)
@@ -53,9 +57,18 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     for cert, path in zip(certs, args.certificates, strict=True):
         cn = cert.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)
-        log_event(log, "ca.revoked", certificate=str(path),
-                  common_name=str(cn[0].value) if cn else None,
+        common_name = str(cn[0].value) if cn else None
+        log_event(log, "ca.revoked", certificate=str(path), common_name=common_name,
                   serial=f"{cert.serial_number:x}", new=cert.serial_number in added)
+        if args.audit is not None and cert.serial_number in added:
+            try:
+                record_revocation(args.audit, common_name or "?", f"{cert.serial_number:x}",
+                                  reason="revoked by clinic IT (sim.revoke)")
+            except (OSError, ValueError) as exc:
+                # The CRL is already written: say so, and how to record it by hand.
+                print(f"error: the CRL is written, but the audit log was not: {exc}; record "
+                      f"it with python -m sim.audit revoked", file=sys.stderr)
+                return 1
     print(json.dumps({"crl": str(args.crl), "revoked": [f"{s:x}" for s in added]}))
     print("now reload the broker: systemctl reload mosquitto", file=sys.stderr)
     return 0

@@ -76,3 +76,18 @@ def test_the_test_ca_revokes_through_the_same_functions(ca):
     ca.revoke(device.cert)
     serial = x509.load_pem_x509_certificate(device.cert.read_bytes()).serial_number
     assert [r.serial_number for r in crl_of(ca)] == [serial]
+
+
+def test_a_revocation_is_recorded_in_the_gateways_audit_log(ca, tmp_path):
+    from sim.audit import main as audit_main
+
+    store = tmp_path / "store"
+    device = ca.issue("dev1")
+    assert main(["--ca-cert", str(ca.cert_path), "--ca-key", str(ca.key_path),
+                 "--crl", str(ca.crl_path), "--audit", str(store), str(device.cert)]) == 0
+    serial = f"{x509.load_pem_x509_certificate(device.cert.read_bytes()).serial_number:x}"
+    lines = [json.loads(line) for line in
+             (store / ".gateway" / "audit.jsonl").read_text().splitlines()]
+    assert [(r["event"], r["device_id"], r["serial"]) for r in lines] == [
+        ("certificate.revoked", "dev1", serial)]
+    assert audit_main(["verify", str(store)]) == 0
