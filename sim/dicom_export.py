@@ -228,7 +228,10 @@ def build_dataset(jpeg: bytes, metadata: dict[str, Any]) -> Dataset:
     device_id = _matching(metadata.get("device_id"), _DEVICE_ID, "device_id")
     try:
         taken = dt.datetime.fromisoformat(metadata.get("captured_at"))
-    except (TypeError, ValueError):
+        # Written as UTC (TimezoneOffsetFromUTC "+0000"); no offset means UTC (protocol).
+        if taken.tzinfo is not None:
+            taken = taken.astimezone(dt.UTC)
+    except (TypeError, ValueError, OverflowError):
         taken = None
     if taken is None or not 1900 <= taken.year <= 9999:
         raise DicomExportError(f"metadata captured_at is missing or not an ISO 8601 time "

@@ -154,3 +154,12 @@ def test_the_gateway_s_case_reference_replaces_the_device_s(tmp_path, capture):
     filed = dcmread(export(jpeg, for_gateway(claimed, "1" * 32), tmp_path / "b.dcm"))
     honest = dcmread(export(jpeg, for_gateway(metadata, "1" * 32), tmp_path / "c.dcm"))
     assert filed.StudyInstanceUID == honest.StudyInstanceUID != forged.StudyInstanceUID
+
+
+def test_times_are_written_in_utc_whatever_offset_the_device_used(tmp_path, capture):
+    jpeg, metadata = capture
+    ds = dcmread(export(jpeg, {**metadata, "captured_at": "2026-11-25T14:30:00.123+02:00"},
+                        tmp_path / "x.dcm"))
+    assert ds.TimezoneOffsetFromUTC == "+0000"
+    assert ds.AcquisitionDateTime == "20261125123000.123000+0000"
+    assert (ds.ContentDate, ds.ContentTime) == ("20261125", "123000.123000")
