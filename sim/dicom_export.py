@@ -8,13 +8,17 @@ lossy step), with the Dermoscopic Image module filled from the capture's metadat
 Identity, all derived, so exporting the same capture twice gives the same object (idempotent
 like the rest of the gateway):
 
-- SOP Instance UID: from the capture id (from the pair id and position for the two images
-  of a pair, so that each can name the other before both have arrived).
+- SOP Instance UID: from the capture id (from the device, pair id and position for the two
+  images of a pair, so that each can name the other before both have arrived; the agent's
+  pair ids are random UUIDs, so these are as unique as capture ids).
 - Study: one per case, its UID "2.25.<n>" from the case's *reference* (``case_ref``: the
   gateway's keyed HMAC of the token, sim/cases.py), never from the token itself; a capture
   without a case goes to its device's study of the day (UTC).
 - Series: one per light mode (LightSourcePolarization) and device within the study: the
   General Equipment attributes are series-level, so two devices never share a series.
+- Study-level attributes are the same on every image of a study: Study Date is the
+  capture's (UTC) day, Study Time is empty (the study's start is not known here), Study ID
+  the tail of the study's UID.
 - Pair: both images share a Frame of Reference and an Acquisition UID, and each lists the
   other in Referenced Image Sequence (purpose (122401, DCM, "Same Anatomy")).
 
