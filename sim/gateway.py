@@ -512,7 +512,11 @@ class Gateway:
 
     def _export(self, image: bytes, metadata: Any, path: Path, capture_id: str) -> None:
         try:
-            dicom_export.export(image, metadata, path)
+            # The case's study is named by its keyed reference (sim/cases.py), never the
+            # token: the gateway's word, replacing anything the device sent under that key.
+            token = dicom_export.case_token(metadata)
+            case_ref = self.cases.ref(token) if token is not None else None
+            dicom_export.export(image, dicom_export.for_gateway(metadata, case_ref), path)
         except (dicom_export.DicomExportError, OSError) as err:
             log_event(log, "gateway.dicom_failed", level=logging.WARNING,
                       capture_id=capture_id, error=str(err))

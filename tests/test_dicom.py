@@ -79,7 +79,7 @@ _odd_values = st.recursive(
     lambda inner: st.lists(inner, max_size=3) | st.dictionaries(_odd_text, inner, max_size=3),
     max_leaves=6)
 _FIELDS = ["capture_id", "device_id", "captured_at", "software_version", "camera", "dicom",
-           "case"]
+           "case", "isic", "pair", "overridden", "quality", "gateway"]
 
 
 def test_odd_metadata_is_refused_by_name_or_exported(tmp_path, capture):
@@ -89,7 +89,8 @@ def test_odd_metadata_is_refused_by_name_or_exported(tmp_path, capture):
 
     @settings(max_examples=150, deadline=None)
     @given(st.sampled_from(_FIELDS), _odd_values,
-           st.sampled_from(["", "LightSourcePolarization", "OpticalMagnificationFactor"]))
+           st.sampled_from(["", "LightSourcePolarization", "OpticalMagnificationFactor",
+                            "ImmersionMedia", "EmitterColorTemperature"]))
     def export_odd(field: str, value: object, dicom_key: str) -> None:
         odd = {**metadata, field: value}
         if dicom_key:
@@ -127,3 +128,38 @@ def test_dicom_values_of_the_wrong_kind_are_named(tmp_path, capture):
         with pytest.raises(DicomExportError, match=key):
             export(jpeg, {**metadata, "dicom": {**metadata["dicom"], key: value}},
                    tmp_path / "x.dcm")
+
+
+@pytest.mark.parametrize(("field", "value", "words"), [
+    ("pair", "p-1", "pair is not an object"),
+    ("pair", {"pair_id": "p/1", "index": 1, "of": 2}, "pair.pair_id"),
+    ("pair", {"pair_id": "p1", "index": 3, "of": 2}, "pair.index"),
+    ("pair", {"pair_id": "p1", "index": 1, "of": True}, "pair.of"),
+    ("isic", {"anatom_site_general": ["head/neck"]}, "anatom_site_general"),
+    ("gateway", {"case_ref": "../x"}, "gateway.case_ref"),
+])
+def test_malformed_pair_site_or_case_reference_is_named(tmp_path, capture, field, value,
+                                                        words):
+    jpeg, metadata = capture
+    with pytest.raises(DicomExportError, match=words):
+        export(jpeg, {**metadata, field: value}, tmp_path / "x.dcm")
+
+
+def test_the_gateway_s_case_reference_replaces_the_device_s(tmp_path, capture):
+    from sim.dicom_export import for_gateway
+
+    jpeg, metadata = capture
+    claimed = {**metadata, "gateway": {"case_ref": "0" * 32}}
+    forged = dcmread(export(jpeg, claimed, tmp_path / "a.dcm"))
+    filed = dcmread(export(jpeg, for_gateway(claimed, "1" * 32), tmp_path / "b.dcm"))
+    honest = dcmread(export(jpeg, for_gateway(metadata, "1" * 32), tmp_path / "c.dcm"))
+    assert filed.StudyInstanceUID == honest.StudyInstanceUID != forged.StudyInstanceUID
+
+
+def test_times_are_written_in_utc_whatever_offset_the_device_used(tmp_path, capture):
+    jpeg, metadata = capture
+    ds = dcmread(export(jpeg, {**metadata, "captured_at": "2026-11-25T14:30:00.123+02:00"},
+                        tmp_path / "x.dcm"))
+    assert ds.TimezoneOffsetFromUTC == "+0000"
+    assert ds.AcquisitionDateTime == "20261125123000.123000+0000"
+    assert (ds.ContentDate, ds.ContentTime) == ("20261125", "123000.123000")

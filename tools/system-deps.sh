@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Installs the system packages the demo and the tests need, only when they are missing:
 # Mosquitto (the real broker the tests start on a free loopback port) with what builds its
-# dermascope_guard plugin (gcc, mosquitto-dev, libmosquitto-dev, libssl-dev), Python's venv, and
-# systemd-analyze (the unit-file checks).
+# dermascope_guard plugin (gcc, mosquitto-dev, libmosquitto-dev, libssl-dev), Python's venv,
+# systemd-analyze (the unit-file checks) and dicom3tools (dciodvfy, the reference validator the
+# DICOM export tests run on every exported file).
 # Uses apt, through sudo when not root. Touches no broker configuration: the tests and the
 # demo write their own config into a temporary folder and never use the system service.
 set -euo pipefail
@@ -28,6 +29,10 @@ fi
 # systemd-analyze checks the unit file (minimal images may lack systemd).
 if ! command -v systemd-analyze >/dev/null 2>&1; then
     need+=(systemd)
+fi
+# dciodvfy (dicom3tools) validates every exported DICOM object in tests/test_dicom_validator.py.
+if ! command -v dciodvfy >/dev/null 2>&1; then
+    need+=(dicom3tools)
 fi
 py=${PYTHON:-python3}
 if ! "$py" -c 'import ensurepip, venv' >/dev/null 2>&1; then
