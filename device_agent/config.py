@@ -122,7 +122,12 @@ class IlluminationConfig(_Section):
     brightness: Annotated[float, Field(ge=0.05, le=1)] = 0.8
     # What the DICOM Dermoscopic Image module records about the optics.
     magnification: Annotated[float, Field(gt=0, le=200)] = 10.0
-    immersion_media: str = "NONE"
+    # The medium between lens and skin, as the standard enumerates it; "NONE" is a dry
+    # contact, which the standard has no value for (the DICOM export leaves it empty).
+    immersion_media: Literal["NONE", "ULTRASOUND_GEL", "ALCOHOL", "WATER", "MINERAL_OIL",
+                             "PLASTIC_CAP"] = "NONE"
+    # Colour temperature of the ring's LEDs (kelvin), from their datasheet; unset: unknown.
+    emitter_colour_temperature_k: Annotated[float, Field(ge=1000, le=20000)] | None = None
 
 
 class CaseConfig(_Section):

@@ -310,3 +310,11 @@ def test_calibrate_and_status_refuse_a_bad_config_too(tmp_path, clinic_key, off_
         assert "Traceback" not in result.stderr
         assert result.returncode == 2, (command, result.stderr)
         assert "device.state_dir: " in result.stderr
+
+
+def test_immersion_media_is_one_the_dicom_standard_knows():
+    with pytest.raises(ConfigError, match=r"illumination\.immersion_media"):
+        parse_config(bench(illumination={"immersion_media": "GLYCERIN"}))
+    config = parse_config(bench(illumination={"immersion_media": "WATER",
+                                              "emitter_colour_temperature_k": 5600}))
+    assert config.illumination.emitter_colour_temperature_k == 5600

@@ -183,7 +183,10 @@ def test_the_isic_sites_the_device_offers_are_all_mapped_but_oral_genital() -> N
 ])
 def test_immersion_media_is_an_enumerated_value_or_empty(tmp_path, configured, contact,
                                                          expected) -> None:
-    jpeg, metadata = capture(illumination=IlluminationConfig(immersion_media=configured))
+    # What a device sends (the device's own config admits only the standard's values and
+    # NONE; a receiver still meets other devices' values).
+    jpeg, metadata = capture(illumination=IlluminationConfig())
+    metadata["dicom"]["ImmersionMedia"] = configured
     metadata["dicom"]["ContactMethod"] = contact
     metadata["dicom"]["EmitterColorTemperature"] = 6500
     path = exported(tmp_path, jpeg, metadata)

@@ -81,6 +81,7 @@ def build_metadata(
             "ContactMethod": "CONTACT",
             "ImmersionMedia": illumination.immersion_media,
             "OpticalMagnificationFactor": illumination.magnification,
+            "EmitterColorTemperature": illumination.emitter_colour_temperature_k,
         },
         # ISIC archive conventions.
         "isic": {
