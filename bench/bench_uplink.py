@@ -33,8 +33,8 @@ import paho.mqtt.client as mqtt
 from common import emit
 from paho.mqtt.enums import CallbackAPIVersion
 
+from dermascope_wire.bundle import pack
 from device_agent.config import UplinkConfig
-from device_agent.uplink.bundle import pack
 from device_agent.uplink.client import Uplink
 from device_agent.uplink.outbox import Outbox
 from sim.broker import MosquittoBroker

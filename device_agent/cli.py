@@ -14,7 +14,9 @@ from pathlib import Path
 
 from gpiozero.pins import Factory
 
-from device_agent import __version__, service, threads
+from dermascope_wire import threads
+from dermascope_wire.logs import add_json_handler, log_event
+from device_agent import __version__, service
 from device_agent.camera.imagefile import DEFAULT_MAX_PIXELS
 from device_agent.config import (
     DEFAULT_CONFIG_PATH,
@@ -24,7 +26,6 @@ from device_agent.config import (
     ensure_state_dir,
     load_config,
 )
-from device_agent.logs import add_json_handler, log_event
 
 log = logging.getLogger("device_agent.cli")
 

@@ -184,7 +184,7 @@ class SecurityConfig(_Section):
     @classmethod
     def _usable_signing_keys(cls, value: list[Path]) -> list[Path]:
         # Read now, as the clinic key: a wrong path stops the start with the field named.
-        from device_agent.uplink.signing import SigningKeyError, load_public_key
+        from dermascope_wire.signing import SigningKeyError, load_public_key
 
         for path in value:
             try:
@@ -198,7 +198,7 @@ class SecurityConfig(_Section):
     def _usable_key(cls, value: Path | None) -> Path | None:
         # Read now, so a wrong path stops the start with the field named instead of failing
         # at the first capture.
-        from device_agent.uplink.seal import KeyFileError, load_public_key
+        from dermascope_wire.seal import KeyFileError, load_public_key
 
         if value is None:
             return value

@@ -40,8 +40,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from device_agent.durable import make_dirs
-from device_agent.logs import log_event
+from dermascope_wire.durable import make_dirs
+from dermascope_wire.logs import log_event
 
 log = logging.getLogger("sim.audit")
 

@@ -30,7 +30,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from device_agent.logs import add_json_handler, log_event
+from dermascope_wire.logs import add_json_handler, log_event
 from sim.device import SimDevice, sim_config
 
 log = logging.getLogger("sim.crash")

@@ -20,10 +20,10 @@ from pathlib import Path
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
+from dermascope_wire import signing
+from dermascope_wire.logs import add_json_handler
+from dermascope_wire.seal import generate_keypair, public_key_pem
 from device_agent.config import Config
-from device_agent.logs import add_json_handler
-from device_agent.uplink import signing
-from device_agent.uplink.seal import generate_keypair, public_key_pem
 from sim.device import SimDevice, sim_config
 from sim.gateway import Gateway
 from sim.pki import TestCA

@@ -24,9 +24,9 @@ from pathlib import Path
 
 import cv2
 
+from dermascope_wire.bundle import pack
 from device_agent import __version__
 from device_agent.config import UplinkConfig
-from device_agent.uplink.bundle import pack
 from device_agent.uplink.client import Uplink
 from device_agent.uplink.outbox import Outbox
 from sim.broker import MosquittoBroker

@@ -74,13 +74,10 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
-from device_agent.durable import TEMP_SUFFIX, fsync_dir, make_dirs, write_atomic
-from device_agent.logs import EventName, add_json_handler, log_event
-from device_agent.provision import DEVICE_ID, check_device_id
-from device_agent.session import check_case_token
-from device_agent.uplink import bundle, seal, signing
-from device_agent.uplink.client import tcp_nodelay
-from device_agent.uplink.protocol import (
+from dermascope_wire import bundle, seal, signing
+from dermascope_wire.durable import TEMP_SUFFIX, fsync_dir, make_dirs, write_atomic
+from dermascope_wire.logs import EventName, add_json_handler, log_event
+from dermascope_wire.protocol import (
     Ack,
     Final,
     Manifest,
@@ -91,6 +88,9 @@ from device_agent.uplink.protocol import (
     request_number,
     up_filter,
 )
+from device_agent.provision import DEVICE_ID, check_device_id
+from device_agent.session import check_case_token
+from device_agent.uplink.client import tcp_nodelay
 from sim import dicom_export
 from sim.audit import AuditError, AuditLog, audit_path
 from sim.cases import CaseRegistry

@@ -22,7 +22,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from device_agent.logs import json_formatter, log_event
+from dermascope_wire.logs import json_formatter, log_event
 from sim.audit import record_revocation
 from sim.pki import CRLError, revoke_in_crl
 

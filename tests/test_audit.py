@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from device_agent.uplink import bundle
+from dermascope_wire import bundle
 from sim import audit
 from sim.gateway import Gateway
 from tests.test_gateway import DEVICE, RawDevice

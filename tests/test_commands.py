@@ -8,8 +8,8 @@ import time
 
 import pytest
 
+from dermascope_wire.bundle import unpack
 from device_agent.commands import execute, parse
-from device_agent.uplink.bundle import unpack
 from sim.device import SimDevice, sim_config
 
 
@@ -175,13 +175,13 @@ def test_commands_over_mqtt_are_answered_on_the_response_topic(tmp_path, broker)
 
 @pytest.fixture(scope="module")
 def gateway_key():
-    from device_agent.uplink import signing
+    from dermascope_wire import signing
 
     return signing.generate_key()
 
 
 def signed_device_config(tmp_path, port, key):
-    from device_agent.uplink import signing
+    from dermascope_wire import signing
 
     public = tmp_path / "gateway-sign.pub.pem"
     public.write_bytes(signing.public_key_pem(key.public_key()))
@@ -191,7 +191,7 @@ def signed_device_config(tmp_path, port, key):
 
 def test_only_signed_fresh_commands_for_this_device_run_over_mqtt(tmp_path, broker, events,
                                                                    gateway_key):
-    from device_agent.uplink import signing
+    from dermascope_wire import signing
     from sim.commander import Commander
 
     config = signed_device_config(tmp_path, broker.port, gateway_key)
@@ -252,7 +252,7 @@ def test_only_signed_fresh_commands_for_this_device_run_over_mqtt(tmp_path, brok
 
 def test_the_command_guard_refuses_a_damaged_sequence_file_rather_than_forget_it(
         tmp_path, gateway_key):
-    from device_agent.uplink import signing
+    from dermascope_wire import signing
 
     store = signing.SequenceStore(tmp_path / "command-sequence.json")
     guard = signing.CommandGuard(signing.Trust.of([gateway_key.public_key()]), "dev-1", store)

@@ -14,8 +14,8 @@ import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
-from device_agent.uplink import bundle, seal
-from device_agent.uplink.protocol import (
+from dermascope_wire import bundle, seal
+from dermascope_wire.protocol import (
     PROTOCOL_VERSION,
     Ack,
     Final,

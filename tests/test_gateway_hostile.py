@@ -18,8 +18,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from paho.mqtt.enums import CallbackAPIVersion
 
-from device_agent.uplink import bundle
-from device_agent.uplink.protocol import (
+from dermascope_wire import bundle
+from dermascope_wire.protocol import (
     ACK_STATES,
     MAX_CONTROL_MESSAGE,
     MAX_JSON_DEPTH,

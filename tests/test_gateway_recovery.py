@@ -20,8 +20,8 @@ import cv2
 import pytest
 from pydicom.filereader import dcmread
 
-from device_agent.uplink import bundle
-from device_agent.uplink.protocol import Final, Manifest, chunk_count_for, encode_chunk
+from dermascope_wire import bundle
+from dermascope_wire.protocol import Final, Manifest, chunk_count_for, encode_chunk
 from sim.dicom_export import DERMOSCOPIC_PHOTOGRAPHY
 from sim.gateway import Gateway
 from sim.scene import SceneSpec, render

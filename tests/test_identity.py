@@ -24,12 +24,8 @@ from cryptography.x509.oid import NameOID
 from paho.mqtt.enums import CallbackAPIVersion
 from pydantic import ValidationError
 
-from device_agent.config import DeviceConfig, UplinkConfig
-from device_agent.provision import ProvisionError, check_device_id
-from device_agent.session import SessionError, check_case_token
-from device_agent.uplink import bundle, seal
-from device_agent.uplink.outbox import validate_capture_id
-from device_agent.uplink.protocol import (
+from dermascope_wire import bundle, seal
+from dermascope_wire.protocol import (
     Ack,
     Final,
     Manifest,
@@ -39,6 +35,10 @@ from device_agent.uplink.protocol import (
     encode_chunk,
     parse_up_topic,
 )
+from device_agent.config import DeviceConfig, UplinkConfig
+from device_agent.provision import ProvisionError, check_device_id
+from device_agent.session import SessionError, check_case_token
+from device_agent.uplink.outbox import validate_capture_id
 from sim import audit
 from sim.device import SimDevice, sim_config
 from sim.gateway import CaseError, Gateway

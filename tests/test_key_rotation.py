@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from device_agent.uplink.seal import generate_keypair, public_key_pem
+from dermascope_wire.seal import generate_keypair, public_key_pem
 from sim.device import SimDevice, sim_config
 from sim.gateway import Gateway
 

@@ -17,13 +17,13 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from paho.mqtt.enums import CallbackAPIVersion
 
+from dermascope_wire import signing
+from dermascope_wire.bundle import pack
+from dermascope_wire.protocol import Ack, ProtocolError, Topics
+from dermascope_wire.seal import generate_keypair, public_key_pem
 from device_agent.config import ConfigError, UplinkConfig, parse_config
-from device_agent.uplink import signing
-from device_agent.uplink.bundle import pack
 from device_agent.uplink.client import Uplink
 from device_agent.uplink.outbox import Outbox
-from device_agent.uplink.protocol import Ack, ProtocolError, Topics
-from device_agent.uplink.seal import generate_keypair, public_key_pem
 from sim.gateway import Gateway
 
 DEVICE = "dev-sign"

@@ -22,11 +22,11 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 from tqdm import tqdm
 
+from dermascope_wire import bundle, seal
+from dermascope_wire.protocol import Manifest, Topics, chunk_count_for, encode_chunk
 from device_agent.config import UplinkConfig
-from device_agent.uplink import bundle, seal
 from device_agent.uplink.client import Uplink, backoff_delay
 from device_agent.uplink.outbox import Outbox
-from device_agent.uplink.protocol import Manifest, Topics, chunk_count_for, encode_chunk
 from sim.broker import AmqttBroker, MosquittoBroker, free_port
 from sim.gateway import Gateway
 from sim.netfault import FaultProxy
@@ -511,7 +511,7 @@ _SOAK_DEVICE = textwrap.dedent(
     import hashlib, random, sys
     from pathlib import Path
     from device_agent.config import UplinkConfig
-    from device_agent.uplink import bundle
+    from dermascope_wire import bundle
     from device_agent.uplink.client import Uplink
     from device_agent.uplink.outbox import Outbox
     port, box, run, mode = int(sys.argv[1]), Path(sys.argv[2]), sys.argv[3], sys.argv[4]
