@@ -127,7 +127,7 @@ class _Phases(logging.Handler):
 def uplink_delivery(port: int, workdir: Path, capture: bytes, repeat: int
                     ) -> tuple[float, dict[str, float]]:
     log = workdir / "gateway.jsonl"
-    gateway = subprocess.Popen([sys.executable, "-m", "sim.gateway", "--port", str(port),
+    gateway = subprocess.Popen([sys.executable, "-m", "clinic_gateway", "run", "--port", str(port),
                                 "--store", str(workdir / "store"), "--log", str(log),
                                 "--insecure-dev-mode"],
                                stdout=subprocess.DEVNULL)

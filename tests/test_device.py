@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 
+from clinic_gateway.gateway import Gateway
 from device_agent.uplink.outbox import Outbox
 from sim.broker import MosquittoBroker, free_port
 from sim.device import SimDevice, sim_config
-from sim.gateway import Gateway
 
 DEVICE = "sim-0001"
 
