@@ -210,16 +210,16 @@ def _calibrate(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    # The simulator is a development install (dermascope-sim), never on a device: imported
-    # only when the demo runs.
+    # The simulator is a development install (sim/pyproject.toml), never on a device:
+    # imported only when the demo runs.
     try:
         from sim.demo import run_demo
     except ModuleNotFoundError as err:
         if err.name is None or err.name.split(".")[0] not in ("sim", "clinic_gateway"):
             raise
-        print("device-agent demo: the demo needs the simulator and the reference gateway, "
-              "which are not installed here: pip install -e .[dev] (or make demo) in a "
-              "clone of the repository", file=sys.stderr)
+        print("device-agent demo: the demo needs the simulator and the clinic gateway, which "
+              "a device does not install: in a clone of the repository, make demo (or pip "
+              "install -e '.[dev]' -e ./clinic_gateway -e ./sim)", file=sys.stderr)
         return EXIT_FAILED
     return run_demo(args.out, args.captures, seed=args.seed)
 
