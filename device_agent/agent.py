@@ -1,6 +1,6 @@
 """The orchestrator: gesture -> capture -> verdict -> feedback -> outbox -> uplink.
 
-Threads (all named and supervised, device_agent.threads): ``camera`` fills the frame ring;
+Threads (all named and supervised, dermascope_wire.threads): ``camera`` fills the frame ring;
 ``agent`` (the caller of :meth:`run`) turns gestures into captures and runs the gateway's
 commands, one at a time, so a command never races a capture (a pair's ring switching);
 ``feedback`` plays LED patterns; the uplink has its own. :meth:`run` returns (and the
@@ -31,7 +31,12 @@ from typing import Any, Protocol
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PublicKey
 from gpiozero.pins import Factory
 
-from device_agent import __version__, commands, threads
+from dermascope_wire import threads
+from dermascope_wire.bundle import pack
+from dermascope_wire.logs import log_event
+from dermascope_wire.seal import load_public_key, seal
+from dermascope_wire.signing import CommandGuard, SequenceStore, Trust
+from device_agent import __version__, commands
 from device_agent.buttons.gestures import Gesture, GestureButton, GestureEvent
 from device_agent.camera.base import Camera, CameraError, Frame, FrameTimeout
 from device_agent.camera.calibration import (
@@ -48,14 +53,10 @@ from device_agent.camera.select import choose_frame
 from device_agent.commands import NoArgs, OpenCase, SetIllumination, SetSettings
 from device_agent.config import Config
 from device_agent.feedback.lights import MODE_SIGNALS, Lights, Signal
-from device_agent.logs import log_event
 from device_agent.report import render_report
 from device_agent.session import Case, Session, SessionError
 from device_agent.status import status_path, write_status
-from device_agent.uplink.bundle import pack
 from device_agent.uplink.outbox import Outbox, StorageFull
-from device_agent.uplink.seal import load_public_key, seal
-from device_agent.uplink.signing import CommandGuard, SequenceStore, Trust
 
 log = logging.getLogger(__name__)
 
@@ -243,7 +244,7 @@ class Agent:
         self.ring_started_at = time.monotonic()
         self.camera.start()
         self._light_for(self.session.mode)
-        self._camera_thread = threads.start("camera", self._stream)
+        self._camera_thread = threads.start("camera", self._stream, log)
         log_event(log, "agent.started", device_id=self.config.device.id, version=__version__,
                   outbox_depth=self.outbox.depth())
 

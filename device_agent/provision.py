@@ -34,10 +34,10 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from dermascope_wire import signing
+from dermascope_wire.durable import write_atomic
+from dermascope_wire.seal import KeyFileError, load_public_key, public_key_pem
 from device_agent.config import load_config
-from device_agent.durable import write_atomic
-from device_agent.uplink import signing
-from device_agent.uplink.seal import KeyFileError, load_public_key, public_key_pem
 
 #: A device id: it becomes a certificate CN, the broker user name and a topic level, so
 #: nothing that MQTT, a file name or a log could read otherwise (no ``/ + # $``, no

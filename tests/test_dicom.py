@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from pydicom.encaps import generate_frames
 from pydicom.filereader import dcmread
 
-from sim.dicom_export import DERMOSCOPIC_PHOTOGRAPHY, DicomExportError, export
+from clinic_gateway.dicom_export import DERMOSCOPIC_PHOTOGRAPHY, DicomExportError, export
 from sim.scene import SceneSpec, render
 
 

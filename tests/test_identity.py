@@ -24,12 +24,10 @@ from cryptography.x509.oid import NameOID
 from paho.mqtt.enums import CallbackAPIVersion
 from pydantic import ValidationError
 
-from device_agent.config import DeviceConfig, UplinkConfig
-from device_agent.provision import ProvisionError, check_device_id
-from device_agent.session import SessionError, check_case_token
-from device_agent.uplink import bundle, seal
-from device_agent.uplink.outbox import validate_capture_id
-from device_agent.uplink.protocol import (
+from clinic_gateway import audit
+from clinic_gateway.gateway import CaseError, Gateway
+from dermascope_wire import bundle, seal
+from dermascope_wire.protocol import (
     Ack,
     Final,
     Manifest,
@@ -39,9 +37,11 @@ from device_agent.uplink.protocol import (
     encode_chunk,
     parse_up_topic,
 )
-from sim import audit
+from device_agent.config import DeviceConfig, UplinkConfig
+from device_agent.provision import ProvisionError, check_device_id
+from device_agent.session import SessionError, check_case_token
+from device_agent.uplink.outbox import validate_capture_id
 from sim.device import SimDevice, sim_config
-from sim.gateway import CaseError, Gateway
 from sim.pki import SigningRefused, TestCA
 from sim.secure_broker import SecureMosquitto
 
@@ -356,7 +356,7 @@ def test_a_command_never_reaches_another_device_by_a_crafted_id(clinic) -> None:
 
 
 def test_the_registry_knows_when_each_case_was_open(tmp_path) -> None:
-    from sim.cases import CaseRegistry
+    from clinic_gateway.cases import CaseRegistry
 
     reg = CaseRegistry(tmp_path / ".gateway", skew=10)
     t0 = 1_800_000_000.0
@@ -382,7 +382,7 @@ def test_the_registry_knows_when_each_case_was_open(tmp_path) -> None:
 
 
 def test_the_registry_refuses_a_corrupted_file_by_name(tmp_path) -> None:
-    from sim.cases import CaseRegistry, CaseRegistryError
+    from clinic_gateway.cases import CaseRegistry, CaseRegistryError
 
     reg = CaseRegistry(tmp_path / ".gateway")
     reg.opened(A, "TD-1")

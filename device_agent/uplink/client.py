@@ -27,7 +27,7 @@ Why it is built this way:
   neither a compromised broker nor a stolen gateway certificate can make it delete a capture
   that was never stored. Anything else is refused (``uplink.ack_refused``) and ignored: the
   capture stays and its transfer times out and starts again.
-- The three threads are supervised (device_agent.threads): ``healthy`` turns false when one
+- The three threads are supervised (dermascope_wire.threads): ``healthy`` turns false when one
   died, and the service then stops with a failure for systemd to restart it.
 """
 
@@ -56,12 +56,9 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
-from device_agent import threads
-from device_agent.config import UplinkConfig
-from device_agent.logs import EventName, log_event
-from device_agent.uplink import bundle, seal, signing
-from device_agent.uplink.outbox import CorruptEntry, Outbox, OutboxEntry
-from device_agent.uplink.protocol import (
+from dermascope_wire import bundle, seal, signing, threads
+from dermascope_wire.logs import EventName, log_event
+from dermascope_wire.protocol import (
     MAX_CHUNKS,
     Ack,
     Final,
@@ -75,6 +72,8 @@ from device_agent.uplink.protocol import (
     parse_ack_topic,
     status_payload,
 )
+from device_agent.config import UplinkConfig
+from device_agent.uplink.outbox import CorruptEntry, Outbox, OutboxEntry
 
 log = logging.getLogger(__name__)
 #: paho's own log (client.enable_logger): only what is worth a technician's attention.
@@ -258,10 +257,10 @@ class Uplink:
                       reason="no gateway signing key: every ack is refused and nothing is "
                              "delivered; set security.gateway_public_key")
         self._close.clear()
-        self._net = threads.start(f"uplink-net-{self.device_id}", self._net_main)
-        self._sender = threads.start(f"uplink-sender-{self.device_id}", self._sender_main)
+        self._net = threads.start(f"uplink-net-{self.device_id}", self._net_main, log)
+        self._sender = threads.start(f"uplink-sender-{self.device_id}", self._sender_main, log)
         self._heartbeat = threads.start(f"uplink-heartbeat-{self.device_id}",
-                                        self._heartbeat_main)
+                                        self._heartbeat_main, log)
         log_event(log, "uplink.started", host=self.config.host, port=self.config.port,
                   protocol=self.config.protocol, device_id=self.device_id)
 

@@ -1,9 +1,9 @@
 """The transfer protocol between a device and the clinic gateway (docs/protocol.md).
 
-Shared by the device (``client.py``) and the reference receiver (``sim/gateway.py``) so the two
-cannot drift. Everything a receiver needs is inside the payloads (JSON control messages,
-binary chunks with their own header and CRC), never in MQTT 5 properties, so MQTT 3.1.1
-carries exactly the same protocol.
+Part of the wire package, shared by the device (``device_agent/uplink/client.py``) and the
+clinic's gateway (``clinic_gateway/gateway.py``) so the two cannot drift. Everything a
+receiver needs is inside the payloads (JSON control messages, binary chunks with their own
+header and CRC), never in MQTT 5 properties, so MQTT 3.1.1 carries exactly the same protocol.
 
 Topic tree (``<p>`` = topic prefix, default ``derm/v1``)::
 
