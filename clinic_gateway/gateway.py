@@ -80,6 +80,7 @@ from clinic_gateway.cases import CaseRegistry
 from clinic_gateway.commander import Commander
 from dermascope_wire import bundle, seal, signing
 from dermascope_wire.durable import TEMP_SUFFIX, fsync_dir, make_dirs, write_atomic
+from dermascope_wire.identity import DEVICE_ID, check_case_token, check_device_id
 from dermascope_wire.logs import EventName, add_json_handler, log_event
 from dermascope_wire.protocol import (
     Ack,
@@ -92,8 +93,6 @@ from dermascope_wire.protocol import (
     request_number,
     up_filter,
 )
-from device_agent.provision import DEVICE_ID, check_device_id
-from device_agent.session import check_case_token
 from device_agent.uplink.client import tcp_nodelay
 
 log = logging.getLogger("clinic_gateway.gateway")

@@ -22,7 +22,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from clinic_gateway.crl import revoke_in_crl
-from device_agent.provision import ProvisionError, check_device_id
+from dermascope_wire.identity import IdentityError, check_device_id
 
 #: The clinic's own services, whose certificates are signed only when asked for by name.
 SERVICE_NAMES = ("gateway", "broker", "admin", "commander")
@@ -44,7 +44,7 @@ def check_csr_name(csr: x509.CertificateSigningRequest, role: str) -> str:
     if role == "device":
         try:
             return check_device_id(cn)
-        except ProvisionError as err:
+        except IdentityError as err:
             raise SigningRefused(f"CSR CN: {err}") from None
     if role not in SERVICE_NAMES:
         raise SigningRefused(f"role {role!r}: expected 'device' or one of {SERVICE_NAMES}")

@@ -27,6 +27,7 @@ from pydantic import ValidationError
 from clinic_gateway import audit
 from clinic_gateway.gateway import CaseError, Gateway
 from dermascope_wire import bundle, seal
+from dermascope_wire.identity import IdentityError
 from dermascope_wire.protocol import (
     Ack,
     Final,
@@ -266,9 +267,9 @@ def test_a_claimed_case_the_clinic_did_not_open_on_that_device_is_filed_unassign
 
 
 def test_the_gateway_refuses_to_open_a_cpr_number_as_a_case(clinic) -> None:
-    with pytest.raises(SessionError, match="CPR"):
+    with pytest.raises(IdentityError, match="CPR"):
         clinic["gateway"].open_case(A, "010190:1234")
-    with pytest.raises(ProvisionError, match="reserved"):
+    with pytest.raises(IdentityError, match="reserved"):
         clinic["gateway"].open_case("gateway", TOKEN)
     assert not (clinic["store"] / ".gateway" / "cases").exists()
 
@@ -347,7 +348,7 @@ def test_id_patterns_refuse_a_trailing_newline() -> None:
 
 def test_a_command_never_reaches_another_device_by_a_crafted_id(clinic) -> None:
     # The broker ACL is the gate; the gateway's own check refuses first, by name.
-    with pytest.raises(ProvisionError):
+    with pytest.raises(IdentityError):
         clinic["gateway"].close_case(f"{A}/cmd/x")
     assert not (clinic["store"] / ".gateway" / "cases").exists()
 
