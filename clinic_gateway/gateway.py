@@ -93,7 +93,7 @@ from dermascope_wire.protocol import (
     request_number,
     up_filter,
 )
-from device_agent.uplink.client import tcp_nodelay
+from dermascope_wire.sockets import tcp_nodelay
 
 log = logging.getLogger("clinic_gateway.gateway")
 #: paho-mqtt's own messages (connection trouble, exceptions it caught) go to the JSON log too.

@@ -45,10 +45,30 @@ def test_the_device_wheel_holds_neither_the_simulator_nor_the_gateway(tmp_path: 
         requires = [line for line in archive.read(metadata).decode().splitlines()
                     if line.startswith("Requires-Dist:")]
     packages = {name.split("/")[0] for name in names}
-    assert {"device_agent", "dermascope_wire"} <= packages
+    assert "device_agent" in packages
     assert not packages & {"sim", "clinic_gateway", "bench", "tests"}, sorted(packages)
     assert requires, "the device's dependencies are declared"
+    assert [r for r in requires if r.split()[1] == "dermascope-wire"], requires
     assert not [r for r in requires if "pydicom" in r.lower()], requires
+
+
+def test_the_gateway_and_the_wire_package_need_nothing_of_the_device(tmp_path: Path) -> None:
+    wheels = tmp_path / "wheels"
+    for folder in ("dermascope_wire", "clinic_gateway"):
+        built = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--quiet",
+                                "-w", str(wheels), str(ROOT / folder)],
+                               capture_output=True, text=True, timeout=600, check=False)
+        assert built.returncode == 0, built.stderr
+    for wheel in wheels.glob("*.whl"):
+        with zipfile.ZipFile(wheel) as archive:
+            names = archive.namelist()
+            (metadata,) = [n for n in names if n.endswith(".dist-info/METADATA")]
+            requires = [line.split()[1] for line in archive.read(metadata).decode().splitlines()
+                        if line.startswith("Requires-Dist:")]
+        packages = {name.split("/")[0] for name in names if "dist-info" not in name}
+        assert packages in ({"dermascope_wire"}, {"clinic_gateway"}), (wheel.name, packages)
+        assert "device-agent" not in requires, (wheel.name, requires)
+        assert not {"opencv-python-headless", "numpy", "gpiozero"} & set(requires), requires
 
 
 def test_the_device_code_imports_neither_the_simulator_nor_the_gateway() -> None:
@@ -97,3 +117,22 @@ def test_the_device_registers_the_real_camera_and_the_simulator_its_own() -> Non
         "picamera2": "device_agent.camera.backends:open_picamera2"}
     assert backends("dermascope-sim") == {"sim": "sim.camera:open_backend"}
     assert "pydicom" not in " ".join(distribution("device-agent").requires or [])
+
+
+def test_the_gateway_code_imports_nothing_of_the_device_or_the_simulator() -> None:
+    guard = GUARD.replace(repr(NOT_ON_A_DEVICE), repr(("device_agent", "sim", "bench")))
+    code = guard + textwrap.dedent("""
+        import importlib
+        import pkgutil
+
+        import clinic_gateway
+
+        for info in pkgutil.walk_packages(clinic_gateway.__path__, "clinic_gateway."):
+            if not info.name.endswith(".__main__"):
+                importlib.import_module(info.name)
+        bad = sorted(m for m in sys.modules if m.split(".")[0] in ("device_agent", "sim"))
+        sys.exit(f"imported: {bad}" if bad else 0)
+    """)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            timeout=120, check=False, cwd=ROOT)
+    assert result.returncode == 0, result.stderr

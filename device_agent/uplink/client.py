@@ -39,7 +39,6 @@ import json
 import logging
 import random
 import shutil
-import socket
 import threading
 import time
 import traceback
@@ -72,6 +71,7 @@ from dermascope_wire.protocol import (
     parse_ack_topic,
     status_payload,
 )
+from dermascope_wire.sockets import tcp_nodelay
 from device_agent.config import UplinkConfig
 from device_agent.uplink.outbox import CorruptEntry, Outbox, OutboxEntry
 
@@ -125,13 +125,6 @@ def content_type_of(payload: bytes) -> str:
     if payload.startswith(bundle.MAGIC):
         return bundle.CONTENT_TYPE
     return "application/octet-stream"  # the gateway refuses it: quarantined, never lost
-
-
-def tcp_nodelay(client: mqtt.Client, userdata: Any, sock: Any) -> None:
-    """Disable Nagle: small control messages (manifest, final, ack) would otherwise wait for
-    the peer's delayed ACK (~40 ms per round trip on Linux) and dominate a transfer."""
-    with contextlib.suppress(OSError, AttributeError):  # e.g. a websocket or TLS wrapper
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
 def backoff_delay(attempt: int, lo: float, hi: float, rng: random.Random) -> float:
