@@ -34,6 +34,7 @@ from pathlib import Path
 
 from clinic_gateway.config import Config, ConfigError, check_tls_files, load_config
 from dermascope_wire.logs import add_json_handler, log_event
+from device_agent.service import notify
 
 log = logging.getLogger("clinic_gateway.service")
 
@@ -183,6 +184,7 @@ class Supervisor:
                 self._spawn(w)
             log_event(log, "gateway.service_started", workers=len(self.workers),
                       config=str(self.config_path))
+            notify("READY=1")  # systemd (Type=notify); a no-op elsewhere
             while True:
                 due = [w.restart_at for w in self.workers if w.restart_at is not None]
                 timeout = max(0.0, min(due) - time.monotonic()) if due else 3600.0
@@ -194,6 +196,7 @@ class Supervisor:
                 for w in self.workers:
                     if w.proc is None and w.restart_at is not None and w.restart_at <= now:
                         self._spawn(w)
+            notify("STOPPING=1")
             self._stop_all()
             log_event(log, "gateway.service_stopped")
             return 0
