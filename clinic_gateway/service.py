@@ -68,6 +68,16 @@ class _WorkerTag(logging.Filter):
         return True
 
 
+def _signal_name(returncode: int) -> str | None:
+    """The signal that ended a process (Popen's negative return code), e.g. "SIGKILL"."""
+    if returncode >= 0:
+        return None
+    try:
+        return signal.Signals(-returncode).name
+    except ValueError:  # a real-time signal has no name
+        return f"signal {-returncode}"
+
+
 def _setup_logging(config: Config, worker: int | None) -> None:
     handlers = [add_json_handler("clinic_gateway", stream=sys.stdout)]
     if config.service.log_file is not None:
@@ -167,8 +177,7 @@ class Supervisor:
                 continue
             code = w.proc.returncode
             log_event(log, "gateway.worker_died", level=logging.ERROR, worker=w.n,
-                      pid=w.proc.pid, returncode=code,
-                      signal=signal.Signals(-code).name if code < 0 else None)
+                      pid=w.proc.pid, returncode=code, signal=_signal_name(code))
             if self.multiproc_dir is not None:
                 worker_died(self.multiproc_dir, w.proc.pid)
             w.proc = None

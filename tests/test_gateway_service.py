@@ -4,6 +4,7 @@ nothing stored twice), the metrics endpoint scraped over HTTP, and the checks.""
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import os
 import re
@@ -292,7 +293,11 @@ def test_metrics_are_scraped_over_http_after_a_capture(tmp_path):
         seen = metric(text, "clinic_gateway_device_last_seen_timestamp_seconds",
                       device_id="svc-0000")
         assert time.time() - 120 < seen <= time.time()
-        assert metric(text, "clinic_gateway_staging_bytes") == 0  # committed: cleaned up
+        # The committed transfer's staging goes after its ack (off the ack path): wait for it.
+        deadline = time.monotonic() + 30
+        while metric(scrape(port), "clinic_gateway_staging_bytes") != 0:
+            assert time.monotonic() < deadline, "the staging was never cleaned up"
+            time.sleep(0.05)
         assert metric(text, "clinic_gateway_workers_configured") == 2
         assert svc.stop() == 0
 
@@ -364,3 +369,17 @@ def test_two_workers_with_their_own_certificates_on_the_shipped_broker(tmp_path)
             assert service.stop() == 0
         assert not events(tmp_path, "gateway.worker_died")
         assert len(events(tmp_path, "gateway.connected")) == 2  # no reconnects: no eviction
+
+
+def test_check_fails_on_an_expired_worker_certificate(tmp_path):
+    ca = TestCA(tmp_path / "pki")
+    config = secure_config(tmp_path, ca, free_port())
+    expired = ca.issue("gateway-2", checked=False, days=1,
+                       valid_from=dt.datetime.now(dt.UTC) - dt.timedelta(days=10))
+    expired.cert.replace(tmp_path / "tls" / "gateway-2.crt")
+    expired.key.replace(tmp_path / "tls" / "gateway-2.key")
+    result = gateway_cmd("check", "--config", str(config), "--no-broker")
+    assert result.returncode == 1, result.stdout
+    assert re.search(r"(?m)^FAIL\s+tls\s+worker 2 \(CN gateway-2\): expired 9 days ago",
+                     result.stdout), result.stdout
+    assert re.search(r"(?m)^ok\s+tls\s+worker 1 \(CN gateway\)", result.stdout)
