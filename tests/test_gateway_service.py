@@ -351,9 +351,37 @@ topic write derm/v1/+/cmd/#
 """
 
 
+def sealed_devices(tmp_path: Path, ca: TestCA, port: int, count: int, captures: int
+                   ) -> tuple[list[Uplink], set[str]]:
+    """Provisioned devices: their own certificates, captures sealed to the clinic's key,
+    acks trusted only when signed by the clinic's signing key (the config's keys)."""
+    clinic_key = seal.load_private_key(tmp_path / "keys" / "clinic.pem").public_key()
+    trust = signing.Trust.of([signing.load_private_key(tmp_path / "keys" / "signing.pem")
+                              .public_key()])
+    image = _sample_image()
+    uplinks, accepted = [], set()
+    for d in range(count):
+        device_id = f"sec-{d:04d}"
+        issued = ca.issue(device_id)
+        config = UplinkConfig(host="localhost", port=port, ca_file=ca.cert_path,
+                              cert_file=issued.cert, key_file=issued.key, ack_timeout=20.0,
+                              retry_min=0.2, retry_max=3.0)
+        outbox = Outbox(tmp_path / "devices" / device_id, 1 << 30)
+        for _ in range(captures):
+            capture_id = uuid.uuid4().hex
+            bundle = pack({"capture_id": capture_id, "device_id": device_id,
+                           "schema": "dermascope.capture/1"}, image)
+            outbox.put(capture_id, seal.seal(bundle, clinic_key, device_id, capture_id))
+            accepted.add(capture_id)
+        uplinks.append(Uplink(config, device_id, outbox, __version__, trust=trust))
+    return uplinks, accepted
+
+
 def test_two_workers_with_their_own_certificates_on_the_shipped_broker(tmp_path):
-    """The shipped broker config with worker 2's ACL block: check is fit (exit 0), and both
-    workers subscribe under their own CN and stay connected (neither evicts the other)."""
+    """The shipped broker config with worker 2's ACL block: check is fit (exit 0); both
+    workers subscribe under their own CN and stay connected (neither evicts the other), and
+    sealed captures of provisioned devices are opened with keys.sealing, acked under
+    keys.signing (the devices trust nothing else) and stored once each."""
     ca = TestCA(tmp_path / "pki")
     with SecureMosquitto(tmp_path / "broker", ca, extra_acl=WORKER_2_ACL) as broker:
         config = secure_config(tmp_path, ca, broker.port)
@@ -366,7 +394,12 @@ def test_two_workers_with_their_own_certificates_on_the_shipped_broker(tmp_path)
             wait_events(tmp_path, "gateway.connected", count=2)
             for n in (1, 2):
                 wait_events(tmp_path, "gateway.connected", worker=n)
+            uplinks, accepted = sealed_devices(tmp_path, ca, broker.port, count=3, captures=2)
+            deliver(uplinks)
             assert service.stop() == 0
+        stored = Counter(e["capture_id"] for e in events(tmp_path, "capture.stored"))
+        assert stored == Counter(accepted)  # each once
+        assert {p.stem for p in (tmp_path / "store").glob("sec-*/*.jpg")} == accepted
         assert not events(tmp_path, "gateway.worker_died")
         assert len(events(tmp_path, "gateway.connected")) == 2  # no reconnects: no eviction
 
