@@ -163,7 +163,11 @@ class Supervisor:
         self.multiproc_dir = Path(tempfile.mkdtemp(prefix="clinic-gateway-metrics-"))
         registry = service_registry(self.multiproc_dir, ServiceCollector(
             self.config.store.dir, len(self.workers), self.alive))
-        server, _thread = start_http_server(m.port, addr=m.address, registry=registry)
+        try:
+            server, _thread = start_http_server(m.port, addr=m.address, registry=registry)
+        except OSError as err:
+            raise OSError(f"metrics.address, metrics.port: cannot listen on "
+                          f"{m.address}:{m.port}: {err.strerror or err}") from None
         log_event(log, "gateway.metrics_listening", address=m.address,
                   port=server.server_port)
         self._server = server
@@ -233,15 +237,20 @@ class Supervisor:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not any(a == "--config" or a.startswith("--config=") for a in argv):
-        from clinic_gateway import gateway  # the development command line
-
-        return gateway.main(argv)
-    parser = argparse.ArgumentParser(prog="clinic-gateway run",
-                                     description="Run the clinic gateway's workers.")
+    parser = argparse.ArgumentParser(
+        prog="clinic-gateway run", description="Run the clinic gateway's workers "
+        "(docs/gateway.md).", epilog="Without --config: the development command line of a "
+        "single gateway, `clinic-gateway run --store DIR ...` (python -m "
+        "clinic_gateway.gateway --help).")
     parser.add_argument("--config", type=Path, required=True,
                         help="the service's TOML config (/etc/clinic-gateway/config.toml)")
     parser.add_argument("--worker", type=int, help=argparse.SUPPRESS)  # the supervisor's
+    if not any(a == "--config" or a.startswith("--config=") for a in argv):
+        if any(a in ("-h", "--help") for a in argv) or not argv:
+            parser.parse_args(argv)  # the documented way first: its help, or its error
+        from clinic_gateway import gateway  # the development command line
+
+        return gateway.main(argv)
     args = parser.parse_args(argv)
     try:
         config = load_config(args.config)

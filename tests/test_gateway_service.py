@@ -10,6 +10,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -300,6 +301,18 @@ def test_metrics_are_scraped_over_http_after_a_capture(tmp_path):
             time.sleep(0.05)
         assert metric(text, "clinic_gateway_workers_configured") == 2
         assert svc.stop() == 0
+
+
+def test_a_metrics_port_in_use_stops_the_service_with_the_fields_named(tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = gateway_cmd("run", "--config", str(dev_config(tmp_path, 1, metrics_port=port)))
+    assert result.returncode == 1
+    assert f"metrics.address, metrics.port: cannot listen on 127.0.0.1:{port}" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not events(tmp_path, "gateway.worker_started")  # no worker left behind
 
 
 # -- check --------------------------------------------------------------------------------
