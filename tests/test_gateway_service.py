@@ -330,6 +330,17 @@ def test_check_on_a_bench_says_every_line_and_not_fit(tmp_path):
     assert "NOT fit" in result.stdout
 
 
+def test_check_fails_on_a_broken_audit_chain(tmp_path):
+    config = dev_config(tmp_path, free_port())
+    audit = tmp_path / "store" / ".gateway" / "audit.jsonl"
+    audit.parent.mkdir(parents=True, mode=0o750)
+    (tmp_path / "store").chmod(0o750)
+    audit.write_text('{"seq": 1, "prev": "0", "event": "ack.sent"}\n')
+    result = gateway_cmd("check", "--config", str(config), "--no-broker")
+    assert result.returncode == 1
+    assert re.search(r"(?m)^FAIL\s+audit\s+", result.stdout), result.stdout
+
+
 def secure_config(tmp_path: Path, ca: TestCA, port: int, workers: int = 2) -> Path:
     tls = tmp_path / "tls"
     tls.mkdir()
