@@ -126,16 +126,17 @@ def check_tls(config: Config) -> list[Check]:
 
 
 def check_broker(config: Config, timeout: float = 5.0) -> Check:
-    """Connect (with worker 1's certificate) and disconnect. The client id is a fresh one:
-    on the shipped broker it becomes the CN anyway, and taking over the running worker's
-    session for a moment is harmless (it reconnects at once)."""
+    """Connect and disconnect, under the commander's certificate when there is one: the
+    shipped broker makes the client id the CN, and the command connection is opened only
+    when a command is sent, while worker 1's (the fallback) would be taken over from the
+    running worker for a moment (it reconnects at once; devices resend what it missed)."""
     b = config.broker
     where = f"{b.host}:{b.port}"
     client = mqtt.Client(CallbackAPIVersion.VERSION2,
                          client_id=f"gateway-check-{uuid.uuid4().hex[:8]}",
                          protocol=mqtt.MQTTv5 if b.protocol == "mqtt5" else mqtt.MQTTv311)
     try:
-        tls = config.worker_tls(1)
+        tls = config.command_tls(1)
         if tls is not None:
             client.tls_set(**tls)
         client.connect(b.host, b.port, keepalive=10)

@@ -214,6 +214,7 @@ class Supervisor:
             log_event(log, "gateway.service_stopped")
             return 0
         finally:
+            self._stop_all()  # a no-op after a clean stop; no worker outlives an error here
             server = getattr(self, "_server", None)
             if server is not None:
                 server.shutdown()
