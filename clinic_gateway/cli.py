@@ -1,12 +1,15 @@
 """``clinic-gateway``: the clinic's service and clinic IT's tools, one command.
 
-    clinic-gateway run --host HOST --port PORT --store DIR --key clinic.pem ...
+    clinic-gateway run --config /etc/clinic-gateway/config.toml
+    clinic-gateway check --config /etc/clinic-gateway/config.toml
+    clinic-gateway run --host HOST --port PORT --store DIR --key clinic.pem ...  (development)
     clinic-gateway audit verify STORE
     clinic-gateway audit revoked STORE --device ID --serial HEX
     clinic-gateway revoke --ca-cert clinic-ca.crt --ca-key clinic-ca.key --crl FILE CERT...
 
-Each subcommand is its module's own command line (``clinic_gateway.gateway``,
-``clinic_gateway.audit``, ``clinic_gateway.revoke``), which ``python -m`` also runs.
+Each subcommand is its module's own command line (``clinic_gateway.service``,
+``clinic_gateway.check``, ``clinic_gateway.audit``, ``clinic_gateway.revoke``); ``run``
+without ``--config`` is ``clinic_gateway.gateway``'s development command line.
 """
 
 from __future__ import annotations
@@ -17,7 +20,8 @@ import sys
 
 #: subcommand -> (module, its function taking the remaining arguments, one-line help)
 COMMANDS = {
-    "run": ("clinic_gateway.gateway", "main", "receive, verify, store and acknowledge captures"),
+    "run": ("clinic_gateway.service", "main", "receive, verify, store and acknowledge captures"),
+    "check": ("clinic_gateway.check", "main", "check the config, keys, store and broker"),
     "audit": ("clinic_gateway.audit", "main", "verify the audit log, or record a revocation"),
     "revoke": ("clinic_gateway.revoke", "command", "revoke device certificates in the CRL"),
 }

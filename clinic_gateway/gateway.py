@@ -78,6 +78,7 @@ from clinic_gateway import dicom_export
 from clinic_gateway.audit import AuditError, AuditLog, audit_path
 from clinic_gateway.cases import CaseRegistry
 from clinic_gateway.commander import Commander
+from clinic_gateway.metrics import GatewayMetrics
 from dermascope_wire import bundle, seal, signing
 from dermascope_wire.durable import TEMP_SUFFIX, fsync_dir, make_dirs, write_atomic
 from dermascope_wire.identity import DEVICE_ID, check_case_token, check_device_id
@@ -247,7 +248,8 @@ class Gateway:
                  tls: dict[str, str] | None = None, export_dicom: bool = True,
                  allow_unsealed: bool = False,
                  signing_key: signing.Ed25519PrivateKey | Path | None = None,
-                 command_tls: dict[str, str] | None = None) -> None:
+                 command_tls: dict[str, str] | None = None,
+                 metrics: GatewayMetrics | None = None) -> None:
         """``private_keys``: the clinic's keys that open sealed captures (several during a key
         rotation). Without any, sealed captures wait at the device (ack "retry").
         ``tls``: paho ``tls_set`` arguments (``ca_certs``, ``certfile``, ``keyfile``) for a
@@ -260,7 +262,8 @@ class Gateway:
         of :meth:`send_command` too. ``command_tls``: the ``tls`` of the connection that sends
         commands, under its own certificate (CN ``commander``): the shipped broker binds a
         client id to its certificate, so a second connection with the gateway's would evict
-        the gateway's own (default: ``tls``, enough on a broker without that binding)."""
+        the gateway's own (default: ``tls``, enough on a broker without that binding).
+        ``metrics``: what the gateway counts (clinic_gateway/metrics.py; default: nothing)."""
         if protocol not in ("mqtt5", "mqtt311"):
             raise ValueError(f"protocol must be 'mqtt5' or 'mqtt311' (got {protocol!r})")
         self.host = host
@@ -295,6 +298,7 @@ class Gateway:
         self._mqtt5 = protocol == "mqtt5"
         self._client = self._make_client()
         self.stored_count = 0
+        self.metrics = metrics if metrics is not None else GatewayMetrics()
         # Touched only from paho's network thread (all callbacks run there).
         self._open: OrderedDict[tuple[str, str], _Staging] = OrderedDict()
 
@@ -559,6 +563,7 @@ class Gateway:
             log_event(log, "gateway.bad_topic", level=logging.WARNING,
                       topic=repr(message._topic[:200]), detail=str(err)[:200])
             return
+        self.metrics.seen(device_id)
         try:
             self._handle_message(device_id, capture_id, kind, message)
         finally:
@@ -600,6 +605,7 @@ class Gateway:
             ack = dataclasses.replace(ack, sha256=request.sha256)
         self._send_ack(device_id, ack, correlation)
         if ack.state in ("committed", "rejected"):
+            self.metrics.acked(ack.state, ack.reason)
             self._audit("ack.sent", device_id=device_id, capture_id=ack.capture_id,
                         state=ack.state, reason=ack.reason)
 
@@ -971,6 +977,7 @@ class Gateway:
         write_atomic(self._ledger_path(device_id, capture_id), json.dumps(record).encode(),
                      mode=FILE_MODE, durable=False)
         self.stored_count += 1
+        self.metrics.stored(self._staging_dir(device_id, capture_id))
         self._after_ack(lambda: self._finish(device_id, capture_id, dicom, image, metadata))
         log_event(log, "capture.stored", capture_id=capture_id, device_id=device_id,
                   path=str(image_path), sha256=image_sha, size=len(image))

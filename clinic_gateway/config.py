@@ -1,0 +1,243 @@
+"""The gateway's one configuration file (``/etc/clinic-gateway/config.toml``), validated at start.
+
+Built like the device's (device_agent/config.py): every error names the field
+(``broker.port``) and what was expected, and unknown keys are errors, so a misspelt
+``insecure_dev_mode`` can never be silently ignored. Secure by default: TLS to the broker,
+sealing keys and a signing key are required unless ``insecure_dev_mode = true`` says this is
+a developer's bench. ``clinic_gateway/config.example.toml`` documents every key.
+
+Worker ``n`` (1..workers) gets its own TLS identity: the shipped broker makes the client id
+the certificate's CN, so two workers under one certificate would keep evicting each other.
+``broker.cert_file`` and ``broker.key_file`` hold ``{n}`` when ``workers > 1``.
+"""
+
+from __future__ import annotations
+
+import ssl
+import tomllib
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from device_agent.config import _describe
+
+DEFAULT_CONFIG_PATH = Path("/etc/clinic-gateway/config.toml")
+WORKER_PLACEHOLDER = "{n}"
+
+
+class ConfigError(ValueError):
+    """The configuration is missing, unreadable or invalid; the message names the field."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+Port = Annotated[int, Field(ge=1, le=65535)]
+
+
+class BrokerConfig(_Section):
+    host: Annotated[str, Field(min_length=1)] = "127.0.0.1"
+    port: Port = 8883
+    protocol: Literal["mqtt5", "mqtt311"] = "mqtt5"
+    topic_prefix: Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]+(/[A-Za-z0-9_-]+)*$")] = "derm/v1"
+    # The MQTT 5 shared subscription's group: every worker of every gateway host in it shares
+    # the uploads (docs/scaling.md).
+    group: Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")] = "gateways"
+    # Mutual TLS: the clinic CA and this worker's certificate and key ({n}: worker number).
+    ca_file: Path | None = None
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    # The connection that sends commands (CN "commander"); default: the worker's own.
+    command_cert_file: Path | None = None
+    command_key_file: Path | None = None
+
+    @property
+    def tls(self) -> bool:
+        return self.ca_file is not None
+
+
+class StoreConfig(_Section):
+    dir: Path = Path("/var/lib/clinic-gateway/store")
+    # A transfer bigger than this is refused at its manifest (reason "too_large").
+    max_size_mb: Annotated[float, Field(gt=0, le=4096)] = 512.0
+    # A staged transfer nobody touched for this long is removed (the device starts it over).
+    staging_ttl_days: Annotated[float, Field(gt=0, le=365)] = 14.0
+    # Also write <capture>.dcm next to each stored image.
+    export_dicom: bool = True
+
+
+class KeysConfig(_Section):
+    # The clinic's X25519 private keys (PEM) that open sealed captures: during a rotation the
+    # new and the old one (docs/security.md).
+    sealing: list[Path] = []
+    # The clinic's Ed25519 private key (PEM) that signs every ack and command.
+    signing: Path | None = None
+
+    @field_validator("sealing", mode="before")
+    @classmethod
+    def _one_or_more(cls, value: object) -> object:
+        return [value] if isinstance(value, str | Path) else value
+
+    @field_validator("sealing")
+    @classmethod
+    def _sealing_keys_load(cls, value: list[Path]) -> list[Path]:
+        # Read now: a wrong path stops the start with the field named, not the first capture.
+        from dermascope_wire.seal import KeyFileError, load_private_key
+
+        for path in value:
+            try:
+                load_private_key(path)
+            except KeyFileError as err:
+                raise ValueError(str(err)) from None
+        return value
+
+    @field_validator("signing")
+    @classmethod
+    def _signing_key_loads(cls, value: Path | None) -> Path | None:
+        from dermascope_wire.signing import SigningKeyError, load_private_key
+
+        if value is not None:
+            try:
+                load_private_key(value)
+            except SigningKeyError as err:
+                raise ValueError(str(err)) from None
+        return value
+
+
+class ServiceConfig(_Section):
+    # Worker processes on the shared subscription and the shared store; the supervisor
+    # restarts one that dies.
+    workers: Annotated[int, Field(ge=1, le=64)] = 1
+    # JSON log events also go to this file (they always go to standard output: journald).
+    log_file: Path | None = None
+    # A developer's bench only: no TLS, no keys, unsealed captures stored, acks unsigned.
+    insecure_dev_mode: bool = False
+
+
+class MetricsConfig(_Section):
+    # The Prometheus endpoint (/metrics) of the supervisor, for every worker together.
+    enabled: bool = True
+    address: str = "127.0.0.1"
+    port: Annotated[int, Field(ge=0, le=65535)] = 9464
+
+
+class Config(_Section):
+    broker: BrokerConfig = BrokerConfig()
+    store: StoreConfig = StoreConfig()
+    keys: KeysConfig = KeysConfig()
+    service: ServiceConfig = ServiceConfig()
+    metrics: MetricsConfig = MetricsConfig()
+
+    @model_validator(mode="after")
+    def _tls_or_declared_insecure(self) -> Config:
+        b = self.broker
+        tls = {"ca_file": b.ca_file, "cert_file": b.cert_file, "key_file": b.key_file}
+        missing = [name for name, path in tls.items() if path is None]
+        if missing and len(missing) < len(tls):
+            raise ValueError(f"broker: mutual TLS needs ca_file, cert_file and key_file; "
+                             f"missing {', '.join(missing)}")
+        if missing and not self.service.insecure_dev_mode:
+            raise ValueError("broker.ca_file: no TLS configured; set broker.ca_file, "
+                             "cert_file and key_file, or service.insecure_dev_mode = true on a "
+                             "developer's bench only")
+        if (b.command_cert_file is None) != (b.command_key_file is None):
+            raise ValueError("broker: command_cert_file and command_key_file go together")
+        if b.command_cert_file is not None and not b.tls:
+            raise ValueError("broker.command_cert_file: needs the broker's TLS (ca_file)")
+        if b.tls and self.service.workers > 1:
+            for name in ("cert_file", "key_file"):
+                if WORKER_PLACEHOLDER not in str(getattr(b, name)):
+                    raise ValueError(
+                        f"broker.{name}: with service.workers = {self.service.workers} each "
+                        f"worker needs its own certificate (the broker makes the client id "
+                        f"the CN): put {WORKER_PLACEHOLDER} in the path, e.g. gateway-{{n}}.crt")
+        return self
+
+    @model_validator(mode="after")
+    def _keys_or_declared_insecure(self) -> Config:
+        if self.service.insecure_dev_mode:
+            return self
+        if not self.keys.sealing:
+            raise ValueError("keys.sealing: no clinic private key; sealed captures could not be "
+                             "opened (set service.insecure_dev_mode = true on a bench only)")
+        if self.keys.signing is None:
+            raise ValueError("keys.signing: no signing key; acks would go unsigned and "
+                             "provisioned devices refuse them (set service.insecure_dev_mode "
+                             "= true on a bench only)")
+        return self
+
+    def worker_tls(self, n: int) -> dict[str, str] | None:
+        """paho ``tls_set`` arguments of worker ``n`` (1-based), or None without TLS."""
+        b = self.broker
+        if not b.tls:
+            return None
+        return {"ca_certs": str(b.ca_file), "certfile": worker_path(b.cert_file, n),
+                "keyfile": worker_path(b.key_file, n)}
+
+    def command_tls(self, n: int) -> dict[str, str] | None:
+        b = self.broker
+        if b.command_cert_file is None or b.command_key_file is None:
+            return self.worker_tls(n)
+        return {"ca_certs": str(b.ca_file), "certfile": str(b.command_cert_file),
+                "keyfile": str(b.command_key_file)}
+
+
+def worker_path(path: Path | None, n: int) -> str:
+    return str(path).replace(WORKER_PLACEHOLDER, str(n))
+
+
+def parse_config(data: dict, source: str = "<config>") -> Config:
+    try:
+        return Config.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(f"{source}: {_describe(err)}") from None
+
+
+def load_config(path: Path) -> Config:
+    """Read and validate a TOML config file; raise ConfigError naming the bad field."""
+    try:
+        text = Path(path).read_bytes()
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot read config: {err.strerror}") from None
+    try:
+        data = tomllib.loads(text.decode("utf-8"))
+    except (UnicodeDecodeError, tomllib.TOMLDecodeError) as err:
+        raise ConfigError(f"{path}: not valid TOML: {err}") from None
+    return parse_config(data, str(path))
+
+
+def check_tls_files(config: Config) -> None:
+    """Load the CA and every worker's (and the commander's) certificate and key as paho will;
+    ConfigError naming the field otherwise. Not part of parsing, so ``check`` can report it
+    as its own line; ``run`` calls it as it starts."""
+    b = config.broker
+    if not b.tls:
+        return
+    context = ssl.create_default_context()
+    try:
+        context.load_verify_locations(cafile=str(b.ca_file))
+    except (OSError, ssl.SSLError) as err:
+        raise ConfigError(f"broker.ca_file: {b.ca_file} is not a readable PEM certificate "
+                          f"({getattr(err, 'strerror', None) or err})") from None
+    pairs = [(("cert_file", "key_file"), worker_path(b.cert_file, n), worker_path(b.key_file, n))
+             for n in range(1, config.service.workers + 1)]
+    if b.command_cert_file is not None:
+        pairs.append((("command_cert_file", "command_key_file"), str(b.command_cert_file),
+                      str(b.command_key_file)))
+    for (cert_name, key_name), cert, key in pairs:
+        try:
+            # An empty password: an encrypted key fails here instead of prompting.
+            context.load_cert_chain(cert, key, password="")
+        except (OSError, ssl.SSLError) as err:
+            raise ConfigError(f"broker.{cert_name}, broker.{key_name}: {cert} and {key} are not "
+                              f"a readable PEM certificate and its unencrypted private key "
+                              f"({getattr(err, 'strerror', None) or err})") from None
