@@ -33,7 +33,7 @@ from clinic_gateway.config import (
     load_config,
     worker_path,
 )
-from device_agent.doctor import CERT_WARN_DAYS, Check, fit_for_clinical_use
+from dermascope_wire.checks import CERT_WARN_DAYS, Check, fit_for_clinical_use
 
 #: A store smaller than this fails (a few captures), one below DISK_WARN warns.
 DISK_FAIL_BYTES = 1 << 30

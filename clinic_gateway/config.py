@@ -27,7 +27,7 @@ from pydantic import (
     model_validator,
 )
 
-from device_agent.config import _describe
+from dermascope_wire.validation import describe_validation_error
 
 DEFAULT_CONFIG_PATH = Path("/etc/clinic-gateway/config.toml")
 WORKER_PLACEHOLDER = "{n}"
@@ -199,7 +199,7 @@ def parse_config(data: dict, source: str = "<config>") -> Config:
     try:
         return Config.model_validate(data)
     except ValidationError as err:
-        raise ConfigError(f"{source}: {_describe(err)}") from None
+        raise ConfigError(f"{source}: {describe_validation_error(err)}") from None
 
 
 def load_config(path: Path) -> Config:

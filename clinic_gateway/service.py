@@ -34,7 +34,7 @@ from pathlib import Path
 
 from clinic_gateway.config import Config, ConfigError, check_tls_files, load_config
 from dermascope_wire.logs import add_json_handler, log_event
-from device_agent.service import notify
+from dermascope_wire.systemd import notify
 
 log = logging.getLogger("clinic_gateway.service")
 

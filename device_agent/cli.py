@@ -14,9 +14,9 @@ from pathlib import Path
 
 from gpiozero.pins import Factory
 
-from dermascope_wire import threads
+from dermascope_wire import systemd, threads
 from dermascope_wire.logs import add_json_handler, log_event
-from device_agent import __version__, service
+from device_agent import __version__
 from device_agent.camera.imagefile import DEFAULT_MAX_PIXELS
 from device_agent.config import (
     DEFAULT_CONFIG_PATH,
@@ -86,11 +86,11 @@ def _run(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGINT, on_signal)
     uplink.start()
     agent.start()
-    service.notify("READY=1")
+    systemd.notify("READY=1")
     try:
-        agent.run(stop, tick=service.Watchdog().ping)
+        agent.run(stop, tick=systemd.Watchdog().ping)
     finally:
-        service.notify("STOPPING=1")
+        systemd.notify("STOPPING=1")
         agent.close()
         uplink.stop()
     # A dead thread (logged as thread.crashed): exit with a failure, systemd restarts us.
@@ -152,7 +152,8 @@ def _status(args: argparse.Namespace) -> int:
 
 
 def _doctor(args: argparse.Namespace) -> int:
-    from device_agent.doctor import fit_for_clinical_use, run_checks
+    from dermascope_wire.checks import fit_for_clinical_use
+    from device_agent.doctor import run_checks
 
     checks = run_checks(args.config, pin_factory, probe_broker=not args.no_broker,
                         report_path=args.report)

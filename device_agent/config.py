@@ -23,6 +23,8 @@ from pydantic import (
     model_validator,
 )
 
+from dermascope_wire.validation import describe_validation_error
+
 DEFAULT_CONFIG_PATH = Path("/etc/device-agent/config.toml")
 
 
@@ -308,30 +310,11 @@ class Config(_Section):
         return self.device.state_dir / "outbox"
 
 
-def _describe(error: ValidationError) -> str:
-    lines = []
-    for err in error.errors():
-        where = ".".join(str(part) for part in err["loc"]) or "(top level)"
-        got = err.get("input")
-        got_text = "" if isinstance(got, dict) else f" (got {got!r})"
-        message = err["msg"]
-        if err["type"] == "value_error":
-            # Our own validators' messages: without pydantic's prefix, and without the section
-            # when the message already names its field in full.
-            message = message.removeprefix("Value error, ")
-            if not err["loc"] or message.startswith(f"{where}."):
-                lines.append(message)
-                continue
-            got_text = ""
-        lines.append(f"{where}: {message}{got_text}")
-    return "; ".join(lines)
-
-
 def parse_config(data: dict, source: str = "<config>") -> Config:
     try:
         return Config.model_validate(data)
     except ValidationError as err:
-        raise ConfigError(f"{source}: {_describe(err)}") from None
+        raise ConfigError(f"{source}: {describe_validation_error(err)}") from None
 
 
 def load_config(path: Path) -> Config:

@@ -14,9 +14,7 @@ import socket
 import ssl
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 import paho.mqtt.client as mqtt
@@ -24,36 +22,15 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from paho.mqtt.enums import CallbackAPIVersion
 
+from dermascope_wire.checks import CERT_WARN_DAYS, Check
 from dermascope_wire.seal import KeyFileError, load_public_key
 from device_agent.camera.metadata import clock_synced
 from device_agent.config import Config, ConfigError, ensure_state_dir, load_config
 from device_agent.status import is_live, read_status, status_path
 
-Level = Literal["ok", "warn", "fail"]
-CERT_WARN_DAYS = 30
 DISK_WARN_BYTES = 1 << 30
 DISK_FAIL_BYTES = 100 << 20
 OUTBOX_WARN_AGE = 24 * 3600.0
-
-
-@dataclass(frozen=True)
-class Check:
-    name: str
-    level: Level
-    detail: str
-    action: str = ""
-
-    def line(self) -> str:
-        mark = {"ok": "ok  ", "warn": "WARN", "fail": "FAIL"}[self.level]
-        todo = f" -> {self.action}" if self.action else ""
-        return f"{mark}  {self.name:12s} {self.detail}{todo}"
-
-    def to_dict(self) -> dict[str, str]:
-        return asdict(self)
-
-
-def fit_for_clinical_use(checks: list[Check]) -> bool:
-    return all(c.level != "fail" for c in checks)
 
 
 # -- the checks ---------------------------------------------------------------------------

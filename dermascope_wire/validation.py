@@ -1,0 +1,27 @@
+"""Config errors a person can act on: pydantic's validation errors as one line each, naming
+the field (``uplink.port``) and what was wrong. The device's and the gateway's configs both
+report through here."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def describe_validation_error(error: Any) -> str:
+    """A pydantic ``ValidationError`` as ``field: problem (got value)``, joined by "; "."""
+    lines = []
+    for err in error.errors():
+        where = ".".join(str(part) for part in err["loc"]) or "(top level)"
+        got = err.get("input")
+        got_text = "" if isinstance(got, dict) else f" (got {got!r})"
+        message = err["msg"]
+        if err["type"] == "value_error":
+            # Our own validators' messages: without pydantic's prefix, and without the section
+            # when the message already names its field in full.
+            message = message.removeprefix("Value error, ")
+            if not err["loc"] or message.startswith(f"{where}."):
+                lines.append(message)
+                continue
+            got_text = ""
+        lines.append(f"{where}: {message}{got_text}")
+    return "; ".join(lines)
