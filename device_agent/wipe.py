@@ -20,10 +20,10 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from device_agent.agent import COMMAND_SEQUENCE_FILE
 from device_agent.camera.calibration import calibration_path
 from device_agent.config import Config, load_config
 from device_agent.logs import log_event
+from device_agent.remote import COMMAND_SEQUENCE_FILE
 from device_agent.status import is_live, read_status, status_path
 from device_agent.uplink.outbox import Outbox
 
