@@ -22,7 +22,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Any
 
 from gpiozero.pins import Factory
 
@@ -46,7 +46,7 @@ from device_agent.config import Config
 from device_agent.feedback.lights import MODE_SIGNALS, Lights, Signal
 from device_agent.logs import log_event
 from device_agent.packaging import Packager, not_stored
-from device_agent.remote import CommandHandlers, CommandQueue, QueuedCommand
+from device_agent.remote import CommandHandlers, CommandQueue, QueuedCommand, UplinkLike
 from device_agent.session import Session
 from device_agent.status import status_path, write_status
 from device_agent.uplink.outbox import Outbox
@@ -54,19 +54,6 @@ from device_agent.uplink.signing import Trust
 
 __all__ = ["Agent", "CaptureOutcome", "UplinkLike"]
 log = logging.getLogger(__name__)
-
-
-class UplinkLike(Protocol):
-    on_command: Callable[[bytes, Callable[[dict[str, Any]], None]], None] | None
-    #: The gateway signing keys acks must carry (set by the agent from its config).
-    trust: Trust | None
-
-    @property
-    def online(self) -> bool: ...
-
-    def notify(self) -> None: ...
-
-    def healthy(self) -> bool: ...
 
 
 class Agent(CommandHandlers):
@@ -267,7 +254,10 @@ class Agent(CommandHandlers):
                              else Signal.FAULT)
             return outcome
         self.lights.show(Signal.OVERRIDDEN if overridden else Signal.ACCEPTED)
-        (self.packager.hold if hold else self.packager.announce)(kept)
+        if hold:
+            self.packager.hold(kept)
+        else:
+            self.packager.announce(kept)
         return CaptureOutcome(first.capture_id, "accept", (), overridden,
                               first.quality["frame_offset_s"], first.quality["scores"],
                               linked=tuple(kept.ids))

@@ -19,7 +19,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from device_agent import __version__, commands
 from device_agent.camera.base import Camera
@@ -37,9 +37,6 @@ from device_agent.session import Session, SessionError
 from device_agent.uplink.outbox import Outbox
 from device_agent.uplink.signing import CommandGuard, SequenceStore, Trust
 
-if TYPE_CHECKING:
-    from device_agent.agent import UplinkLike
-
 log = logging.getLogger(__name__)
 
 #: Commands waiting for the agent's thread; more are answered "busy" at once.
@@ -48,6 +45,21 @@ MAX_QUEUED_COMMANDS = 16
 COMMAND_SEQUENCE_FILE = "command-sequence.json"
 
 Reply = Callable[[dict[str, Any]], None]
+
+
+class UplinkLike(Protocol):
+    """What the agent and its commands use of the uplink (``uplink.client.Uplink``)."""
+
+    on_command: Callable[[bytes, Reply], None] | None
+    #: The gateway signing keys acks must carry (set by the agent from its config).
+    trust: Trust | None
+
+    @property
+    def online(self) -> bool: ...
+
+    def notify(self) -> None: ...
+
+    def healthy(self) -> bool: ...
 
 
 @dataclass(frozen=True)
@@ -167,7 +179,7 @@ class CommandHandlers:
 
     def resend_pending(self, args: NoArgs) -> dict[str, Any]:
         self.packager.notify()
-        return {"pending": self.packager.outbox.depth()}
+        return {"pending": self.outbox.depth()}
 
     def status(self, args: NoArgs | None = None) -> dict[str, Any]:
         """The device's state, for the ``status`` command and the status file."""
