@@ -11,10 +11,12 @@ STAMP  := $(VENV)/.installed-dev
 system-deps:
 	@PYTHON=$(PYTHON) bash tools/system-deps.sh
 
-$(STAMP): pyproject.toml | system-deps
+# Three distributions, all editable for development: the device (the root: device_agent and
+# the wire package), the clinic's gateway and the simulator. A device installs the first only.
+$(STAMP): pyproject.toml dermascope_wire/pyproject.toml clinic_gateway/pyproject.toml sim/pyproject.toml | system-deps
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[dev]'
+	$(PY) -m pip install --quiet -e ./dermascope_wire -e '.[dev]' -e ./clinic_gateway -e ./sim
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -25,9 +25,9 @@ from pathlib import Path
 from common import cpu_seconds, emit, median_seconds, rss_mb, unit_environment
 from tqdm import tqdm
 
+from dermascope_wire.seal import generate_keypair, seal
 from device_agent.camera.quality import assess
 from device_agent.uplink.outbox import Outbox
-from device_agent.uplink.seal import generate_keypair, seal
 from sim.broker import free_port
 from sim.device import SimDevice, sim_config
 from sim.scene import SceneSpec, render

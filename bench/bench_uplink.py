@@ -33,8 +33,8 @@ import paho.mqtt.client as mqtt
 from common import emit
 from paho.mqtt.enums import CallbackAPIVersion
 
+from dermascope_wire.bundle import pack
 from device_agent.config import UplinkConfig
-from device_agent.uplink.bundle import pack
 from device_agent.uplink.client import Uplink
 from device_agent.uplink.outbox import Outbox
 from sim.broker import MosquittoBroker
@@ -127,7 +127,7 @@ class _Phases(logging.Handler):
 def uplink_delivery(port: int, workdir: Path, capture: bytes, repeat: int
                     ) -> tuple[float, dict[str, float]]:
     log = workdir / "gateway.jsonl"
-    gateway = subprocess.Popen([sys.executable, "-m", "sim.gateway", "--port", str(port),
+    gateway = subprocess.Popen([sys.executable, "-m", "clinic_gateway", "run", "--port", str(port),
                                 "--store", str(workdir / "store"), "--log", str(log),
                                 "--insecure-dev-mode"],
                                stdout=subprocess.DEVNULL)

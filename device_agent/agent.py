@@ -7,7 +7,7 @@ outbox; held while a double press may follow) -> the uplink. ``remote`` queues t
 commands and holds what they do. What stays here is the run loop, the flow of one gesture,
 the clinician's feedback and the device's health and status.
 
-Threads (all named and supervised, device_agent.threads): ``camera``; ``agent`` (the caller
+Threads (all named and supervised, dermascope_wire.threads): ``camera``; ``agent`` (the caller
 of :meth:`run`) turns gestures into captures and runs the gateway's commands, one at a time,
 so a command never races a capture; ``feedback`` plays LED patterns; the uplink has its own.
 :meth:`run` returns (and the service exits with a failure, for systemd to restart it) when
@@ -26,6 +26,8 @@ from typing import Any
 
 from gpiozero.pins import Factory
 
+from dermascope_wire.logs import log_event
+from dermascope_wire.signing import Trust
 from device_agent import __version__
 from device_agent.buttons.gestures import Gesture, GestureButton, GestureEvent
 from device_agent.camera.base import Camera
@@ -44,13 +46,11 @@ from device_agent.capture import (
 )
 from device_agent.config import Config
 from device_agent.feedback.lights import MODE_SIGNALS, Lights, Signal
-from device_agent.logs import log_event
 from device_agent.packaging import Packager, not_stored
 from device_agent.remote import CommandHandlers, CommandQueue, QueuedCommand, UplinkLike
 from device_agent.session import Session
 from device_agent.status import status_path, write_status
 from device_agent.uplink.outbox import Outbox
-from device_agent.uplink.signing import Trust
 
 __all__ = ["Agent", "CaptureOutcome", "UplinkLike"]
 log = logging.getLogger(__name__)

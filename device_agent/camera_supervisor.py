@@ -16,12 +16,12 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 
-from device_agent import threads
+from dermascope_wire import threads
+from dermascope_wire.logs import log_event
 from device_agent.camera.base import Camera, CameraError, FrameTimeout
 from device_agent.camera.ring import FrameRing
 from device_agent.config import CameraConfig
 from device_agent.feedback.lights import Lights
-from device_agent.logs import log_event
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +50,7 @@ class CameraSupervisor:
         self.ring_started_at = time.monotonic()
         self.camera.start()
         self.relight()
-        self._thread = threads.start("camera", self._stream)
+        self._thread = threads.start("camera", self._stream, log)
 
     def alive(self) -> bool:
         return threads.all_alive((self._thread,))

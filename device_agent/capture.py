@@ -16,6 +16,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from dermascope_wire.logs import log_event
 from device_agent.camera.base import Frame
 from device_agent.camera.calibration import (
     Calibration,
@@ -27,7 +28,6 @@ from device_agent.camera.quality import CHECK_NAMES, Thresholds, assess
 from device_agent.camera.ring import FrameRing
 from device_agent.camera.select import choose_frame
 from device_agent.config import CameraConfig
-from device_agent.logs import log_event
 
 log = logging.getLogger(__name__)
 

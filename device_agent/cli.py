@@ -14,7 +14,9 @@ from pathlib import Path
 
 from gpiozero.pins import Factory
 
-from device_agent import __version__, service, threads
+from dermascope_wire import threads
+from dermascope_wire.logs import add_json_handler, log_event
+from device_agent import __version__, service
 from device_agent.camera.imagefile import DEFAULT_MAX_PIXELS
 from device_agent.config import (
     DEFAULT_CONFIG_PATH,
@@ -24,7 +26,6 @@ from device_agent.config import (
     ensure_state_dir,
     load_config,
 )
-from device_agent.logs import add_json_handler, log_event
 
 log = logging.getLogger("device_agent.cli")
 
@@ -209,8 +210,17 @@ def _calibrate(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from sim.demo import run_demo
-
+    # The simulator is a development install (sim/pyproject.toml), never on a device:
+    # imported only when the demo runs.
+    try:
+        from sim.demo import run_demo
+    except ModuleNotFoundError as err:
+        if err.name is None or err.name.split(".")[0] not in ("sim", "clinic_gateway"):
+            raise
+        print("device-agent demo: the demo needs the simulator and the clinic gateway, which "
+              "a device does not install: in a clone of the repository, make demo (or pip "
+              "install -e '.[dev]' -e ./clinic_gateway -e ./sim)", file=sys.stderr)
+        return EXIT_FAILED
     return run_demo(args.out, args.captures, seed=args.seed)
 
 

@@ -27,10 +27,10 @@ from typing import Annotated, Any, Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from device_agent.logs import log_event
+from dermascope_wire.logs import log_event
+from dermascope_wire.protocol import ProtocolError, load_json
+from dermascope_wire.signing import CommandGuard, CommandRefused
 from device_agent.session import SessionError
-from device_agent.uplink.protocol import ProtocolError, load_json
-from device_agent.uplink.signing import CommandGuard, CommandRefused
 
 log = logging.getLogger(__name__)
 MAX_COMMAND_BYTES = 16 * 1024

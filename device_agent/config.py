@@ -48,8 +48,10 @@ class DeviceConfig(_Section):
 
 class CameraConfig(_Section):
     # The real camera unless a config names the simulator: synthetic frames must never reach
-    # a clinic as patient images by default.
-    backend: Literal["sim", "picamera2"] = "picamera2"
+    # a clinic as patient images by default. A name registered in the entry point group
+    # device_agent.camera_backends (camera/backends.py): "picamera2"; "sim" where the
+    # simulator is installed.
+    backend: str = "picamera2"
     width: Annotated[int, Field(ge=64, le=8192)] = 1014
     height: Annotated[int, Field(ge=64, le=8192)] = 760
     fps: Annotated[float, Field(gt=0, le=120)] = 10.0
@@ -65,6 +67,16 @@ class CameraConfig(_Section):
     # Stop streaming (and darken the ring) after this long without a gesture; the next
     # press wakes the device. 0 = stream for as long as the agent runs.
     sleep_after_s: Annotated[float, Field(ge=0, le=24 * 3600)] = 300.0
+
+    @field_validator("backend")
+    @classmethod
+    def _backend_installed(cls, name: str) -> str:
+        from device_agent.camera import backends  # it imports this module
+
+        installed = backends.registered()
+        if name not in installed:
+            raise ValueError(backends.unknown_backend(name, installed))
+        return name
 
     @model_validator(mode="after")
     def _window_fits_the_ring(self) -> CameraConfig:
@@ -189,7 +201,7 @@ class SecurityConfig(_Section):
     @classmethod
     def _usable_signing_keys(cls, value: list[Path]) -> list[Path]:
         # Read now, as the clinic key: a wrong path stops the start with the field named.
-        from device_agent.uplink.signing import SigningKeyError, load_public_key
+        from dermascope_wire.signing import SigningKeyError, load_public_key
 
         for path in value:
             try:
@@ -203,7 +215,7 @@ class SecurityConfig(_Section):
     def _usable_key(cls, value: Path | None) -> Path | None:
         # Read now, so a wrong path stops the start with the field named instead of failing
         # at the first capture.
-        from device_agent.uplink.seal import KeyFileError, load_public_key
+        from dermascope_wire.seal import KeyFileError, load_public_key
 
         if value is None:
             return value

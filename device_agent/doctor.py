@@ -24,10 +24,10 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from paho.mqtt.enums import CallbackAPIVersion
 
+from dermascope_wire.seal import KeyFileError, load_public_key
 from device_agent.camera.metadata import clock_synced
 from device_agent.config import Config, ConfigError, ensure_state_dir, load_config
 from device_agent.status import is_live, read_status, status_path
-from device_agent.uplink.seal import KeyFileError, load_public_key
 
 Level = Literal["ok", "warn", "fail"]
 CERT_WARN_DAYS = 30

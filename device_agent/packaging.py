@@ -22,6 +22,9 @@ from typing import Any
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PublicKey
 
+from dermascope_wire.bundle import pack
+from dermascope_wire.logs import log_event
+from dermascope_wire.seal import load_public_key, seal
 from device_agent import __version__
 from device_agent.camera.base import Camera
 from device_agent.camera.calibration import Calibration
@@ -29,11 +32,8 @@ from device_agent.camera.encode import MEDIA_TYPE, encode_jpeg
 from device_agent.camera.metadata import build_metadata
 from device_agent.capture import CaptureOutcome, Shot
 from device_agent.config import Config
-from device_agent.logs import log_event
 from device_agent.session import Case
-from device_agent.uplink.bundle import pack
 from device_agent.uplink.outbox import Outbox, StorageFull
-from device_agent.uplink.seal import load_public_key, seal
 
 log = logging.getLogger(__name__)
 

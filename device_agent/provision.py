@@ -34,19 +34,11 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from dermascope_wire import identity, signing
+from dermascope_wire.durable import write_atomic
+from dermascope_wire.identity import IdentityError
+from dermascope_wire.seal import KeyFileError, load_public_key, public_key_pem
 from device_agent.config import load_config
-from device_agent.durable import write_atomic
-from device_agent.uplink import signing
-from device_agent.uplink.seal import KeyFileError, load_public_key, public_key_pem
-
-#: A device id: it becomes a certificate CN, the broker user name and a topic level, so
-#: nothing that MQTT, a file name or a log could read otherwise (no ``/ + # $``, no
-#: whitespace). ``\Z``, not ``$``: ``$`` also matches before a trailing newline.
-DEVICE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}\Z")
-#: Names the broker ACL or the clinic's services use (compared case-insensitively, so no
-#: look-alike such as "Gateway" is ever issued to a device).
-RESERVED_IDS = frozenset({"gateway", "gateways", "admin", "broker", "clinic", "commander",
-                          "root", "mosquitto"})
 
 
 class ProvisionError(ValueError):
@@ -65,17 +57,12 @@ class Report:
 
 
 def check_device_id(device_id: object) -> str:
-    """``device_id`` if it may name a device (certificate CN, broker user, topic level);
-    ProvisionError naming the problem otherwise. The clinic's CSR signing uses it too."""
-    if not isinstance(device_id, str) or not DEVICE_ID.match(device_id):
-        raise ProvisionError(f"device id {device_id!r}: use 1-64 letters, digits, '-' or '_', "
-                             "starting with a letter or digit (no '/', '+', '#', '$', "
-                             "whitespace or newline)")
-    if device_id.lower() in RESERVED_IDS or device_id.lower().startswith("gateway-"):
-        raise ProvisionError(f"device id {device_id!r} is reserved (not one of "
-                             f"{', '.join(sorted(RESERVED_IDS))}, nor gateway-<n>: the "
-                             "clinic's gateway workers)")
-    return device_id
+    """``device_id`` if it may name a device (dermascope_wire.identity, the rule the clinic's
+    CA and gateway apply too); ProvisionError naming the problem otherwise."""
+    try:
+        return identity.check_device_id(device_id)
+    except IdentityError as err:
+        raise ProvisionError(str(err)) from None
 
 
 def _now() -> dt.datetime:

@@ -21,6 +21,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol
 
+from dermascope_wire.logs import log_event
+from dermascope_wire.signing import CommandGuard, SequenceStore, Trust
 from device_agent import __version__, commands
 from device_agent.camera.base import Camera
 from device_agent.camera.metadata import SCHEMA
@@ -30,12 +32,10 @@ from device_agent.capture import Outcomes
 from device_agent.commands import CommandTarget, NoArgs, OpenCase, SetIllumination, SetSettings
 from device_agent.config import Config
 from device_agent.feedback.lights import Lights
-from device_agent.logs import log_event
 from device_agent.packaging import Packager
 from device_agent.report import render_report
 from device_agent.session import Session, SessionError
 from device_agent.uplink.outbox import Outbox
-from device_agent.uplink.signing import CommandGuard, SequenceStore, Trust
 
 log = logging.getLogger(__name__)
 

@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from device_agent.durable import write_atomic
+from dermascope_wire.durable import write_atomic
 
 STATUS_FILE = "status.json"
 #: A status file older than this means the agent is not running (it rewrites it every second).

@@ -15,7 +15,17 @@ from dataclasses import replace
 import numpy as np
 
 from device_agent.camera.base import Camera, CameraError, Frame, FrameTimeout
+from device_agent.config import CameraConfig, SimConfig
 from sim.scene import DEFECTS, SceneSpec, render
+
+
+def open_backend(camera: CameraConfig, sim: SimConfig) -> SimCamera:
+    """The ``sim`` camera backend (entry point ``device_agent.camera_backends``, registered by
+    the simulator's distribution): what ``camera.backend = "sim"`` opens."""
+    return SimCamera(
+        camera.width, camera.height, camera.fps, seed=sim.seed, defect=sim.defect,
+        severity=sim.severity, autofocus=sim.autofocus,
+    )
 
 
 class SimCamera(Camera):

@@ -30,7 +30,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from device_agent.logs import add_json_handler, log_event
+from dermascope_wire.logs import add_json_handler, log_event
 from sim.device import SimDevice, sim_config
 
 log = logging.getLogger("sim.crash")
@@ -54,7 +54,7 @@ class _DieOnEvent(logging.Handler):
 
 
 def gateway_main(argv: list[str]) -> int:
-    from sim import dicom_export, gateway  # only this mode needs them
+    from clinic_gateway import dicom_export, gateway  # only this mode needs them
 
     parser = argparse.ArgumentParser(prog="python -m sim.crash gateway", description=__doc__)
     parser.add_argument("--store", type=Path, required=True)
@@ -63,11 +63,11 @@ def gateway_main(argv: list[str]) -> int:
     parser.add_argument("--log", type=Path, help="JSON log events to this file")
     args = parser.parse_args(argv)
     if args.log:
-        add_json_handler("sim", path=args.log)
+        add_json_handler("clinic_gateway", path=args.log)
     if args.kill_at == "commit":
         os.link = _die  # the gateway's commit point
     elif args.kill_at == "stored":
-        logger = logging.getLogger("sim.gateway")
+        logger = logging.getLogger("clinic_gateway.gateway")
         logger.addHandler(_DieOnEvent("capture.stored"))
         logger.setLevel(min(logger.getEffectiveLevel(), logging.INFO))
     else:

@@ -20,12 +20,12 @@ from pathlib import Path
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
+from clinic_gateway.gateway import Gateway
+from dermascope_wire import signing
+from dermascope_wire.logs import add_json_handler
+from dermascope_wire.seal import generate_keypair, public_key_pem
 from device_agent.config import Config
-from device_agent.logs import add_json_handler
-from device_agent.uplink import signing
-from device_agent.uplink.seal import generate_keypair, public_key_pem
 from sim.device import SimDevice, sim_config
-from sim.gateway import Gateway
 from sim.pki import TestCA
 from sim.secure_broker import SecureMosquitto
 
@@ -154,7 +154,7 @@ def run_demo(out: Path, captures: int, seed: int = 7) -> int:
     _fresh(out)
     handlers = [
         add_json_handler("device_agent", path=out / AGENT_LOG),
-        add_json_handler("sim", path=out / GATEWAY_LOG),
+        add_json_handler("clinic_gateway", path=out / GATEWAY_LOG),
     ]
     started = time.monotonic()
     try:
@@ -173,7 +173,7 @@ def run_demo(out: Path, captures: int, seed: int = 7) -> int:
                                gateway)
     finally:
         for handler in handlers:
-            for name in ("device_agent", "sim"):
+            for name in ("device_agent", "clinic_gateway"):
                 logging.getLogger(name).removeHandler(handler)
             handler.close()
     result = verify(out)

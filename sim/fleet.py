@@ -2,7 +2,7 @@
 
 Each device is the real uplink code (Outbox + Uplink, one MQTT connection each) with its
 outbox filled with real capture bundles; the gateway workers are separate processes
-(``python -m sim.gateway``) sharing one store through an MQTT 5 shared subscription, so a
+(``clinic-gateway run``) sharing one store through an MQTT 5 shared subscription, so a
 worker can be killed with SIGKILL mid-transfer the way a crashed server dies. The figures
 come from the workers' ``capture.stored`` events and the stored files, not from the
 devices' own bookkeeping.
@@ -24,9 +24,9 @@ from pathlib import Path
 
 import cv2
 
+from dermascope_wire.bundle import pack
 from device_agent import __version__
 from device_agent.config import UplinkConfig
-from device_agent.uplink.bundle import pack
 from device_agent.uplink.client import Uplink
 from device_agent.uplink.outbox import Outbox
 from sim.broker import MosquittoBroker
@@ -61,7 +61,7 @@ def _sample_image() -> bytes:
 
 def _worker(port: int, store: Path, log: Path) -> subprocess.Popen:
     return subprocess.Popen(
-        [sys.executable, "-m", "sim.gateway", "--host", "127.0.0.1", "--port", str(port),
+        [sys.executable, "-m", "clinic_gateway", "run", "--host", "127.0.0.1", "--port", str(port),
          "--store", str(store), "--log", str(log), "--insecure-dev-mode"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 

@@ -10,9 +10,9 @@ from typing import Any
 
 import pytest
 
+from clinic_gateway.gateway import Gateway
 from device_agent.uplink.outbox import Outbox
 from sim.broker import MosquittoBroker
-from sim.gateway import Gateway
 
 
 @pytest.fixture
@@ -85,7 +85,7 @@ class EventLog(logging.Handler):
 def events() -> Iterator[EventLog]:
     """Every event of the agent's and the gateway's loggers during the test."""
     handler = EventLog()
-    loggers = [logging.getLogger(n) for n in ("device_agent", "sim")]
+    loggers = [logging.getLogger(n) for n in ("device_agent", "clinic_gateway", "sim")]
     saved = [lg.level for lg in loggers]
     for lg in loggers:
         lg.addHandler(handler)

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from device_agent.uplink import bundle
-from sim import audit
-from sim.gateway import Gateway
+from clinic_gateway import audit
+from clinic_gateway.gateway import Gateway
+from dermascope_wire import bundle
 from tests.test_gateway import DEVICE, RawDevice
 
 
@@ -27,7 +27,7 @@ def write_log(store: Path, count: int = 6) -> Path:
 
 
 def run_verify(store: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "sim.audit", "verify", str(store)],
+    return subprocess.run([sys.executable, "-m", "clinic_gateway", "audit", "verify", str(store)],
                           capture_output=True, text=True, timeout=60, check=False)
 
 
@@ -85,7 +85,7 @@ def test_a_line_rewritten_with_its_sequence_kept_is_named_too(tmp_path) -> None:
 
 APPENDER = """
 import sys
-from sim.audit import AuditLog
+from clinic_gateway.audit import AuditLog
 log = AuditLog(sys.argv[1])
 for i in range(int(sys.argv[3])):
     log.append("command.sent", device_id=sys.argv[2], command="status", n=i)
@@ -121,8 +121,8 @@ def test_a_line_torn_by_a_crash_is_cut_off_and_recorded(tmp_path, events) -> Non
 
 def test_a_revocation_is_recorded_through_the_module_and_its_command(tmp_path) -> None:
     audit.record_revocation(tmp_path, "derm-7", "1f2e", "device stolen")
-    done = subprocess.run([sys.executable, "-m", "sim.audit", "revoked", str(tmp_path),
-                           "--device", "derm-8", "--serial", "abcd"],
+    done = subprocess.run([sys.executable, "-m", "clinic_gateway", "audit", "revoked",
+                           str(tmp_path), "--device", "derm-8", "--serial", "abcd"],
                           capture_output=True, text=True, timeout=60, check=False)
     assert done.returncode == 0, done.stderr
     records = [json.loads(x) for x in audit.audit_path(tmp_path).read_text().splitlines()]

@@ -210,7 +210,7 @@ def test_a_revoked_device_is_refused_after_a_reload_that_keeps_the_others(tmp_pa
 
             # Clinic IT's workflow (docs/provisioning.md): revoke, then reload the broker.
             result = subprocess.run(
-                [sys.executable, "-m", "sim.revoke", "--ca-cert", str(ca.cert_path),
+                [sys.executable, "-m", "clinic_gateway", "revoke", "--ca-cert", str(ca.cert_path),
                  "--ca-key", str(ca.key_path), "--crl", str(ca.crl_path), str(certs["dev2"].cert)],
                 capture_output=True, text=True, timeout=60)
             assert result.returncode == 0, result.stderr

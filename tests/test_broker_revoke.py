@@ -1,4 +1,5 @@
-"""Clinic IT's revocation tool (python -m sim.revoke) and the CA's CRL functions in sim.pki.
+"""Clinic IT's revocation tool (clinic-gateway revoke) and the CA's CRL functions
+(clinic_gateway/crl.py).
 The broker's side of revocation is proven in tests/test_broker_hardening.py."""
 
 from __future__ import annotations
@@ -8,8 +9,8 @@ import json
 import pytest
 from cryptography import x509
 
+from clinic_gateway.revoke import main
 from sim.pki import TestCA
-from sim.revoke import main
 
 
 @pytest.fixture
@@ -79,7 +80,7 @@ def test_the_test_ca_revokes_through_the_same_functions(ca):
 
 
 def test_a_revocation_is_recorded_in_the_gateways_audit_log(ca, tmp_path):
-    from sim.audit import main as audit_main
+    from clinic_gateway.audit import main as audit_main
 
     store = tmp_path / "store"
     device = ca.issue("dev1")

@@ -8,8 +8,8 @@ import struct
 
 import pytest
 
-from device_agent.uplink.bundle import BundleError, pack, unpack
-from device_agent.uplink.protocol import (
+from dermascope_wire.bundle import BundleError, pack, unpack
+from dermascope_wire.protocol import (
     CHUNK_HEADER_SIZE,
     Ack,
     Final,
@@ -149,7 +149,7 @@ def test_topics_carry_only_device_and_capture_ids() -> None:
 
 
 def test_deeply_nested_metadata_is_a_bundle_error_not_a_crash() -> None:
-    from device_agent.uplink.bundle import _HEAD, _IMAGE_LEN, MAGIC, VERSION
+    from dermascope_wire.bundle import _HEAD, _IMAGE_LEN, MAGIC, VERSION
 
     meta = b"[" * 5000 + b"]" * 5000  # deeper than any JSON parser recurses
     forged = _HEAD.pack(MAGIC, VERSION, len(meta)) + meta + _IMAGE_LEN.pack(3) + b"img"

@@ -155,7 +155,7 @@ def test_captures_carry_the_calibration_id_and_are_corrected(tmp_path):
         outcome = device.press()
         assert outcome.verdict == "accept"
         (entry,) = device.outbox.pending()
-        from device_agent.uplink.bundle import unpack
+        from dermascope_wire.bundle import unpack
 
         metadata, _ = unpack(device.outbox.read(entry))
     assert metadata["calibration_id"] == cal.calibration_id

@@ -8,9 +8,9 @@ import json
 
 from pydicom.filereader import dcmread
 
-from sim.commander import Commander
+from clinic_gateway.commander import Commander
+from clinic_gateway.gateway import Gateway
 from sim.device import SimDevice, sim_config
-from sim.gateway import Gateway
 
 DEVICE = "sim-0001"
 

@@ -8,8 +8,8 @@ import time
 
 import pytest
 
+from dermascope_wire.bundle import unpack
 from device_agent.commands import execute, parse
-from device_agent.uplink.bundle import unpack
 from sim.device import SimDevice, sim_config
 
 
@@ -147,7 +147,7 @@ def test_parse_returns_the_validated_arguments():
 
 
 def test_commands_over_mqtt_are_answered_on_the_response_topic(tmp_path, broker):
-    from sim.commander import Commander
+    from clinic_gateway.commander import Commander
 
     config = sim_config(tmp_path / "dev", broker.port)
     with SimDevice(config) as device:
@@ -175,13 +175,13 @@ def test_commands_over_mqtt_are_answered_on_the_response_topic(tmp_path, broker)
 
 @pytest.fixture(scope="module")
 def gateway_key():
-    from device_agent.uplink import signing
+    from dermascope_wire import signing
 
     return signing.generate_key()
 
 
 def signed_device_config(tmp_path, port, key):
-    from device_agent.uplink import signing
+    from dermascope_wire import signing
 
     public = tmp_path / "gateway-sign.pub.pem"
     public.write_bytes(signing.public_key_pem(key.public_key()))
@@ -191,8 +191,8 @@ def signed_device_config(tmp_path, port, key):
 
 def test_only_signed_fresh_commands_for_this_device_run_over_mqtt(tmp_path, broker, events,
                                                                    gateway_key):
-    from device_agent.uplink import signing
-    from sim.commander import Commander
+    from clinic_gateway.commander import Commander
+    from dermascope_wire import signing
 
     config = signed_device_config(tmp_path, broker.port, gateway_key)
     device_id = config.device.id
@@ -252,7 +252,7 @@ def test_only_signed_fresh_commands_for_this_device_run_over_mqtt(tmp_path, brok
 
 def test_the_command_guard_refuses_a_damaged_sequence_file_rather_than_forget_it(
         tmp_path, gateway_key):
-    from device_agent.uplink import signing
+    from dermascope_wire import signing
 
     store = signing.SequenceStore(tmp_path / "command-sequence.json")
     guard = signing.CommandGuard(signing.Trust.of([gateway_key.public_key()]), "dev-1", store)
@@ -270,7 +270,7 @@ def test_the_command_guard_refuses_a_damaged_sequence_file_rather_than_forget_it
 
 def test_the_commanders_sequence_survives_a_restart_and_a_clock_stepped_back(tmp_path, broker,
                                                                             gateway_key):
-    from sim.commander import Commander
+    from clinic_gateway.commander import Commander
 
     sequence = tmp_path / "clinic-seq.json"
     future = (time.time_ns() // 1000) + 10**12  # as if written with a clock far ahead

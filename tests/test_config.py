@@ -6,6 +6,8 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from dermascope_wire import signing
+from dermascope_wire.seal import generate_keypair, public_key_pem
 from device_agent.camera.backends import open_camera
 from device_agent.config import (
     CameraConfig,
@@ -16,8 +18,6 @@ from device_agent.config import (
     load_config,
     parse_config,
 )
-from device_agent.uplink import signing
-from device_agent.uplink.seal import generate_keypair, public_key_pem
 from sim.pki import TestCA
 
 EXAMPLE = Path(__file__).parent.parent / "examples" / "config.toml"

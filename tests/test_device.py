@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 
+from clinic_gateway.gateway import Gateway
 from device_agent.uplink.outbox import Outbox
 from sim.broker import MosquittoBroker, free_port
 from sim.device import SimDevice, sim_config
-from sim.gateway import Gateway
 
 DEVICE = "sim-0001"
 
@@ -41,8 +41,8 @@ def test_the_simulator_config_declares_a_developers_bench(tmp_path):
     assert bench.uplink.insecure_dev_mode
     assert bench.security.insecure_dev_mode
     assert bench.security.clinic_public_key is None
-    from device_agent.uplink import signing
-    from device_agent.uplink.seal import generate_keypair, public_key_pem
+    from dermascope_wire import signing
+    from dermascope_wire.seal import generate_keypair, public_key_pem
 
     key = tmp_path / "seal.pub.pem"
     key.write_bytes(public_key_pem(generate_keypair()[1]))

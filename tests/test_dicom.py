@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from pydicom.encaps import generate_frames
 from pydicom.filereader import dcmread
 
-from sim.dicom_export import DERMOSCOPIC_PHOTOGRAPHY, DicomExportError, export
+from clinic_gateway.dicom_export import DERMOSCOPIC_PHOTOGRAPHY, DicomExportError, export
 from sim.scene import SceneSpec, render
 
 
@@ -146,7 +146,7 @@ def test_malformed_pair_site_or_case_reference_is_named(tmp_path, capture, field
 
 
 def test_the_gateway_s_case_reference_replaces_the_device_s(tmp_path, capture):
-    from sim.dicom_export import for_gateway
+    from clinic_gateway.dicom_export import for_gateway
 
     jpeg, metadata = capture
     claimed = {**metadata, "gateway": {"case_ref": "0" * 32}}

@@ -20,17 +20,17 @@ from typing import Any
 import pytest
 from pydicom.filereader import dcmread
 
-from device_agent.camera.base import Frame
-from device_agent.camera.encode import MEDIA_TYPE, encode_jpeg
-from device_agent.camera.metadata import build_metadata
-from device_agent.config import IlluminationConfig
-from device_agent.session import ANATOMIC_SITES
-from sim.dicom_export import (
+from clinic_gateway.dicom_export import (
     ANATOMIC_REGIONS,
     DERMOSCOPIC_PHOTOGRAPHY,
     export,
     for_gateway,
 )
+from device_agent.camera.base import Frame
+from device_agent.camera.encode import MEDIA_TYPE, encode_jpeg
+from device_agent.camera.metadata import build_metadata
+from device_agent.config import IlluminationConfig
+from device_agent.session import ANATOMIC_SITES
 from sim.scene import SceneSpec, render
 
 DEVICE = "derm-0042"
@@ -295,7 +295,7 @@ def test_re_export_gives_the_same_object(tmp_path) -> None:
 def test_captures_through_the_gateway_pass_dciodvfy_and_file_by_case(gateway, broker,
                                                                      store) -> None:
     """End to end: the gateway verifies the case (its registry), stores, exports."""
-    from device_agent.uplink import bundle
+    from dermascope_wire import bundle
     from tests.test_gateway import RawDevice
 
     gateway.cases.opened(DEVICE, TOKEN, "upper extremity", timeout_s=3600)

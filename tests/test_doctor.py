@@ -63,8 +63,8 @@ def test_a_bench_device_is_never_fit_for_clinical_use(tmp_path, broker):
 
 
 def test_a_sealed_device_on_the_real_camera_has_neither_bench_failure(tmp_path, broker):
-    from device_agent.uplink import signing
-    from device_agent.uplink.seal import generate_keypair, public_key_pem
+    from dermascope_wire import signing
+    from dermascope_wire.seal import generate_keypair, public_key_pem
 
     key = tmp_path / "clinic-seal.pub.pem"
     key.write_bytes(public_key_pem(generate_keypair()[1]))

@@ -205,7 +205,7 @@ def test_a_dead_thread_stops_the_agent_loudly_and_stops_the_watchdog(tmp_path, e
 
 def test_a_command_that_fails_inside_the_agent_is_answered_and_the_device_goes_on(
         tmp_path, broker, gateway, store, events, monkeypatch):
-    from sim.commander import Commander
+    from clinic_gateway.commander import Commander
 
     def report_that_breaks(*args, **kwargs):
         cv2.resize(None, (0, 0))  # a real cv2.error, as odd frames can cause

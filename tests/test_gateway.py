@@ -14,8 +14,9 @@ import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
-from device_agent.uplink import bundle, seal
-from device_agent.uplink.protocol import (
+from clinic_gateway.gateway import Gateway
+from dermascope_wire import bundle, seal
+from dermascope_wire.protocol import (
     PROTOCOL_VERSION,
     Ack,
     Final,
@@ -25,7 +26,6 @@ from device_agent.uplink.protocol import (
     encode_chunk,
 )
 from sim.broker import MosquittoBroker
-from sim.gateway import Gateway
 
 DEVICE = "dev-gw"
 CHUNK = 1024
@@ -418,7 +418,7 @@ def test_odd_metadata_fails_its_dicom_export_and_the_next_capture_is_exported(
 
 def test_a_crash_in_after_ack_work_is_logged_and_the_thread_restarted(
         gateway, device, store, events, monkeypatch) -> None:
-    from sim import dicom_export
+    from clinic_gateway import dicom_export
 
     real = dicom_export.export
     calls: list[str] = []
@@ -446,7 +446,7 @@ def test_a_thread_dying_unsupervised_in_the_gateway_process_is_logged_and_ends_i
         events, monkeypatch) -> None:
     import threading
 
-    from sim.gateway import exit_on_thread_death
+    from clinic_gateway.gateway import exit_on_thread_death
 
     done = threading.Event()
     crashed: list[str] = []
@@ -468,7 +468,7 @@ def test_a_thread_dying_unsupervised_in_the_gateway_process_is_logged_and_ends_i
 def test_paho_logs_into_the_gateway_json_log(gateway, events) -> None:
     from paho.mqtt.client import MQTT_LOG_ERR
 
-    from sim.gateway import paho_log
+    from clinic_gateway.gateway import paho_log
 
     gateway._client._easy_log(MQTT_LOG_ERR, "Caught exception in %s", "on_test")
     (line,) = events.named("gateway.mqtt_log")

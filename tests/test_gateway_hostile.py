@@ -18,8 +18,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from paho.mqtt.enums import CallbackAPIVersion
 
-from device_agent.uplink import bundle
-from device_agent.uplink.protocol import (
+from clinic_gateway.gateway import Gateway
+from dermascope_wire import bundle
+from dermascope_wire.protocol import (
     ACK_STATES,
     MAX_CONTROL_MESSAGE,
     MAX_JSON_DEPTH,
@@ -35,7 +36,6 @@ from device_agent.uplink.protocol import (
     request_number,
 )
 from sim.device import SimDevice, sim_config
-from sim.gateway import Gateway
 
 PREFIX = "derm/v1"
 DEVICE = "dev-hostile"

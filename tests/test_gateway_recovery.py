@@ -20,10 +20,10 @@ import cv2
 import pytest
 from pydicom.filereader import dcmread
 
-from device_agent.uplink import bundle
-from device_agent.uplink.protocol import Final, Manifest, chunk_count_for, encode_chunk
-from sim.dicom_export import DERMOSCOPIC_PHOTOGRAPHY
-from sim.gateway import Gateway
+from clinic_gateway.dicom_export import DERMOSCOPIC_PHOTOGRAPHY
+from clinic_gateway.gateway import Gateway
+from dermascope_wire import bundle
+from dermascope_wire.protocol import Final, Manifest, chunk_count_for, encode_chunk
 from sim.scene import SceneSpec, render
 from tests.test_gateway_hostile import _Probe
 

@@ -16,8 +16,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from paho.mqtt.enums import CallbackAPIVersion
 
+from dermascope_wire.protocol import Topics
 from device_agent.commands import execute
-from device_agent.uplink.protocol import Topics
 from sim.broker import free_port
 from sim.device import SimDevice, sim_config
 

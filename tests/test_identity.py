@@ -24,12 +24,11 @@ from cryptography.x509.oid import NameOID
 from paho.mqtt.enums import CallbackAPIVersion
 from pydantic import ValidationError
 
-from device_agent.config import DeviceConfig, UplinkConfig
-from device_agent.provision import ProvisionError, check_device_id
-from device_agent.session import SessionError, check_case_token
-from device_agent.uplink import bundle, seal
-from device_agent.uplink.outbox import validate_capture_id
-from device_agent.uplink.protocol import (
+from clinic_gateway import audit
+from clinic_gateway.gateway import CaseError, Gateway
+from dermascope_wire import bundle, seal
+from dermascope_wire.identity import IdentityError
+from dermascope_wire.protocol import (
     Ack,
     Final,
     Manifest,
@@ -39,9 +38,11 @@ from device_agent.uplink.protocol import (
     encode_chunk,
     parse_up_topic,
 )
-from sim import audit
+from device_agent.config import DeviceConfig, UplinkConfig
+from device_agent.provision import ProvisionError, check_device_id
+from device_agent.session import SessionError, check_case_token
+from device_agent.uplink.outbox import validate_capture_id
 from sim.device import SimDevice, sim_config
-from sim.gateway import CaseError, Gateway
 from sim.pki import SigningRefused, TestCA
 from sim.secure_broker import SecureMosquitto
 
@@ -266,9 +267,9 @@ def test_a_claimed_case_the_clinic_did_not_open_on_that_device_is_filed_unassign
 
 
 def test_the_gateway_refuses_to_open_a_cpr_number_as_a_case(clinic) -> None:
-    with pytest.raises(SessionError, match="CPR"):
+    with pytest.raises(IdentityError, match="CPR"):
         clinic["gateway"].open_case(A, "010190:1234")
-    with pytest.raises(ProvisionError, match="reserved"):
+    with pytest.raises(IdentityError, match="reserved"):
         clinic["gateway"].open_case("gateway", TOKEN)
     assert not (clinic["store"] / ".gateway" / "cases").exists()
 
@@ -347,7 +348,7 @@ def test_id_patterns_refuse_a_trailing_newline() -> None:
 
 def test_a_command_never_reaches_another_device_by_a_crafted_id(clinic) -> None:
     # The broker ACL is the gate; the gateway's own check refuses first, by name.
-    with pytest.raises(ProvisionError):
+    with pytest.raises(IdentityError):
         clinic["gateway"].close_case(f"{A}/cmd/x")
     assert not (clinic["store"] / ".gateway" / "cases").exists()
 
@@ -356,7 +357,7 @@ def test_a_command_never_reaches_another_device_by_a_crafted_id(clinic) -> None:
 
 
 def test_the_registry_knows_when_each_case_was_open(tmp_path) -> None:
-    from sim.cases import CaseRegistry
+    from clinic_gateway.cases import CaseRegistry
 
     reg = CaseRegistry(tmp_path / ".gateway", skew=10)
     t0 = 1_800_000_000.0
@@ -382,7 +383,7 @@ def test_the_registry_knows_when_each_case_was_open(tmp_path) -> None:
 
 
 def test_the_registry_refuses_a_corrupted_file_by_name(tmp_path) -> None:
-    from sim.cases import CaseRegistry, CaseRegistryError
+    from clinic_gateway.cases import CaseRegistry, CaseRegistryError
 
     reg = CaseRegistry(tmp_path / ".gateway")
     reg.opened(A, "TD-1")

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from device_agent.uplink.seal import generate_keypair, public_key_pem
+from clinic_gateway.gateway import Gateway
+from dermascope_wire.seal import generate_keypair, public_key_pem
 from sim.device import SimDevice, sim_config
-from sim.gateway import Gateway
 
 DEVICE = "sim-0001"
 

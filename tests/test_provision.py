@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 
+from dermascope_wire import signing
+from dermascope_wire.seal import generate_keypair, public_key_pem
 from device_agent.config import load_config
 from device_agent.provision import ProvisionError, provision
-from device_agent.uplink import signing
-from device_agent.uplink.seal import generate_keypair, public_key_pem
 from sim.pki import TestCA
 
 

@@ -257,7 +257,7 @@ def test_tiny_image_raises(tmp_path: Path) -> None:
 
 
 def test_evaluation_runs_and_reports(capsys: pytest.CaptureFixture[str]) -> None:
-    from device_agent.camera.evaluate import main
+    from bench.evaluate import main
 
     assert (
         main(

@@ -1,7 +1,7 @@
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from device_agent.uplink.seal import (
+from dermascope_wire.seal import (
     KeyFileError,
     SealError,
     generate_keypair,

@@ -16,12 +16,12 @@ import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
-from device_agent.uplink import bundle, signing
+from clinic_gateway.gateway import Gateway
+from dermascope_wire import bundle, signing
+from dermascope_wire.protocol import Ack, Topics
+from dermascope_wire.seal import generate_keypair, private_key_pem, public_key_pem, seal
 from device_agent.uplink.outbox import Outbox
-from device_agent.uplink.protocol import Ack, Topics
-from device_agent.uplink.seal import generate_keypair, private_key_pem, public_key_pem, seal
 from sim.device import SimDevice, sim_config
-from sim.gateway import Gateway
 from sim.pki import TestCA
 from sim.secure_broker import SecureMosquitto
 

@@ -17,14 +17,14 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from paho.mqtt.enums import CallbackAPIVersion
 
+from clinic_gateway.gateway import Gateway
+from dermascope_wire import signing
+from dermascope_wire.bundle import pack
+from dermascope_wire.protocol import Ack, ProtocolError, Topics
+from dermascope_wire.seal import generate_keypair, public_key_pem
 from device_agent.config import ConfigError, UplinkConfig, parse_config
-from device_agent.uplink import signing
-from device_agent.uplink.bundle import pack
 from device_agent.uplink.client import Uplink
 from device_agent.uplink.outbox import Outbox
-from device_agent.uplink.protocol import Ack, ProtocolError, Topics
-from device_agent.uplink.seal import generate_keypair, public_key_pem
-from sim.gateway import Gateway
 
 DEVICE = "dev-sign"
 TOPICS = Topics("derm/v1", DEVICE)
@@ -269,7 +269,7 @@ def test_the_gateway_command_line_names_a_bad_signing_key(tmp_path):
     bad = tmp_path / "not-a-key.pem"
     bad.write_text("nothing")
     result = subprocess.run(
-        [sys.executable, "-m", "sim.gateway", "--store", str(tmp_path / "store"),
+        [sys.executable, "-m", "clinic_gateway", "run", "--store", str(tmp_path / "store"),
          "--signing-key", str(bad)], capture_output=True, text=True, timeout=60, check=False)
     assert result.returncode == 2
     assert "not-a-key.pem: not an unencrypted PEM private key" in result.stderr

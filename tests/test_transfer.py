@@ -7,8 +7,8 @@ import hashlib
 
 import pytest
 
-from device_agent.uplink import bundle, signing
-from device_agent.uplink.protocol import (
+from dermascope_wire import bundle, signing
+from dermascope_wire.protocol import (
     MAX_CHUNKS,
     Ack,
     ProtocolError,

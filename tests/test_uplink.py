@@ -22,13 +22,13 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 from tqdm import tqdm
 
+from clinic_gateway.gateway import Gateway
+from dermascope_wire import bundle, seal
+from dermascope_wire.protocol import Manifest, Topics, chunk_count_for, encode_chunk
 from device_agent.config import UplinkConfig
-from device_agent.uplink import bundle, seal
 from device_agent.uplink.client import Uplink, backoff_delay
 from device_agent.uplink.outbox import Outbox
-from device_agent.uplink.protocol import Manifest, Topics, chunk_count_for, encode_chunk
 from sim.broker import AmqttBroker, MosquittoBroker, free_port
-from sim.gateway import Gateway
 from sim.netfault import FaultProxy
 
 DEVICE = "dev-1"
@@ -404,7 +404,7 @@ def test_gateway_killed_mid_transfer_resumes_and_stores_once(
     broker, outbox, store, events
 ) -> None:
     capture_id, meta, image = put(outbox, 11, size=8_000_000)
-    command = [sys.executable, "-m", "sim.gateway", "--host", broker.host,
+    command = [sys.executable, "-m", "clinic_gateway", "run", "--host", broker.host,
                "--port", str(broker.port), "--store", str(store), "--insecure-dev-mode"]
     received = store / ".gateway" / "staging" / DEVICE / capture_id / "received"
     first = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
@@ -511,7 +511,7 @@ _SOAK_DEVICE = textwrap.dedent(
     import hashlib, random, sys
     from pathlib import Path
     from device_agent.config import UplinkConfig
-    from device_agent.uplink import bundle
+    from dermascope_wire import bundle
     from device_agent.uplink.client import Uplink
     from device_agent.uplink.outbox import Outbox
     port, box, run, mode = int(sys.argv[1]), Path(sys.argv[2]), sys.argv[3], sys.argv[4]

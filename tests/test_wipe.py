@@ -11,12 +11,12 @@ from pathlib import Path
 import pytest
 import tomlkit
 
+from dermascope_wire import signing
+from dermascope_wire.seal import generate_keypair, public_key_pem
 from device_agent.config import load_config
 from device_agent.provision import provision
 from device_agent.status import status_path, write_status
-from device_agent.uplink import signing
 from device_agent.uplink.outbox import Outbox
-from device_agent.uplink.seal import generate_keypair, public_key_pem
 from sim.pki import TestCA
 
 

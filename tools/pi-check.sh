@@ -73,6 +73,17 @@ step "README's install (dev extra for pi): $pip_command"
 (cd "$root" && eval "$pip_command") || fail "the README's pip install failed: $pip_command"
 py=$venv/bin/python
 
+step "the device's install carries neither the simulator nor the gateway"
+(cd / && "$py" -c 'import importlib.util as u, sys
+found = [m for m in ("sim", "clinic_gateway", "pydicom") if u.find_spec(m)]
+sys.exit(f"installed on the device: {found}" if found else 0)') \
+    || fail "the README's device install brought development or clinic packages"
+# The tests run the simulator and the reference gateway: separate distributions, installed
+# here for the tests only (never on a device), with the same constraints.
+step "for the tests only: the simulator and the gateway"
+"$venv/bin/pip" install --quiet -c "$root/deploy/pi/constraints-bookworm.txt" \
+    "$root/clinic_gateway" "$root/sim" || fail "the simulator and the gateway do not install"
+
 step "numpy must still be apt's $apt_numpy from $system_site"
 numpy_seen=$("$py" -c 'import numpy; print(numpy.__version__, numpy.__file__)') \
     || fail "numpy does not import in the venv"

@@ -2,7 +2,8 @@
 
 A camera streams frames while the device is awake; the agent keeps the most recent ones in a
 ring buffer and picks the best around a button press. Backends: ``picam`` (picamera2 on the
-Pi) and the simulator's ``sim.camera``. Both are chosen by name through :func:`open_camera`.
+Pi) and the simulator's ``sim.camera``. Both are chosen by name (``camera.backend``) through
+:func:`~device_agent.camera.backends.open_camera`, among the entry points installed.
 """
 
 from __future__ import annotations

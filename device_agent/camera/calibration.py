@@ -26,6 +26,7 @@ from typing import Any
 import cv2
 import numpy as np
 
+from dermascope_wire.durable import write_atomic
 from device_agent.camera.colour import (
     chart_patch_centres,
     chart_patch_size,
@@ -37,7 +38,6 @@ from device_agent.camera.colour import (
     srgb_lut_to_linear,
 )
 from device_agent.camera.lens import find_lens_field
-from device_agent.durable import write_atomic
 
 CALIBRATION_FILE = "calibration.json"
 GRID_WIDTH = 64

@@ -16,8 +16,8 @@ from dataclasses import dataclass
 from gpiozero import LED, PWMLED
 from gpiozero.pins import Factory
 
-from device_agent import threads
-from device_agent.logs import log_event
+from dermascope_wire import threads
+from dermascope_wire.logs import log_event
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +84,7 @@ class Lights:
         self._signals: queue.Queue[Signal | None] = queue.Queue()
         self._standing = Signal.READY
         self._closed = False
-        self._thread = threads.start("feedback", self._play)
+        self._thread = threads.start("feedback", self._play, log)
 
     # -- status LED ---------------------------------------------------------------------
     def show(self, signal: Signal) -> None:

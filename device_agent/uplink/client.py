@@ -18,7 +18,7 @@ Why it is built this way:
   (``uplink.ack_refused``) and ignored: the capture stays and its transfer times out and
   starts again.
 - The three threads (``uplink-net``, ``uplink-sender``, ``uplink-heartbeat``) are
-  supervised (device_agent.threads): ``healthy`` turns false when one died, and the service
+  supervised (dermascope_wire.threads): ``healthy`` turns false when one died, and the service
   then stops with a failure for systemd to restart it.
 """
 
@@ -33,20 +33,18 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from device_agent import threads
+from dermascope_wire import signing, threads
+from dermascope_wire.logs import log_event
+from dermascope_wire.protocol import ProtocolError
 from device_agent.config import UplinkConfig
-from device_agent.logs import log_event
-from device_agent.uplink import signing
 from device_agent.uplink.connection import (
     Aborted,
     CommandSink,
     Connection,
     backoff_delay,
     paho_log,
-    tcp_nodelay,
 )
 from device_agent.uplink.outbox import CorruptEntry, Outbox, OutboxEntry
-from device_agent.uplink.protocol import ProtocolError
 from device_agent.uplink.transfer import (
     Action,
     AwaitAck,
@@ -60,8 +58,8 @@ from device_agent.uplink.transfer import (
     choose_chunk_size,
 )
 
-# backoff_delay, paho_log and tcp_nodelay are imported from here by sim, tests and bench.
-__all__ = ["Uplink", "backoff_delay", "paho_log", "tcp_nodelay"]
+# backoff_delay and paho_log are imported from here by tests.
+__all__ = ["Uplink", "backoff_delay", "paho_log"]
 
 log = logging.getLogger(__name__)
 
@@ -140,7 +138,8 @@ class Uplink:
                       reason="no gateway signing key: every ack is refused and nothing is "
                              "delivered; set security.gateway_public_key")
         conn.start()
-        self._sender = threads.start(f"uplink-sender-{self.device_id}", self._sender_main)
+        self._sender = threads.start(f"uplink-sender-{self.device_id}", self._sender_main,
+                                     log)
         conn.start_heartbeat()
         log_event(log, "uplink.started", host=self.config.host, port=self.config.port,
                   protocol=self.config.protocol, device_id=self.device_id)

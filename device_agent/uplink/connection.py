@@ -29,7 +29,6 @@ import contextlib
 import json
 import logging
 import random
-import socket
 import threading
 import time
 import traceback
@@ -43,11 +42,11 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
-from device_agent import threads
+from dermascope_wire import signing, threads
+from dermascope_wire.logs import EventName, log_event
+from dermascope_wire.protocol import Ack, ProtocolError, Topics, parse_ack_topic, status_payload
+from dermascope_wire.sockets import tcp_nodelay
 from device_agent.config import UplinkConfig
-from device_agent.logs import EventName, log_event
-from device_agent.uplink import signing
-from device_agent.uplink.protocol import Ack, ProtocolError, Topics, parse_ack_topic, status_payload
 from device_agent.uplink.transfer import verify_ack
 
 log = logging.getLogger(__name__)
@@ -68,13 +67,6 @@ _PACKET_TOO_LARGE = 0x95
 
 class Aborted(Exception):
     """The current transfer attempt cannot go on (disconnect, stop); it resumes later."""
-
-
-def tcp_nodelay(client: mqtt.Client, userdata: Any, sock: Any) -> None:
-    """Disable Nagle: small control messages (manifest, final, ack) would otherwise wait for
-    the peer's delayed ACK (~40 ms per round trip on Linux) and dominate a transfer."""
-    with contextlib.suppress(OSError, AttributeError):  # e.g. a websocket or TLS wrapper
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
 def backoff_delay(attempt: int, lo: float, hi: float, rng: random.Random) -> float:
@@ -135,11 +127,11 @@ class Connection:
 
     def start(self) -> None:
         self._close.clear()
-        self._net = threads.start(f"uplink-net-{self.device_id}", self._net_main)
+        self._net = threads.start(f"uplink-net-{self.device_id}", self._net_main, log)
 
     def start_heartbeat(self) -> None:
         self._heartbeat = threads.start(f"uplink-heartbeat-{self.device_id}",
-                                        self._heartbeat_main)
+                                        self._heartbeat_main, log)
 
     def supervised(self) -> tuple[threads.Supervised | None, ...]:
         """The connection's threads (``uplink-net``, ``uplink-heartbeat``)."""

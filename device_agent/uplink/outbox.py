@@ -53,8 +53,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from device_agent.durable import fsync_dir, write_atomic
-from device_agent.logs import log_event
+from dermascope_wire.durable import fsync_dir, write_atomic
+from dermascope_wire.logs import log_event
 
 log = logging.getLogger(__name__)
 

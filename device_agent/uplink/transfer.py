@@ -20,8 +20,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
-from device_agent.uplink import bundle, seal, signing
-from device_agent.uplink.protocol import (
+from dermascope_wire import bundle, seal, signing
+from dermascope_wire.protocol import (
     MAX_CHUNKS,
     Ack,
     Final,

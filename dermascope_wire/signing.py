@@ -34,8 +34,8 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from device_agent.durable import write_atomic
-from device_agent.uplink.protocol import PROTOCOL_VERSION, ProtocolError, load_json
+from dermascope_wire.durable import write_atomic
+from dermascope_wire.protocol import PROTOCOL_VERSION, ProtocolError, load_json
 
 #: Prefixed to the body before signing, so a signature over the same bytes made for any
 #: other purpose with the same key never verifies here.

@@ -1,9 +1,9 @@
 """The transfer protocol between a device and the clinic gateway (docs/protocol.md).
 
-Shared by the device (``client.py``) and the reference receiver (``sim/gateway.py``) so the two
-cannot drift. Everything a receiver needs is inside the payloads (JSON control messages,
-binary chunks with their own header and CRC), never in MQTT 5 properties, so MQTT 3.1.1
-carries exactly the same protocol.
+Part of the wire package, shared by the device (``device_agent/uplink/client.py``) and the
+clinic's gateway (``clinic_gateway/gateway.py``) so the two cannot drift. Everything a
+receiver needs is inside the payloads (JSON control messages, binary chunks with their own
+header and CRC), never in MQTT 5 properties, so MQTT 3.1.1 carries exactly the same protocol.
 
 Topic tree (``<p>`` = topic prefix, default ``derm/v1``)::
 
@@ -26,6 +26,8 @@ from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
+from dermascope_wire.identity import DEVICE_ID
+
 PROTOCOL_VERSION = 1
 #: A transfer has at most this many chunks, so the missing-chunk bitmap (8 KiB) always fits
 #: in one small message, whatever the broker's packet cap.
@@ -44,7 +46,6 @@ MAX_JSON_DEPTH = 8
 MAX_INT_DIGITS = 20
 
 _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}\Z")
-_DEVICE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}\Z")
 _HEX64 = re.compile(r"^[0-9a-f]{64}\Z")
 _HEX64_OR_EMPTY = re.compile(r"^(?:[0-9a-f]{64})?\Z")
 # A MIME type's characters (RFC 6838 names, plus parameters): printable ASCII, bounded.
@@ -122,7 +123,7 @@ def parse_up_topic(prefix: str, topic: str) -> tuple[str, str, str]:
     if len(parts) != 4 or parts[1] != "up" or parts[3] not in UP_KINDS:
         raise ProtocolError("bad_topic", f"{topic!r} is not <device>/up/<capture>/<kind>")
     device_id, _, capture_id, kind = parts
-    if not _DEVICE_RE.fullmatch(device_id) or not _ID_RE.fullmatch(capture_id):
+    if not DEVICE_ID.fullmatch(device_id) or not _ID_RE.fullmatch(capture_id):
         raise ProtocolError("bad_topic", f"bad device or capture id in {topic!r}")
     return device_id, capture_id, kind
 
@@ -369,7 +370,7 @@ class Ack:
             chunk_count=chunk_count,
             reason=_str(obj, "reason", _REASON) if "reason" in obj else "",
             sha256=_str(obj, "sha256", _HEX64_OR_EMPTY) if "sha256" in obj else "",
-            device_id=_str(obj, "device_id", _DEVICE_RE) if "device_id" in obj else "",
+            device_id=_str(obj, "device_id", DEVICE_ID) if "device_id" in obj else "",
         )
 
 

@@ -26,9 +26,9 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from device_agent.durable import write_atomic
-from device_agent.uplink import signing
-from device_agent.uplink.protocol import Topics
+from dermascope_wire import signing
+from dermascope_wire.durable import write_atomic
+from dermascope_wire.protocol import Topics
 
 
 class CommandTimeout(TimeoutError):

@@ -31,7 +31,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from device_agent.durable import fsync_dir, make_dirs
+from dermascope_wire.durable import fsync_dir, make_dirs
 
 #: How far a device's clock may be off the gateway's when a capture's time is compared with
 #: a case's opening and end (the device's clock is NTP-synchronised; doctor checks it).

@@ -1,6 +1,6 @@
 """Revoke device certificates and (re-)issue the clinic CA's CRL: a tool for clinic IT.
 
-    python -m sim.revoke --ca-cert clinic-ca.crt --ca-key clinic-ca.key \\
+    clinic-gateway revoke --ca-cert clinic-ca.crt --ca-key clinic-ca.key \\
         --crl /etc/mosquitto/certs/clinic-ca.crl derm-0042.crt
     systemctl reload mosquitto
 
@@ -22,15 +22,15 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from device_agent.logs import json_formatter, log_event
-from sim.audit import record_revocation
-from sim.pki import CRLError, revoke_in_crl
+from clinic_gateway.audit import record_revocation
+from clinic_gateway.crl import CRLError, revoke_in_crl
+from dermascope_wire.logs import json_formatter, log_event
 
-log = logging.getLogger("sim.revoke")
+log = logging.getLogger("clinic_gateway.revoke")
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m sim.revoke", description=__doc__,
+    parser = argparse.ArgumentParser(prog="clinic-gateway revoke", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ca-cert", type=Path, required=True, help="the clinic CA certificate")
     parser.add_argument("--ca-key", type=Path, required=True, help="the clinic CA private key")
@@ -63,19 +63,25 @@ def main(argv: list[str] | None = None) -> int:
         if args.audit is not None and cert.serial_number in added:
             try:
                 record_revocation(args.audit, common_name or "?", f"{cert.serial_number:x}",
-                                  reason="revoked by clinic IT (sim.revoke)")
+                                  reason="revoked by clinic IT (clinic-gateway revoke)")
             except (OSError, ValueError) as exc:
                 # The CRL is already written: say so, and how to record it by hand.
                 print(f"error: the CRL is written, but the audit log was not: {exc}; record "
-                      f"it with python -m sim.audit revoked", file=sys.stderr)
+                      f"it with clinic-gateway audit revoked", file=sys.stderr)
                 return 1
     print(json.dumps({"crl": str(args.crl), "revoked": [f"{s:x}" for s in added]}))
     print("now reload the broker: systemctl reload mosquitto", file=sys.stderr)
     return 0
 
 
-if __name__ == "__main__":
+def command(argv: list[str] | None = None) -> int:
+    """The command line (``clinic-gateway revoke``): ``main`` with its events as JSON lines on
+    standard error."""
     handler = logging.StreamHandler()
     handler.setFormatter(json_formatter())
     logging.basicConfig(level=logging.INFO, handlers=[handler])
-    sys.exit(main())
+    return main(argv)
+
+
+if __name__ == "__main__":
+    sys.exit(command())

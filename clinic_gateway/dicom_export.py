@@ -54,6 +54,8 @@ from pydicom.encaps import encapsulate, generate_frames
 from pydicom.filereader import dcmread
 from pydicom.uid import JPEGBaseline8Bit, generate_uid
 
+from dermascope_wire.identity import DEVICE_ID
+
 DERMOSCOPIC_PHOTOGRAPHY = "1.2.840.10008.5.1.4.1.1.77.1.7"
 MODALITY = "DMS"  # dermoscopy
 MANUFACTURER = "dermascope"
@@ -101,7 +103,6 @@ GATEWAY = "gateway"
 
 # Value representations (DICOM PS3.5 6.2) of the fields filled from the metadata.
 _CODE_STRING = re.compile(r"[A-Z0-9 _]{0,16}")  # CS
-_DEVICE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
 _CAPTURE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 _CASE_TOKEN = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 _CASE_REF = re.compile(r"[A-Za-z0-9]{16,128}")
@@ -229,7 +230,7 @@ def build_dataset(jpeg: bytes, metadata: dict[str, Any]) -> Dataset:
     if not isinstance(metadata, dict):
         raise DicomExportError("metadata is not an object")
     capture_id = _matching(metadata.get("capture_id"), _CAPTURE_ID, "capture_id")
-    device_id = _matching(metadata.get("device_id"), _DEVICE_ID, "device_id")
+    device_id = _matching(metadata.get("device_id"), DEVICE_ID, "device_id")
     try:
         taken = dt.datetime.fromisoformat(metadata.get("captured_at"))
         # Written as UTC (TimezoneOffsetFromUTC "+0000"); no offset means UTC (protocol).

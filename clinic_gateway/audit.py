@@ -19,10 +19,10 @@ acknowledged as written; the next append cuts it off and records that it did, wi
 torn bytes' SHA-256 and length, so the chain goes on intact.
 
 Never put patient data in a line: the case token appears only as a keyed hash (see
-sim/cases.py, ``CaseRegistry.ref``).
+clinic_gateway/cases.py, ``CaseRegistry.ref``).
 
-Verify: ``python -m sim.audit verify STORE`` (exit 0 intact, 1 with ``line N: ...``).
-Revocations (clinic IT's tool): ``record_revocation`` or ``python -m sim.audit revoked
+Verify: ``clinic-gateway audit verify STORE`` (exit 0 intact, 1 with ``line N: ...``).
+Revocations (clinic IT's tool): ``record_revocation`` or ``clinic-gateway audit revoked
 STORE --device ID --serial HEX [--reason TEXT]``.
 """
 
@@ -40,10 +40,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from device_agent.durable import make_dirs
-from device_agent.logs import log_event
+from dermascope_wire.durable import make_dirs
+from dermascope_wire.logs import log_event
 
-log = logging.getLogger("sim.audit")
+log = logging.getLogger("clinic_gateway.audit")
 
 GENESIS = "0" * 64
 FILE_MODE = 0o640
@@ -149,7 +149,7 @@ class AuditLog:
             cut = tail.rfind(b"\n") + 1  # 0 when the torn line is the only one
             if cut == 0 and start > 0:
                 raise AuditError(f"{self.path}: the last line is torn and longer than "
-                                 f"{_MAX_LINE} bytes; run python -m sim.audit verify")
+                                 f"{_MAX_LINE} bytes; run clinic-gateway audit verify")
             torn = tail[cut:]
             os.ftruncate(fd, start + cut)
             seq, prev = self._tail(fd)
@@ -164,13 +164,13 @@ class AuditLog:
         cut = body.rfind(b"\n")
         if cut < 0 and start > 0:
             raise AuditError(f"{self.path}: the last line is longer than {_MAX_LINE} bytes; "
-                             "run python -m sim.audit verify")
+                             "run clinic-gateway audit verify")
         last = body[cut + 1:]
         try:
             seq = json.loads(last)["seq"]
         except (ValueError, KeyError, TypeError) as err:
             raise AuditError(f"{self.path}: the last line is not an audit record ({err}); "
-                             "run python -m sim.audit verify") from None
+                             "run clinic-gateway audit verify") from None
         if not isinstance(seq, int):
             raise AuditError(f"{self.path}: the last line has no sequence number")
         return seq, hashlib.sha256(last).hexdigest()
@@ -216,7 +216,7 @@ def record_revocation(store_dir: Path, device_id: str, serial: str, reason: str 
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m sim.audit",
+    parser = argparse.ArgumentParser(prog="clinic-gateway audit",
                                      description="The gateway's hash-chained audit log.")
     sub = parser.add_subparsers(dest="command", required=True)
     check = sub.add_parser("verify", help="verify the chain (exit 0 intact, 1 otherwise)")

@@ -2,7 +2,7 @@
 
 The recipe (POSIX): write a temporary file in the same folder, fsync it, rename it over the
 target, fsync the folder so the rename itself is on disk. Used by everything on the device
-that must survive a crash (provisioning, calibration) and by the reference gateway.
+that must survive a crash (provisioning, calibration) and by the clinic's gateway.
 """
 
 from __future__ import annotations

@@ -3,7 +3,8 @@
 A thread that dies of an unexpected exception must never leave a service that looks alive
 and does nothing (a device that no longer delivers, a gateway that no longer acks). Every
 long-lived thread is started through :func:`start`: whatever kills it is logged with its
-traceback as ``thread.crashed``, and its owner sees it in :func:`all_alive`. The services
+traceback as ``thread.crashed`` on its owner's logger (so the event lands in the owner's JSON
+log), and its owner sees it in :func:`all_alive`. The services
 ping systemd's watchdog only while all their threads are alive and exit non-zero when one
 is gone, so systemd restarts them whole: simpler and safer than restarting one thread
 whose shared state may be half updated.
@@ -19,17 +20,16 @@ import threading
 import traceback
 from collections.abc import Callable, Iterable
 
-from device_agent.logs import log_event
-
-log = logging.getLogger(__name__)
+from dermascope_wire.logs import log_event
 
 
 class Supervised(threading.Thread):
     """A daemon thread whose death by exception is logged and remembered."""
 
-    def __init__(self, name: str, target: Callable[[], object]) -> None:
+    def __init__(self, name: str, target: Callable[[], object], log: logging.Logger) -> None:
         super().__init__(name=name, daemon=True)
         self._body = target
+        self._log = log
         #: ``"ExceptionType: message"`` once the thread died of an exception.
         self.crashed: str | None = None
 
@@ -38,12 +38,13 @@ class Supervised(threading.Thread):
             self._body()
         except BaseException as err:  # noqa: BLE001 - the supervisor: whatever ends the thread
             self.crashed = f"{type(err).__name__}: {err}"
-            log_event(log, "thread.crashed", logging.CRITICAL, thread_name=self.name,
+            log_event(self._log, "thread.crashed", logging.CRITICAL, thread_name=self.name,
                       error=self.crashed, traceback=traceback.format_exc())
 
 
-def start(name: str, target: Callable[[], object]) -> Supervised:
-    thread = Supervised(name, target)
+def start(name: str, target: Callable[[], object], log: logging.Logger) -> Supervised:
+    """Start ``target`` in a supervised thread; its death is logged on ``log``."""
+    thread = Supervised(name, target, log)
     thread.start()
     return thread
 

@@ -14,8 +14,8 @@ Layout under ``store_dir``::
     .gateway/staging/<device>/<capture>/       manifest.json, data, received (see _Staging)
     .gateway/ledger/<device>/<capture>.json    transfer sha256 etc. of committed captures
     .gateway/pending/<device>/<capture>.json   a store whose after-ack work is not done yet
-    .gateway/audit.jsonl                       the hash-chained audit log (sim/audit.py)
-    .gateway/cases/<device>.jsonl, case-key    the case registry (sim/cases.py)
+    .gateway/audit.jsonl                       the hash-chained audit log (clinic_gateway/audit.py)
+    .gateway/cases/<device>.jsonl, case-key    the case registry (clinic_gateway/cases.py)
 
 Files are 0640, folders 0750: patient images are for the gateway's account and group only.
 
@@ -40,7 +40,7 @@ under a case only if the clinic opened that case on that device through ``open_c
 (otherwise filed unassigned, ``case_unverified``). Final acks, seal errors, mismatches,
 unverified cases and commands go to the audit log.
 
-Run: ``python -m sim.gateway --host 127.0.0.1 --port 1883 --store DIR --key clinic.pem``
+Run: ``clinic-gateway run --host 127.0.0.1 --port 1883 --store DIR --key clinic.pem``
 """
 
 from __future__ import annotations
@@ -74,13 +74,15 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
-from device_agent.durable import TEMP_SUFFIX, fsync_dir, make_dirs, write_atomic
-from device_agent.logs import EventName, add_json_handler, log_event
-from device_agent.provision import DEVICE_ID, check_device_id
-from device_agent.session import check_case_token
-from device_agent.uplink import bundle, seal, signing
-from device_agent.uplink.client import tcp_nodelay
-from device_agent.uplink.protocol import (
+from clinic_gateway import dicom_export
+from clinic_gateway.audit import AuditError, AuditLog, audit_path
+from clinic_gateway.cases import CaseRegistry
+from clinic_gateway.commander import Commander
+from dermascope_wire import bundle, seal, signing
+from dermascope_wire.durable import TEMP_SUFFIX, fsync_dir, make_dirs, write_atomic
+from dermascope_wire.identity import DEVICE_ID, check_case_token, check_device_id
+from dermascope_wire.logs import EventName, add_json_handler, log_event
+from dermascope_wire.protocol import (
     Ack,
     Final,
     Manifest,
@@ -91,12 +93,9 @@ from device_agent.uplink.protocol import (
     request_number,
     up_filter,
 )
-from sim import dicom_export
-from sim.audit import AuditError, AuditLog, audit_path
-from sim.cases import CaseRegistry
-from sim.commander import Commander
+from dermascope_wire.sockets import tcp_nodelay
 
-log = logging.getLogger("sim.gateway")
+log = logging.getLogger("clinic_gateway.gateway")
 #: paho-mqtt's own messages (connection trouble, exceptions it caught) go to the JSON log too.
 paho_log = log.getChild("paho")
 
@@ -816,12 +815,12 @@ class Gateway:
 
     @functools.cached_property
     def audit(self) -> AuditLog:
-        """The store's hash-chained audit log (sim/audit.py), shared by its gateways."""
+        """The store's hash-chained audit log (clinic_gateway/audit.py), shared by its gateways."""
         return AuditLog(audit_path(self.store_dir))
 
     @functools.cached_property
     def cases(self) -> CaseRegistry:
-        """Which cases the clinic opened on which device (sim/cases.py)."""
+        """Which cases the clinic opened on which device (clinic_gateway/cases.py)."""
         return CaseRegistry(self.store_dir / ".gateway")
 
     def _audit(self, event: str, **fields: Any) -> None:
@@ -872,9 +871,10 @@ class Gateway:
 
     def send_command(self, device_id: str, command: str, timeout: float = 10.0,
                      **args: Any) -> dict[str, Any]:
-        """Send a command to a device through ``sim.commander`` and return its answer; each
-        is audited (``command.sent``, then ``command.answered`` or ``command.unanswered``),
-        a case token only by its reference. CommandTimeout if the device does not answer."""
+        """Send a command to a device through ``clinic_gateway.commander`` and return its
+        answer; each is audited (``command.sent``, then ``command.answered`` or
+        ``command.unanswered``), a case token only by its reference. CommandTimeout if the
+        device does not answer."""
         token = args.get("case_token")
         ref = self.cases.ref(token) if isinstance(token, str) else None
         commander = self._commander()
@@ -1085,7 +1085,7 @@ def exit_on_thread_death(done: threading.Event, crashed: list[str]
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m sim.gateway",
+    parser = argparse.ArgumentParser(prog="clinic-gateway run",
                                      description="Reference clinic gateway receiver.")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=1883)
@@ -1123,9 +1123,9 @@ def main(argv: list[str] | None = None) -> int:
     except signing.SigningKeyError as err:
         parser.error(str(err))
 
-    add_json_handler("sim.gateway", stream=sys.stdout)
+    add_json_handler("clinic_gateway", stream=sys.stdout)
     if args.log:
-        add_json_handler("sim.gateway", path=args.log)
+        add_json_handler("clinic_gateway", path=args.log)
     done = threading.Event()
     crashed: list[str] = []
     threading.excepthook = exit_on_thread_death(done, crashed)

@@ -1,0 +1,3 @@
+from clinic_gateway.cli import main
+
+raise SystemExit(main())
