@@ -21,9 +21,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from dermascope_wire.logs import log_event
-from device_agent.agent import COMMAND_SEQUENCE_FILE
 from device_agent.camera.calibration import calibration_path
 from device_agent.config import Config, load_config
+from device_agent.remote import COMMAND_SEQUENCE_FILE
 from device_agent.status import is_live, read_status, status_path
 from device_agent.uplink.outbox import Outbox
 

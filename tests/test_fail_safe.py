@@ -210,7 +210,7 @@ def test_a_command_that_fails_inside_the_agent_is_answered_and_the_device_goes_o
     def report_that_breaks(*args, **kwargs):
         cv2.resize(None, (0, 0))  # a real cv2.error, as odd frames can cause
 
-    monkeypatch.setattr("device_agent.agent.render_report", report_that_breaks)
+    monkeypatch.setattr("device_agent.remote.render_report", report_that_breaks)
     config = sim_config(tmp_path / "device", broker.port)
     with SimDevice(config) as device:
         device.wait_online()

@@ -114,7 +114,7 @@ def test_the_uplinks_message_handler_never_raises(quiet_device, outbox, kind, ca
         def publish(self, topic, payload, qos=0, properties=None):
             answers.append(json.loads(payload))
 
-    uplink._on_message(Client(), None, message)  # unguarded: it must hold by itself
+    uplink.connection._on_message(Client(), None, message)  # unguarded: it must hold by itself
     if kind == "cmd":
         assert len(answers) == 1
         assert isinstance(answers[0]["ok"], bool)
