@@ -22,7 +22,10 @@ Files are 0640, folders 0750: patient images are for the gateway's account and g
 A capture's after-ack work (DICOM export, removing its staging) is journaled in
 ``.gateway/pending`` before the capture is stored and the entry removed once the work is
 done, so a receiver killed in between finishes it when it starts again (``_recover``),
-without rescanning the store.
+without rescanning the store. The work itself runs in another process, the exporter
+(clinic_gateway/exporter.py), which the gateway starts, feeds one capture at a time and
+starts again if it dies: the ack waits for the durable store only, and nothing after it
+competes with paho's network thread for the interpreter.
 
 Receivers that share a group must share ``store_dir`` (e.g. a network volume): a shared
 subscription hands each message to any one of them. All writes are temp + rename, and the
@@ -46,6 +49,8 @@ Run: ``clinic-gateway run --host 127.0.0.1 --port 1883 --store DIR --key clinic.
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
+import contextlib
 import dataclasses
 import datetime as dt
 import functools
@@ -58,6 +63,7 @@ import re
 import shutil
 import signal
 import struct
+import subprocess
 import sys
 import threading
 import time
@@ -74,7 +80,6 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
-from clinic_gateway import dicom_export
 from clinic_gateway.audit import AuditError, AuditLog, audit_path
 from clinic_gateway.cases import CaseRegistry
 from clinic_gateway.commander import Commander
@@ -126,6 +131,11 @@ if paho_log.level == logging.NOTSET:
     paho_log.setLevel(logging.INFO)
 
 
+#: A committed capture's after-ack work: (device id, capture id, export DICOM?).
+_Job = tuple[str, str, bool]
+#: How often the exporter may die on one job before it is left for the next start.
+EXPORT_ATTEMPTS = 3
+
 _REC = struct.Struct(">I")
 #: Staged transfers whose files stay open between chunks (a small LRU, per receiver).
 _OPEN_STAGINGS = 32
@@ -152,8 +162,15 @@ class _Staging:
         # Fast path: while chunks arrive in order (the usual case) keep them in memory and
         # hash as they come, so the final needs no disk read and no second pass. What is
         # verified is exactly what gets stored.
-        in_order = not self.seen and manifest.size <= _MEMORY_LIMIT
-        self._mem: list[bytes] | None = [] if in_order else None
+        self._start_in_memory(not self.seen)
+
+    def _start_in_memory(self, fresh: bool) -> None:
+        # One buffer of the transfer's size, filled chunk by chunk: no join at the final,
+        # and its pages are touched while the chunks arrive, not all at once then.
+        size = self.manifest.size
+        self._buf: bytearray | None = bytearray(size) if fresh and size <= _MEMORY_LIMIT \
+            else None
+        self._next = 0  # chunks in the buffer (in order)
         self._hasher = hashlib.sha256()
 
     @classmethod
@@ -186,17 +203,19 @@ class _Staging:
         os.pwrite(self._data_fd, data, index * self.manifest.chunk_size)
         os.write(self._log_fd, _REC.pack(index))
         self.seen.add(index)
-        if self._mem is not None:
-            if index == len(self._mem):
-                self._mem.append(data)
+        if self._buf is not None:
+            if index == self._next:
+                offset = index * self.manifest.chunk_size
+                self._buf[offset:offset + len(data)] = data
+                self._next += 1
                 self._hasher.update(data)
             else:
-                self._mem = None  # out of order: fall back to the staged file
+                self._buf = None  # out of order: fall back to the staged file
 
-    def assembled(self) -> tuple[bytes, str]:
+    def assembled(self) -> tuple[bytes | bytearray, str]:
         """The whole payload and its SHA-256 (hex), once every chunk is staged."""
-        if self._mem is not None and len(self._mem) == self.manifest.chunk_count:
-            return b"".join(self._mem), self._hasher.hexdigest()
+        if self._buf is not None and self._next == self.manifest.chunk_count:
+            return self._buf, self._hasher.hexdigest()
         data = self.read_all()
         return data, hashlib.sha256(data).hexdigest()
 
@@ -226,7 +245,7 @@ class _Staging:
         for name in ("data", "received"):
             (self.directory / name).unlink(missing_ok=True)
         self.seen = set()
-        self._mem, self._hasher = [], hashlib.sha256()
+        self._start_in_memory(True)
 
     def close(self) -> None:
         for fd in (self._data_fd, self._log_fd):
@@ -236,6 +255,8 @@ class _Staging:
 
 
 class Gateway:
+    #: The exporter process's command line (``--store DIR`` follows; see exporter.py).
+    exporter_command: tuple[str, ...] = (sys.executable, "-m", "clinic_gateway.exporter")
     # The client that sends commands (``_commander``), made on first use.
     _commander_client: Commander | None = None
     _commander_lock = threading.Lock()
@@ -280,12 +301,16 @@ class Gateway:
         self.allow_unsealed = allow_unsealed
         self.signing_key = (signing.load_private_key(signing_key)
                             if isinstance(signing_key, (str, Path)) else signing_key)
-        # Work that is no part of the promise runs on its own thread, after the ack: the
-        # DICOM export (derived, redone from the stored JPEG and sidecar at any time) and
-        # removing a committed transfer's staging (the ledger already answers replays).
-        self._later: queue.Queue[Callable[[], None] | None] = queue.Queue()
+        # Work that is no part of the promise runs after the ack, in the exporter process
+        # (clinic_gateway/exporter.py), fed by a thread of ours: the DICOM export (derived,
+        # redone from the stored JPEG and sidecar at any time) and removing a committed
+        # transfer's staging (the ledger already answers replays).
+        self._later: queue.Queue[_Job | None] = queue.Queue()
         # Jobs of the message being handled, released once its ack is published.
-        self._held: list[Callable[[], None]] = []
+        self._held: list[_Job] = []
+        self._exporter: subprocess.Popen[str] | None = None
+        # The threads a store writes and hashes on (``_store``), made on first use.
+        self._io: concurrent.futures.ThreadPoolExecutor | None = None
         self._later_thread: threading.Thread | None = None
         self._later_pending = 0
         self._later_done = threading.Condition()
@@ -423,12 +448,16 @@ class Gateway:
             return
         ledger = self._ledger_path(device_id, capture_id)
         if record is not None and not ledger.exists():
+            record.pop("dicom", None)
+            # The journal is written before the image's SHA-256 is known (an image moved on
+            # to the archive already leaves it out).
+            with contextlib.suppress(OSError):
+                record["image_sha256"] = _sha256(
+                    self._image_path(device_id, capture_id).read_bytes())
             make_dirs(ledger.parent)
-            write_atomic(ledger, json.dumps(
-                {k: v for k, v in record.items() if k != "dicom"}).encode(),
-                mode=FILE_MODE, durable=False)
+            write_atomic(ledger, json.dumps(record).encode(), mode=FILE_MODE, durable=False)
         self._drop_staging(device_id, capture_id)
-        self._queue(lambda: self._finish(device_id, capture_id, dicom))
+        self._queue((device_id, capture_id, dicom))
 
     def _remove_temp_files(self, directory: Path, captures: list[str]) -> None:
         """Temp files of these captures' interrupted writes in ``directory`` (one listing)."""
@@ -454,6 +483,10 @@ class Gateway:
             self._later.put(None)
             self._later_thread.join(timeout)
             self._later_thread = None
+        self._stop_exporter(timeout)
+        if self._io is not None:
+            self._io.shutdown()
+            self._io = None
         while self._open:
             self._open.popitem()[1].close()
         with self._commander_lock:
@@ -461,8 +494,8 @@ class Gateway:
                 self._commander_client.close()
                 self._commander_client = None
 
-    def _after_ack(self, job: Callable[[], None]) -> None:
-        """Run ``job`` on the after-ack thread once the current message's ack is out."""
+    def _after_ack(self, job: _Job) -> None:
+        """Hand ``job`` to the exporter once the current message's ack is out."""
         self._held.append(job)
 
     def _release_held(self) -> None:
@@ -470,7 +503,7 @@ class Gateway:
         for job in jobs:
             self._queue(job)
 
-    def _queue(self, job: Callable[[], None]) -> None:
+    def _queue(self, job: _Job) -> None:
         with self._later_done:
             self._later_pending += 1
         self._later.put(job)
@@ -479,7 +512,7 @@ class Gateway:
         # Supervised (``supervised``): a job that raises is logged and the loop restarted.
         while (job := self._later.get()) is not None:
             try:
-                job()
+                self._hand_over(job)
             finally:
                 with self._later_done:
                     self._later_pending -= 1
@@ -491,35 +524,82 @@ class Gateway:
         with self._later_done:
             return self._later_done.wait_for(lambda: self._later_pending == 0, timeout)
 
-    def _finish(self, device_id: str, capture_id: str, dicom: bool,
-                image: bytes | None = None, metadata: dict | None = None) -> None:
-        """A stored capture's after-ack work, then its journal entry goes. Without
-        ``image`` and ``metadata`` (recovery) they are read back from the store, and a DICOM
-        file already there is kept."""
-        path = self._image_path(device_id, capture_id).with_suffix(".dcm")
-        if dicom and (image is None or metadata is None) and not path.exists():
+    def _hand_over(self, job: _Job) -> None:
+        """Have the exporter do ``job``; an exporter that dies meanwhile is started again
+        and given the job again, up to EXPORT_ATTEMPTS times (a capture that kills it every
+        time stays journaled for the next start, and the others go on)."""
+        device_id, capture_id, _dicom = job
+        for attempt in range(1, EXPORT_ATTEMPTS + 1):
+            proc = self._exporter_process()
+            if self._exchange(proc, job):
+                return
             try:
-                image = self._image_path(device_id, capture_id).read_bytes()
-                metadata = json.loads(path.with_suffix(".json").read_text("utf-8"))
-            except (OSError, ValueError) as err:
-                # Moved on to the clinic's archive already, or unreadable: nothing to export.
-                log_event(log, "gateway.dicom_failed", level=logging.WARNING,
-                          device_id=device_id, capture_id=capture_id, error=str(err))
-                image = metadata = None
-        if dicom and image is not None and metadata is not None:
-            self._export(image, metadata, path, capture_id)
-        self._pending_path(device_id, capture_id).unlink(missing_ok=True)
+                code = proc.wait(10)
+            except subprocess.TimeoutExpired:  # it closed its stdout but lives on
+                proc.kill()
+                code = proc.wait()
+            self._exporter = None
+            assert proc.stdin is not None
+            assert proc.stdout is not None
+            for stream in (proc.stdin, proc.stdout):
+                with contextlib.suppress(OSError):
+                    stream.close()
+            # The temp file of the export it died in (dicom_export names it by process).
+            (self.store_dir / device_id / f".{capture_id}.dcm.{proc.pid}{TEMP_SUFFIX}"
+             ).unlink(missing_ok=True)
+            log_event(log, "gateway.exporter_died", level=logging.ERROR, pid=proc.pid,
+                      returncode=code, device_id=device_id, capture_id=capture_id,
+                      attempt=attempt)
+        log_event(log, "gateway.export_abandoned", level=logging.ERROR, device_id=device_id,
+                  capture_id=capture_id, attempts=EXPORT_ATTEMPTS)
 
-    def _export(self, image: bytes, metadata: Any, path: Path, capture_id: str) -> None:
+    def _exporter_process(self) -> subprocess.Popen[str]:
+        if self._exporter is None or self._exporter.poll() is not None:
+            self._exporter = subprocess.Popen(
+                [*self.exporter_command, "--store", str(self.store_dir)],
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, encoding="utf-8")
+            log_event(log, "gateway.exporter_started", pid=self._exporter.pid)
+        return self._exporter
+
+    def _exchange(self, proc: subprocess.Popen[str], job: _Job) -> bool:
+        """Send one job and relay the exporter's events until it says done; False if it
+        died first."""
+        device_id, capture_id, dicom = job
+        assert proc.stdin is not None
+        assert proc.stdout is not None
         try:
-            # The case's study is named by its keyed reference (sim/cases.py), never the
-            # token: the gateway's word, replacing anything the device sent under that key.
-            token = dicom_export.case_token(metadata)
-            case_ref = self.cases.ref(token) if token is not None else None
-            dicom_export.export(image, dicom_export.for_gateway(metadata, case_ref), path)
-        except (dicom_export.DicomExportError, OSError) as err:
-            log_event(log, "gateway.dicom_failed", level=logging.WARNING,
-                      capture_id=capture_id, error=str(err))
+            proc.stdin.write(json.dumps({"device_id": device_id, "capture_id": capture_id,
+                                         "dicom": dicom}) + "\n")
+            proc.stdin.flush()
+        except (BrokenPipeError, ValueError):  # ValueError: closed
+            return False
+        for line in proc.stdout:
+            try:
+                said = json.loads(line)
+                if said.get("done") is True:
+                    return True
+                fields = {k: v for k, v in said.items() if k not in ("event", "level")}
+                log_event(log, str(said["event"]), level=int(said.get("level", logging.INFO)),
+                          **fields)
+            except (ValueError, KeyError, TypeError, AttributeError):
+                log_event(log, "gateway.exporter_garbled", level=logging.ERROR,
+                          line=line[:200])
+        return False  # end of its output: it died
+
+    def _stop_exporter(self, timeout: float) -> None:
+        proc, self._exporter = self._exporter, None
+        if proc is None:
+            return
+        assert proc.stdin is not None
+        assert proc.stdout is not None
+        with contextlib.suppress(OSError):
+            proc.stdin.close()  # its end of input: it finishes its job and exits
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        proc.stdout.close()
 
     def __enter__(self) -> Gateway:
         self.start()
@@ -669,12 +749,9 @@ class Gateway:
         staging = self._open.pop((device_id, capture_id), None)
         if staging is not None:
             staging.close()
-        directory = self._staging_dir(device_id, capture_id)
-        if later:
-            # A committed transfer: its staged megabytes can go once the device has its ack.
-            self._after_ack(lambda: shutil.rmtree(directory, ignore_errors=True))
-        else:
-            shutil.rmtree(directory, ignore_errors=True)
+        if not later:
+            shutil.rmtree(self._staging_dir(device_id, capture_id), ignore_errors=True)
+        # else a committed transfer: its staged megabytes go with its after-ack work.
 
     def _handle_manifest(self, device_id: str, capture_id: str, m: Manifest) -> Ack:
         if m.capture_id != capture_id:
@@ -778,7 +855,7 @@ class Gateway:
                 return Ack(capture_id, "rejected", req=f.req, reason="seal_error")
             data = opened
         try:
-            metadata, image = bundle.unpack(data)
+            metadata, image = bundle.unpack_view(data)
             if metadata.get("capture_id", capture_id) != capture_id:
                 raise bundle.BundleError("metadata names another capture id")
             if _nesting(metadata) > MAX_METADATA_DEPTH:
@@ -936,24 +1013,32 @@ class Gateway:
             return self._commander_client
 
     def _store(self, device_id: str, capture_id: str, m: Manifest, metadata: dict,
-               sidecar: bytes, image: bytes) -> None:
+               sidecar: bytes, image: bytes | memoryview) -> None:
         device_dir = self.store_dir / device_id
         make_dirs(device_dir)
         ledger_dir = self._ledger / device_id
         make_dirs(ledger_dir)
         image_path = self._image_path(device_id, capture_id)
-        image_sha = hashlib.sha256(image).hexdigest()
+        # The image's SHA-256 (for the ledger) and the image's write and fsync run on the
+        # store's threads, overlapping the journal's and the sidecar's fsyncs: hashlib,
+        # writes and fsyncs all let go of the interpreter lock. The ack still waits for all.
+        io = self._store_threads()
+        image_sha = io.submit(_sha256, image)
         record = {"capture_id": capture_id, "device_id": device_id, "transfer_sha256": m.sha256,
-                  "size": m.size, "image_sha256": image_sha, "image": image_path.name}
+                  "size": m.size, "image": image_path.name}
         dicom = self.export_dicom and metadata.get("kind", "capture") == "capture"
         # First the journal of the after-ack work, durably: a crash anywhere from here on
         # leaves an entry that the next start finishes or undoes (_recover).
         pending = self._pending_path(device_id, capture_id)
         make_dirs(pending.parent)
         write_atomic(pending, json.dumps({**record, "dicom": dicom}).encode(), mode=FILE_MODE)
-        write_atomic(device_dir / f"{capture_id}.json", sidecar, mode=FILE_MODE, sync_dir=False)
         tmp = device_dir / f".{capture_id}.jpg.{os.getpid()}{TEMP_SUFFIX}"
-        _write_synced(tmp, image)
+        written = io.submit(_write_synced, tmp, image)
+        try:
+            write_atomic(device_dir / f"{capture_id}.json", sidecar, mode=FILE_MODE,
+                         sync_dir=False)
+        finally:
+            written.result()  # raises what the image's write raised
         try:
             # The commit point: a link never replaces, so a second receiver (or a replay)
             # racing us finds the image there and stores nothing.
@@ -969,12 +1054,19 @@ class Gateway:
         # itself still says "committed", and _recover writes it from the journal. Not
         # fsynced: losing it needs a power cut right now AND the image archived away before
         # a replay; the image is what must be durable.
+        record["image_sha256"] = image_sha.result()
         write_atomic(self._ledger_path(device_id, capture_id), json.dumps(record).encode(),
                      mode=FILE_MODE, durable=False)
         self.stored_count += 1
-        self._after_ack(lambda: self._finish(device_id, capture_id, dicom, image, metadata))
+        self._after_ack((device_id, capture_id, dicom))
         log_event(log, "capture.stored", capture_id=capture_id, device_id=device_id,
-                  path=str(image_path), sha256=image_sha, size=len(image))
+                  path=str(image_path), sha256=record["image_sha256"], size=len(image))
+
+    def _store_threads(self) -> concurrent.futures.ThreadPoolExecutor:
+        if self._io is None:
+            self._io = concurrent.futures.ThreadPoolExecutor(
+                max_workers=2, thread_name_prefix="gateway-store")
+        return self._io
 
 
 class DeviceMismatch(ValueError):
@@ -1033,7 +1125,11 @@ def _sidecar(metadata: dict) -> bytes:
         raise bundle.BundleError(f"metadata cannot be stored as strict JSON: {err}") from None
 
 
-def _write_synced(path: Path, data: bytes) -> None:
+def _sha256(data: bytes | memoryview) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _write_synced(path: Path, data: bytes | memoryview) -> None:
     """Write a new file and fsync it (the temp file of the image, linked into place)."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, FILE_MODE)
     with os.fdopen(fd, "wb") as f:
