@@ -14,7 +14,8 @@ hands the exporter one committed capture at a time over stdin; whatever a crash 
 process interrupts is still in the journal, and the gateway's next start hands it over again
 (``Gateway._recover``). Every step is idempotent: the DICOM object is derived from the stored
 JPEG and sidecar only (the same object every time), written to a temp file and renamed; a
-DICOM file already there is kept; removing staging or the entry twice is harmless.
+DICOM file already there is kept; removing staging or the entry twice is harmless. Only
+captures of kind ``capture`` become DICOM (the sidecar says).
 
 Protocol, one JSON object per line:
 
@@ -74,8 +75,6 @@ class Exporter:
     def do(self, device_id: str, capture_id: str, dicom: bool) -> None:
         """One committed capture's after-ack work, then its journal entry goes."""
         entry = self.store_dir / ".gateway" / "pending" / device_id / f"{capture_id}.json"
-        if not entry.exists():
-            return  # done already (by another receiver's exporter, or before a crash)
         image_path = self.store_dir / device_id / f"{capture_id}.jpg"
         path = image_path.with_suffix(".dcm")
         if dicom and not path.exists():
@@ -88,6 +87,8 @@ class Exporter:
         try:
             image = image_path.read_bytes()
             metadata = json.loads(path.with_suffix(".json").read_text("utf-8"))
+            if isinstance(metadata, dict) and metadata.get("kind", "capture") != "capture":
+                return  # not a dermoscopic image (a picture of the lesion's context...)
             # The case's study is named by its keyed reference (clinic_gateway/cases.py),
             # never the token: the gateway's word, replacing anything the device sent.
             token = dicom_export.case_token(metadata)

@@ -20,12 +20,14 @@ Layout under ``store_dir``::
 Files are 0640, folders 0750: patient images are for the gateway's account and group only.
 
 A capture's after-ack work (DICOM export, removing its staging) is journaled in
-``.gateway/pending`` before the capture is stored and the entry removed once the work is
-done, so a receiver killed in between finishes it when it starts again (``_recover``),
-without rescanning the store. The work itself runs in another process, the exporter
-(clinic_gateway/exporter.py), which the gateway starts, feeds one capture at a time and
-starts again if it dies: the ack waits for the durable store only, and nothing after it
-competes with paho's network thread for the interpreter.
+``.gateway/pending`` before the capture is stored (when its transfer starts, on a thread of
+its own, so the final's ack waits for no journal fsync) and the entry removed once the work
+is done, so a receiver killed in between finishes it when it starts again (``_recover``),
+without rescanning the store; an entry whose capture was never committed is dropped then.
+The work itself runs in another process, the exporter (clinic_gateway/exporter.py), which
+the gateway starts, feeds one capture at a time and starts again if it dies: the ack waits
+for the durable store only, and nothing after it competes with paho's network thread for
+the interpreter.
 
 Receivers that share a group must share ``store_dir`` (e.g. a network volume): a shared
 subscription hands each message to any one of them. All writes are temp + rename, and the
@@ -133,6 +135,8 @@ if paho_log.level == logging.NOTSET:
 
 #: A committed capture's after-ack work: (device id, capture id, export DICOM?).
 _Job = tuple[str, str, bool]
+#: What a journal entry records (``_write_journal``); the ledger adds the image's SHA-256.
+_JOURNALED = ("capture_id", "device_id", "transfer_sha256", "size", "image")
 #: How often the exporter may die on one job before it is left for the next start.
 EXPORT_ATTEMPTS = 3
 
@@ -311,6 +315,9 @@ class Gateway:
         self._exporter: subprocess.Popen[str] | None = None
         # The threads a store writes and hashes on (``_store``), made on first use.
         self._io: concurrent.futures.ThreadPoolExecutor | None = None
+        # Journal entries being written for transfers that started (``_journal``): the
+        # transfer's SHA-256 once the entry is durable. Touched only from paho's thread.
+        self._journaling: dict[tuple[str, str], concurrent.futures.Future[str]] = {}
         self._later_thread: threading.Thread | None = None
         self._later_pending = 0
         self._later_done = threading.Condition()
@@ -432,13 +439,17 @@ class Gateway:
 
     def _recover_one(self, device_id: str, capture_id: str) -> None:
         entry = self._pending_path(device_id, capture_id)
+        record: dict[str, Any] | None
         try:
             record = json.loads(entry.read_text("utf-8"))
-            dicom = bool(record["dicom"])
-        except (OSError, ValueError, KeyError, TypeError) as err:
+            if not isinstance(record, dict):
+                raise ValueError("not a JSON object")
+        except (OSError, ValueError) as err:
             log_event(log, "gateway.pending_unreadable", level=logging.ERROR,
                       device_id=device_id, capture_id=capture_id, error=str(err))
-            record, dicom = None, self.export_dicom
+            record = None
+        # Not a capture (kind): the exporter reads that from the sidecar.
+        dicom = self.export_dicom
         committed = self._image_path(device_id, capture_id).exists() or \
             self._ledger_path(device_id, capture_id).exists()
         log_event(log, "gateway.recovering", device_id=device_id, capture_id=capture_id,
@@ -448,7 +459,7 @@ class Gateway:
             return
         ledger = self._ledger_path(device_id, capture_id)
         if record is not None and not ledger.exists():
-            record.pop("dicom", None)
+            record = {k: record.get(k) for k in _JOURNALED}
             # The journal is written before the image's SHA-256 is known (an image moved on
             # to the archive already leaves it out).
             with contextlib.suppress(OSError):
@@ -745,6 +756,56 @@ class Gateway:
             _key, oldest = self._open.popitem(last=False)
             oldest.close()
 
+    def _refuse_transfer(self, device_id: str, capture_id: str) -> None:
+        """A transfer refused for good: its staging and its journal entry go."""
+        self._drop_staging(device_id, capture_id)
+        journaling = self._journaling.pop((device_id, capture_id), None)
+        if journaling is not None:
+            concurrent.futures.wait([journaling])  # or it would write the entry again
+        self._pending_path(device_id, capture_id).unlink(missing_ok=True)
+
+    def _journal(self, device_id: str, capture_id: str, m: Manifest) -> None:
+        """Journal the after-ack work of a transfer that starts (or resumes), durably, on a
+        store thread: by the final it is on disk, and ``_journal_durable`` only checks."""
+        key = (device_id, capture_id)
+        if len(self._journaling) > 4 * _OPEN_STAGINGS:
+            for done in [k for k, f in self._journaling.items() if f.done()]:
+                del self._journaling[done]
+        self._journaling[key] = self._store_threads().submit(
+            self._write_journal, device_id, capture_id, m.sha256, m.size)
+
+    def _write_journal(self, device_id: str, capture_id: str, sha256: str, size: int) -> str:
+        pending = self._pending_path(device_id, capture_id)
+        make_dirs(pending.parent)
+        record = {"capture_id": capture_id, "device_id": device_id, "transfer_sha256": sha256,
+                  "size": size, "image": self._image_path(device_id, capture_id).name}
+        write_atomic(pending, json.dumps(record).encode(), mode=FILE_MODE)
+        return sha256
+
+    def _journal_durable(self, device_id: str, capture_id: str, m: Manifest) -> Path:
+        """The journal entry of this transfer, durable, before the capture is committed:
+        normally written when the transfer started (``_journal``); written now if not (a
+        failed write, or removed meanwhile by another receiver's start)."""
+        pending = self._pending_path(device_id, capture_id)
+        journaling = self._journaling.pop((device_id, capture_id), None)
+        wrote = False
+        if journaling is not None:
+            try:
+                wrote = journaling.result() == m.sha256
+            except OSError as err:
+                log_event(log, "gateway.journal_failed", level=logging.WARNING,
+                          device_id=device_id, capture_id=capture_id, error=str(err))
+        try:
+            entry = json.loads(pending.read_bytes())
+            same = isinstance(entry, dict) and entry.get("transfer_sha256") == m.sha256
+        except (OSError, ValueError):
+            same = False
+        if not same:
+            self._write_journal(device_id, capture_id, m.sha256, m.size)
+        elif not wrote:
+            fsync_dir(pending.parent)  # another receiver's entry: its name on disk too
+        return pending
+
     def _drop_staging(self, device_id: str, capture_id: str, later: bool = False) -> None:
         staging = self._open.pop((device_id, capture_id), None)
         if staging is not None:
@@ -778,6 +839,7 @@ class Gateway:
             # with a smaller packet cap): chunks staged for the old one cannot be reused.
             staged = _Staging.create(self._staging_dir(device_id, capture_id), m)
             self._keep_open((device_id, capture_id), staged)
+        self._journal(device_id, capture_id, staged.manifest)
         missing = staged.missing()
         log_event(log, "gateway.manifest", device_id=device_id, capture_id=capture_id,
                   size=m.size, chunks=m.chunk_count, missing=len(missing), resumed=same)
@@ -833,7 +895,7 @@ class Gateway:
         m = staged.manifest
         if m.content_type == bundle.CONTENT_TYPE and not self.allow_unsealed:
             # Staged while the gateway ran in development mode.
-            self._drop_staging(device_id, capture_id)
+            self._refuse_transfer(device_id, capture_id)
             return self._refuse_unsealed(device_id, capture_id, f.req)
         missing = staged.missing()
         if missing:
@@ -851,7 +913,7 @@ class Gateway:
                 return Ack(capture_id, "retry", req=f.req, reason="no_key")
             opened = self._open_sealed(data, device_id, capture_id)
             if opened is None:
-                self._drop_staging(device_id, capture_id)
+                self._refuse_transfer(device_id, capture_id)
                 return Ack(capture_id, "rejected", req=f.req, reason="seal_error")
             data = opened
         try:
@@ -864,13 +926,13 @@ class Gateway:
             metadata = self._file_case(device_id, capture_id, metadata)
             sidecar = _sidecar(metadata)
         except DeviceMismatch as err:
-            self._drop_staging(device_id, capture_id)
+            self._refuse_transfer(device_id, capture_id)
             return self._refuse_device_mismatch(device_id, capture_id, f.req, err.claimed)
         except (bundle.BundleError, RecursionError) as err:
             # RecursionError: metadata nested too deep for the JSON parser itself.
             log_event(log, "gateway.bad_bundle", level=logging.ERROR, device_id=device_id,
                       capture_id=capture_id, detail=str(err))
-            self._drop_staging(device_id, capture_id)
+            self._refuse_transfer(device_id, capture_id)
             return Ack(capture_id, "rejected", req=f.req, reason="bad_bundle")
         self._store(device_id, capture_id, m, metadata, sidecar, image)
         self._drop_staging(device_id, capture_id, later=True)
@@ -1024,14 +1086,14 @@ class Gateway:
         # writes and fsyncs all let go of the interpreter lock. The ack still waits for all.
         io = self._store_threads()
         image_sha = io.submit(_sha256, image)
-        record = {"capture_id": capture_id, "device_id": device_id, "transfer_sha256": m.sha256,
-                  "size": m.size, "image": image_path.name}
+        record: dict[str, Any] = {
+            "capture_id": capture_id, "device_id": device_id, "transfer_sha256": m.sha256,
+            "size": m.size, "image": image_path.name}
         dicom = self.export_dicom and metadata.get("kind", "capture") == "capture"
-        # First the journal of the after-ack work, durably: a crash anywhere from here on
-        # leaves an entry that the next start finishes or undoes (_recover).
-        pending = self._pending_path(device_id, capture_id)
-        make_dirs(pending.parent)
-        write_atomic(pending, json.dumps({**record, "dicom": dicom}).encode(), mode=FILE_MODE)
+        # First the journal of the after-ack work, durably (normally done as the transfer
+        # started): a crash anywhere from here on leaves an entry that the next start
+        # finishes or undoes (_recover).
+        self._journal_durable(device_id, capture_id, m)
         tmp = device_dir / f".{capture_id}.jpg.{os.getpid()}{TEMP_SUFFIX}"
         written = io.submit(_write_synced, tmp, image)
         try:
@@ -1044,8 +1106,8 @@ class Gateway:
             # racing us finds the image there and stores nothing.
             os.link(tmp, image_path)
         except FileExistsError:
+            # The receiver that stored it does the after-ack work and removes the entry.
             tmp.unlink(missing_ok=True)
-            pending.unlink(missing_ok=True)  # the receiver that stored it does that work
             return
         tmp.unlink(missing_ok=True)
         fsync_dir(device_dir)
