@@ -319,6 +319,10 @@ class Gateway:
         # transfer's SHA-256 once the entry is durable. Touched only from paho's thread.
         self._journaling: dict[tuple[str, str], concurrent.futures.Future[str]] = {}
         self._later_thread: threading.Thread | None = None
+        # Audit lines of the message path, written in order on a thread of their own
+        # (``_audit_later``): the ack does not wait for the audit log's fsync.
+        self._audits: queue.Queue[tuple[str, dict[str, Any]] | None] = queue.Queue()
+        self._audit_thread: threading.Thread | None = None
         self._later_pending = 0
         self._later_done = threading.Condition()
         self._staging = self.store_dir / ".gateway" / "staging"
@@ -378,6 +382,11 @@ class Gateway:
                 target=supervised, args=("gateway-after-ack", self._after_ack_loop),
                 name="gateway-after-ack", daemon=True)
             self._later_thread.start()
+        if self._audit_thread is None:
+            self._audit_thread = threading.Thread(
+                target=supervised, args=("gateway-audit", self._audit_loop),
+                name="gateway-audit", daemon=True)
+            self._audit_thread.start()
         self._recover()
         self._sweep_staging()
         kwargs: dict[str, Any] = {"clean_start": True} if self._mqtt5 else {}
@@ -494,6 +503,10 @@ class Gateway:
             self._later.put(None)
             self._later_thread.join(timeout)
             self._later_thread = None
+        if self._audit_thread is not None:
+            self._audits.put(None)
+            self._audit_thread.join(timeout)
+            self._audit_thread = None
         self._stop_exporter(timeout)
         if self._io is not None:
             self._io.shutdown()
@@ -530,8 +543,8 @@ class Gateway:
                     self._later_done.notify_all()
 
     def wait_exported(self, timeout: float) -> bool:
-        """True once every DICOM export (and staging removal) queued so far is done (tests,
-        demo)."""
+        """True once every DICOM export (and staging removal) and every audit line of the
+        message path queued so far is done (tests, demo)."""
         with self._later_done:
             return self._later_done.wait_for(lambda: self._later_pending == 0, timeout)
 
@@ -692,7 +705,7 @@ class Gateway:
             ack = dataclasses.replace(ack, sha256=request.sha256)
         self._send_ack(device_id, ack, correlation)
         if ack.state in ("committed", "rejected"):
-            self._audit("ack.sent", device_id=device_id, capture_id=ack.capture_id,
+            self._audit_later("ack.sent", device_id=device_id, capture_id=ack.capture_id,
                         state=ack.state, reason=ack.reason)
 
     def _send_ack(self, device_id: str, ack: Ack, correlation: bytes | None) -> None:
@@ -948,7 +961,7 @@ class Gateway:
         # seal binds the device id, so a capture sealed as another device's fails here.
         log_event(log, "gateway.seal_error", level=logging.ERROR, device_id=device_id,
                   capture_id=capture_id)
-        self._audit("seal.error", device_id=device_id, capture_id=capture_id)
+        self._audit_later("seal.error", device_id=device_id, capture_id=capture_id)
         return None
 
     # ------------------------------------------------------- identities, cases and the audit
@@ -973,6 +986,25 @@ class Gateway:
             log_event(log, "gateway.audit_failed", level=logging.ERROR, audit_event=event,
                       error=str(err))
 
+    def _audit_later(self, event: str, **fields: Any) -> None:
+        """``_audit`` on the audit thread, in the order asked: what paho's thread records
+        about a message. It returns at once, so an ack published just before leaves
+        without waiting for the audit log's lock and fsync (``wait_exported`` waits for
+        these lines too)."""
+        with self._later_done:
+            self._later_pending += 1
+        self._audits.put((event, fields))
+
+    def _audit_loop(self) -> None:
+        # Supervised (``supervised``); _audit itself never raises for the log's sake.
+        while (item := self._audits.get()) is not None:
+            try:
+                self._audit(item[0], **item[1])
+            finally:
+                with self._later_done:
+                    self._later_pending -= 1
+                    self._later_done.notify_all()
+
     def _refuse_device_mismatch(self, device_id: str, capture_id: str, req: int,
                                 claimed: object) -> Ack:
         # The broker vouches for the topic's device (its certificate); metadata that names
@@ -983,7 +1015,7 @@ class Gateway:
             else f"<not a device id: {type(claimed).__name__}>"
         log_event(log, "gateway.device_mismatch", level=logging.ERROR, device_id=device_id,
                   capture_id=capture_id, claimed_device_id=shown)
-        self._audit("capture.device_mismatch", device_id=device_id, capture_id=capture_id,
+        self._audit_later("capture.device_mismatch", device_id=device_id, capture_id=capture_id,
                     claimed_device_id=shown)
         return Ack(capture_id, "rejected", req=req, reason="device_mismatch")
 
@@ -1005,7 +1037,7 @@ class Gateway:
         ref = self.cases.ref(token) if isinstance(token, str) else None
         log_event(log, "gateway.case_unverified", level=logging.WARNING, device_id=device_id,
                   capture_id=capture_id, case_ref=ref, captured_at_known=taken is not None)
-        self._audit("capture.case_unverified", device_id=device_id, capture_id=capture_id,
+        self._audit_later("capture.case_unverified", device_id=device_id, capture_id=capture_id,
                     case_ref=ref)
         return {**metadata, "case": {"token": None, "assigned": False, "case_unverified": True}}
 
