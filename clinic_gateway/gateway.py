@@ -313,6 +313,7 @@ class Gateway:
         # Jobs of the message being handled, released once its ack is published.
         self._held: list[_Job] = []
         self._exporter: subprocess.Popen[str] | None = None
+        self._stopping = threading.Event()  # no exporter is started again once set
         # The threads a store writes and hashes on (``_store``), made on first use.
         self._io: concurrent.futures.ThreadPoolExecutor | None = None
         # Journal entries being written for transfers that started (``_journal``): the
@@ -377,6 +378,7 @@ class Gateway:
                              "devices refuse them and deliver nothing. Development only")
         for d in (self.store_dir, self._staging, self._ledger, self._pending):
             make_dirs(d)
+        self._stopping.clear()
         if self._later_thread is None:
             self._later_thread = threading.Thread(
                 target=supervised, args=("gateway-after-ack", self._after_ack_loop),
@@ -496,6 +498,7 @@ class Gateway:
         return self._ready.wait(timeout)
 
     def stop(self, timeout: float = 5.0) -> None:
+        self._stopping.set()
         self._client.disconnect()
         self._client.loop_stop()
         self._ready.clear()
@@ -554,6 +557,8 @@ class Gateway:
         time stays journaled for the next start, and the others go on)."""
         device_id, capture_id, _dicom = job
         for attempt in range(1, EXPORT_ATTEMPTS + 1):
+            if self._stopping.is_set() and self._exporter is None:
+                return  # stopped meanwhile: the journal keeps the job for the next start
             proc = self._exporter_process()
             if self._exchange(proc, job):
                 return
