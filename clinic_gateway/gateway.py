@@ -139,6 +139,11 @@ _Job = tuple[str, str, bool]
 _JOURNALED = ("capture_id", "device_id", "transfer_sha256", "size", "image")
 #: How often the exporter may die on one job before it is left for the next start.
 EXPORT_ATTEMPTS = 3
+#: glibc's malloc for the exporter (unless the environment says otherwise): an export makes
+#: several buffers of the image's size; served from a heap that keeps them instead of fresh
+#: mappings, the next export faults no pages in (measured: two thirds of its CPU time).
+_EXPORTER_MALLOC = {"MALLOC_MMAP_THRESHOLD_": str(32 << 20),
+                    "MALLOC_TRIM_THRESHOLD_": str(64 << 20)}
 
 _REC = struct.Struct(">I")
 #: Staged transfers whose files stay open between chunks (a small LRU, per receiver).
@@ -568,11 +573,7 @@ class Gateway:
                 proc.kill()
                 code = proc.wait()
             self._exporter = None
-            assert proc.stdin is not None
-            assert proc.stdout is not None
-            for stream in (proc.stdin, proc.stdout):
-                with contextlib.suppress(OSError):
-                    stream.close()
+            _close_pipes(proc)
             # The temp file of the export it died in (dicom_export names it by process).
             (self.store_dir / device_id / f".{capture_id}.dcm.{proc.pid}{TEMP_SUFFIX}"
              ).unlink(missing_ok=True)
@@ -583,10 +584,17 @@ class Gateway:
                   capture_id=capture_id, attempts=EXPORT_ATTEMPTS)
 
     def _exporter_process(self) -> subprocess.Popen[str]:
-        if self._exporter is None or self._exporter.poll() is not None:
+        if self._exporter is not None and self._exporter.poll() is not None:
+            # Died between two jobs: whatever it was doing is done or journaled.
+            log_event(log, "gateway.exporter_died", level=logging.ERROR,
+                      pid=self._exporter.pid, returncode=self._exporter.returncode)
+            _close_pipes(self._exporter)
+            self._exporter = None
+        if self._exporter is None:
             self._exporter = subprocess.Popen(
                 [*self.exporter_command, "--store", str(self.store_dir)],
-                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, encoding="utf-8")
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, encoding="utf-8",
+                env={**_EXPORTER_MALLOC, **os.environ})
             log_event(log, "gateway.exporter_started", pid=self._exporter.pid)
         return self._exporter
 
@@ -711,7 +719,7 @@ class Gateway:
         self._send_ack(device_id, ack, correlation)
         if ack.state in ("committed", "rejected"):
             self._audit_later("ack.sent", device_id=device_id, capture_id=ack.capture_id,
-                        state=ack.state, reason=ack.reason)
+                              state=ack.state, reason=ack.reason)
 
     def _send_ack(self, device_id: str, ack: Ack, correlation: bytes | None) -> None:
         props = None
@@ -1222,6 +1230,13 @@ def _sidecar(metadata: dict) -> bytes:
                           allow_nan=False).encode("utf-8")
     except ValueError as err:  # UnicodeEncodeError is one
         raise bundle.BundleError(f"metadata cannot be stored as strict JSON: {err}") from None
+
+
+def _close_pipes(proc: subprocess.Popen[str]) -> None:
+    for stream in (proc.stdin, proc.stdout):
+        if stream is not None:
+            with contextlib.suppress(OSError):
+                stream.close()
 
 
 def _sha256(data: bytes | memoryview) -> str:
