@@ -186,6 +186,26 @@ def test_payload_that_is_not_a_bundle_is_rejected(gateway, device, store) -> Non
     ack = device.transfer("c7", b"\x00" * 3000)
     assert (ack.state, ack.reason) == ("rejected", "bad_bundle")
     assert not (store / DEVICE / "c7.jpg").exists()
+    # The journal entry written as the transfer started goes with it.
+    assert not (store / ".gateway" / "pending" / DEVICE / "c7.json").exists()
+
+
+def test_a_transfer_is_journaled_before_its_commit_and_its_entry_goes_with_its_work(
+        gateway, device, store, events) -> None:
+    """The after-ack journal entry is written (durably, off paho's thread) as the transfer
+    starts and is there when the capture is stored; the exporter removes it."""
+    _, _, data = payload(3000)
+    entry = store / ".gateway" / "pending" / DEVICE / "j1.json"
+    at_store: list[dict] = []
+    events.on("capture.stored", lambda _: at_store.append(json.loads(entry.read_text())))
+    assert device.transfer("j1", data).state == "committed"
+    assert [e["transfer_sha256"] for e in at_store] == [hashlib.sha256(data).hexdigest()]
+    assert gateway.wait_exported(20)
+    assert not entry.exists()
+    ledger = json.loads((store / ".gateway" / "ledger" / DEVICE / "j1.json").read_text())
+    assert ledger["transfer_sha256"] == hashlib.sha256(data).hexdigest()
+    image = (store / DEVICE / "j1.jpg").read_bytes()
+    assert ledger["image_sha256"] == hashlib.sha256(image).hexdigest()
 
 
 def test_bundle_naming_another_capture_is_rejected(gateway, device, store) -> None:
