@@ -35,8 +35,9 @@ commit is a hard link that fails if the image already exists, so concurrent rece
 still store one copy.
 
 Every message is treated as hostile (bounded, validated by ``protocol``); every paho
-callback and the after-ack thread are supervised: an unexpected exception is logged with its
-traceback and the gateway goes on. Unsealed captures are refused unless the gateway runs in
+callback, the after-ack and audit threads and the exporter process are supervised: an
+unexpected exception is logged with its traceback (a dead exporter is started again) and the
+gateway goes on. Unsealed captures are refused unless the gateway runs in
 development mode (``allow_unsealed``, ``--insecure-dev-mode``).
 
 Identities (docs/security.md): a capture is stored under the device the broker let publish
