@@ -799,10 +799,15 @@ class Gateway:
             for done in [k for k, f in self._journaling.items() if f.done()]:
                 del self._journaling[done]
         self._journaling[key] = self._store_threads().submit(
-            self._write_journal, device_id, capture_id, m.sha256, m.size)
+            self._write_journal, device_id, capture_id, m.sha256, m.size, True)
 
-    def _write_journal(self, device_id: str, capture_id: str, sha256: str, size: int) -> str:
+    def _write_journal(self, device_id: str, capture_id: str, sha256: str, size: int,
+                       at_manifest: bool = False) -> str:
         pending = self._pending_path(device_id, capture_id)
+        if at_manifest and self._image_path(device_id, capture_id).exists():
+            # Committed meanwhile by another receiver of the group, which journaled its own
+            # work (an entry now would outlive that work until the next start).
+            return ""
         make_dirs(pending.parent)
         record = {"capture_id": capture_id, "device_id": device_id, "transfer_sha256": sha256,
                   "size": size, "image": self._image_path(device_id, capture_id).name}
