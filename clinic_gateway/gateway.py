@@ -20,9 +20,14 @@ Layout under ``store_dir``::
 Files are 0640, folders 0750: patient images are for the gateway's account and group only.
 
 A capture's after-ack work (DICOM export, removing its staging) is journaled in
-``.gateway/pending`` before the capture is stored and the entry removed once the work is
-done, so a receiver killed in between finishes it when it starts again (``_recover``),
-without rescanning the store.
+``.gateway/pending`` before the capture is stored (when its transfer starts, on a thread of
+its own, so the final's ack waits for no journal fsync) and the entry removed once the work
+is done, so a receiver killed in between finishes it when it starts again (``_recover``),
+without rescanning the store; an entry whose capture was never committed is dropped then.
+The work itself runs in another process, the exporter (clinic_gateway/exporter.py), which
+the gateway starts, feeds one capture at a time and starts again if it dies: the ack waits
+for the durable store only, and nothing after it competes with paho's network thread for
+the interpreter.
 
 Receivers that share a group must share ``store_dir`` (e.g. a network volume): a shared
 subscription hands each message to any one of them. All writes are temp + rename, and the
@@ -30,8 +35,9 @@ commit is a hard link that fails if the image already exists, so concurrent rece
 still store one copy.
 
 Every message is treated as hostile (bounded, validated by ``protocol``); every paho
-callback and the after-ack thread are supervised: an unexpected exception is logged with its
-traceback and the gateway goes on. Unsealed captures are refused unless the gateway runs in
+callback, the after-ack and audit threads and the exporter process are supervised: an
+unexpected exception is logged with its traceback (a dead exporter is started again) and the
+gateway goes on. Unsealed captures are refused unless the gateway runs in
 development mode (``allow_unsealed``, ``--insecure-dev-mode``).
 
 Identities (docs/security.md): a capture is stored under the device the broker let publish
@@ -46,6 +52,8 @@ Run: ``clinic-gateway run --host 127.0.0.1 --port 1883 --store DIR --key clinic.
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
+import contextlib
 import dataclasses
 import datetime as dt
 import functools
@@ -58,6 +66,7 @@ import re
 import shutil
 import signal
 import struct
+import subprocess
 import sys
 import threading
 import time
@@ -74,7 +83,6 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
-from clinic_gateway import dicom_export
 from clinic_gateway.audit import AuditError, AuditLog, audit_path
 from clinic_gateway.cases import CaseRegistry
 from clinic_gateway.commander import Commander
@@ -126,6 +134,18 @@ if paho_log.level == logging.NOTSET:
     paho_log.setLevel(logging.INFO)
 
 
+#: A committed capture's after-ack work: (device id, capture id, export DICOM?).
+_Job = tuple[str, str, bool]
+#: What a journal entry records (``_write_journal``); the ledger adds the image's SHA-256.
+_JOURNALED = ("capture_id", "device_id", "transfer_sha256", "size", "image")
+#: How often the exporter may die on one job before it is left for the next start.
+EXPORT_ATTEMPTS = 3
+#: glibc's malloc for the exporter (unless the environment says otherwise): an export makes
+#: several buffers of the image's size; served from a heap that keeps them instead of fresh
+#: mappings, the next export faults no pages in (measured: two thirds of its CPU time).
+_EXPORTER_MALLOC = {"MALLOC_MMAP_THRESHOLD_": str(32 << 20),
+                    "MALLOC_TRIM_THRESHOLD_": str(64 << 20)}
+
 _REC = struct.Struct(">I")
 #: Staged transfers whose files stay open between chunks (a small LRU, per receiver).
 _OPEN_STAGINGS = 32
@@ -152,8 +172,15 @@ class _Staging:
         # Fast path: while chunks arrive in order (the usual case) keep them in memory and
         # hash as they come, so the final needs no disk read and no second pass. What is
         # verified is exactly what gets stored.
-        in_order = not self.seen and manifest.size <= _MEMORY_LIMIT
-        self._mem: list[bytes] | None = [] if in_order else None
+        self._start_in_memory(not self.seen)
+
+    def _start_in_memory(self, fresh: bool) -> None:
+        # One buffer of the transfer's size, filled chunk by chunk: no join at the final,
+        # and its pages are touched while the chunks arrive, not all at once then.
+        size = self.manifest.size
+        self._buf: bytearray | None = bytearray(size) if fresh and size <= _MEMORY_LIMIT \
+            else None
+        self._next = 0  # chunks in the buffer (in order)
         self._hasher = hashlib.sha256()
 
     @classmethod
@@ -186,17 +213,19 @@ class _Staging:
         os.pwrite(self._data_fd, data, index * self.manifest.chunk_size)
         os.write(self._log_fd, _REC.pack(index))
         self.seen.add(index)
-        if self._mem is not None:
-            if index == len(self._mem):
-                self._mem.append(data)
+        if self._buf is not None:
+            if index == self._next:
+                offset = index * self.manifest.chunk_size
+                self._buf[offset:offset + len(data)] = data
+                self._next += 1
                 self._hasher.update(data)
             else:
-                self._mem = None  # out of order: fall back to the staged file
+                self._buf = None  # out of order: fall back to the staged file
 
-    def assembled(self) -> tuple[bytes, str]:
+    def assembled(self) -> tuple[bytes | bytearray, str]:
         """The whole payload and its SHA-256 (hex), once every chunk is staged."""
-        if self._mem is not None and len(self._mem) == self.manifest.chunk_count:
-            return b"".join(self._mem), self._hasher.hexdigest()
+        if self._buf is not None and self._next == self.manifest.chunk_count:
+            return self._buf, self._hasher.hexdigest()
         data = self.read_all()
         return data, hashlib.sha256(data).hexdigest()
 
@@ -226,7 +255,7 @@ class _Staging:
         for name in ("data", "received"):
             (self.directory / name).unlink(missing_ok=True)
         self.seen = set()
-        self._mem, self._hasher = [], hashlib.sha256()
+        self._start_in_memory(True)
 
     def close(self) -> None:
         for fd in (self._data_fd, self._log_fd):
@@ -236,6 +265,8 @@ class _Staging:
 
 
 class Gateway:
+    #: The exporter process's command line (``--store DIR`` follows; see exporter.py).
+    exporter_command: tuple[str, ...] = (sys.executable, "-m", "clinic_gateway.exporter")
     # The client that sends commands (``_commander``), made on first use.
     _commander_client: Commander | None = None
     _commander_lock = threading.Lock()
@@ -282,13 +313,25 @@ class Gateway:
         self.allow_unsealed = allow_unsealed
         self.signing_key = (signing.load_private_key(signing_key)
                             if isinstance(signing_key, (str, Path)) else signing_key)
-        # Work that is no part of the promise runs on its own thread, after the ack: the
-        # DICOM export (derived, redone from the stored JPEG and sidecar at any time) and
-        # removing a committed transfer's staging (the ledger already answers replays).
-        self._later: queue.Queue[Callable[[], None] | None] = queue.Queue()
+        # Work that is no part of the promise runs after the ack, in the exporter process
+        # (clinic_gateway/exporter.py), fed by a thread of ours: the DICOM export (derived,
+        # redone from the stored JPEG and sidecar at any time) and removing a committed
+        # transfer's staging (the ledger already answers replays).
+        self._later: queue.Queue[_Job | None] = queue.Queue()
         # Jobs of the message being handled, released once its ack is published.
-        self._held: list[Callable[[], None]] = []
+        self._held: list[_Job] = []
+        self._exporter: subprocess.Popen[str] | None = None
+        self._stopping = threading.Event()  # no exporter is started again once set
+        # The threads a store writes and hashes on (``_store``), made on first use.
+        self._io: concurrent.futures.ThreadPoolExecutor | None = None
+        # Journal entries being written for transfers that started (``_journal``): the
+        # transfer's SHA-256 once the entry is durable. Touched only from paho's thread.
+        self._journaling: dict[tuple[str, str], concurrent.futures.Future[str]] = {}
         self._later_thread: threading.Thread | None = None
+        # Audit lines of the message path, written in order on a thread of their own
+        # (``_audit_later``): the ack does not wait for the audit log's fsync.
+        self._audits: queue.Queue[tuple[str, dict[str, Any]] | None] = queue.Queue()
+        self._audit_thread: threading.Thread | None = None
         self._later_pending = 0
         self._later_done = threading.Condition()
         self._staging = self.store_dir / ".gateway" / "staging"
@@ -344,11 +387,17 @@ class Gateway:
                              "devices refuse them and deliver nothing. Development only")
         for d in (self.store_dir, self._staging, self._ledger, self._pending):
             make_dirs(d)
+        self._stopping.clear()
         if self._later_thread is None:
             self._later_thread = threading.Thread(
                 target=supervised, args=("gateway-after-ack", self._after_ack_loop),
                 name="gateway-after-ack", daemon=True)
             self._later_thread.start()
+        if self._audit_thread is None:
+            self._audit_thread = threading.Thread(
+                target=supervised, args=("gateway-audit", self._audit_loop),
+                name="gateway-audit", daemon=True)
+            self._audit_thread.start()
         self._recover()
         self._sweep_staging()
         kwargs: dict[str, Any] = {"clean_start": True} if self._mqtt5 else {}
@@ -410,13 +459,17 @@ class Gateway:
 
     def _recover_one(self, device_id: str, capture_id: str) -> None:
         entry = self._pending_path(device_id, capture_id)
+        record: dict[str, Any] | None
         try:
             record = json.loads(entry.read_text("utf-8"))
-            dicom = bool(record["dicom"])
-        except (OSError, ValueError, KeyError, TypeError) as err:
+            if not isinstance(record, dict):
+                raise ValueError("not a JSON object")
+        except (OSError, ValueError) as err:
             log_event(log, "gateway.pending_unreadable", level=logging.ERROR,
                       device_id=device_id, capture_id=capture_id, error=str(err))
-            record, dicom = None, self.export_dicom
+            record = None
+        # Not a capture (kind): the exporter reads that from the sidecar.
+        dicom = self.export_dicom
         committed = self._image_path(device_id, capture_id).exists() or \
             self._ledger_path(device_id, capture_id).exists()
         log_event(log, "gateway.recovering", device_id=device_id, capture_id=capture_id,
@@ -426,12 +479,16 @@ class Gateway:
             return
         ledger = self._ledger_path(device_id, capture_id)
         if record is not None and not ledger.exists():
+            record = {k: record.get(k) for k in _JOURNALED}
+            # The journal is written before the image's SHA-256 is known (an image moved on
+            # to the archive already leaves it out).
+            with contextlib.suppress(OSError):
+                record["image_sha256"] = _sha256(
+                    self._image_path(device_id, capture_id).read_bytes())
             make_dirs(ledger.parent)
-            write_atomic(ledger, json.dumps(
-                {k: v for k, v in record.items() if k != "dicom"}).encode(),
-                mode=FILE_MODE, durable=False)
+            write_atomic(ledger, json.dumps(record).encode(), mode=FILE_MODE, durable=False)
         self._drop_staging(device_id, capture_id)
-        self._queue(lambda: self._finish(device_id, capture_id, dicom))
+        self._queue((device_id, capture_id, dicom))
 
     def _remove_temp_files(self, directory: Path, captures: list[str]) -> None:
         """Temp files of these captures' interrupted writes in ``directory`` (one listing)."""
@@ -450,6 +507,7 @@ class Gateway:
         return self._ready.wait(timeout)
 
     def stop(self, timeout: float = 5.0) -> None:
+        self._stopping.set()
         self._client.disconnect()
         self._client.loop_stop()
         self._ready.clear()
@@ -457,6 +515,14 @@ class Gateway:
             self._later.put(None)
             self._later_thread.join(timeout)
             self._later_thread = None
+        if self._audit_thread is not None:
+            self._audits.put(None)
+            self._audit_thread.join(timeout)
+            self._audit_thread = None
+        self._stop_exporter(timeout)
+        if self._io is not None:
+            self._io.shutdown()
+            self._io = None
         while self._open:
             self._open.popitem()[1].close()
         with self._commander_lock:
@@ -464,8 +530,8 @@ class Gateway:
                 self._commander_client.close()
                 self._commander_client = None
 
-    def _after_ack(self, job: Callable[[], None]) -> None:
-        """Run ``job`` on the after-ack thread once the current message's ack is out."""
+    def _after_ack(self, job: _Job) -> None:
+        """Hand ``job`` to the exporter once the current message's ack is out."""
         self._held.append(job)
 
     def _release_held(self) -> None:
@@ -473,7 +539,7 @@ class Gateway:
         for job in jobs:
             self._queue(job)
 
-    def _queue(self, job: Callable[[], None]) -> None:
+    def _queue(self, job: _Job) -> None:
         with self._later_done:
             self._later_pending += 1
         self._later.put(job)
@@ -482,47 +548,99 @@ class Gateway:
         # Supervised (``supervised``): a job that raises is logged and the loop restarted.
         while (job := self._later.get()) is not None:
             try:
-                job()
+                self._hand_over(job)
             finally:
                 with self._later_done:
                     self._later_pending -= 1
                     self._later_done.notify_all()
 
     def wait_exported(self, timeout: float) -> bool:
-        """True once every DICOM export (and staging removal) queued so far is done (tests,
-        demo)."""
+        """True once every DICOM export (and staging removal) and every audit line of the
+        message path queued so far is done (tests, demo)."""
         with self._later_done:
             return self._later_done.wait_for(lambda: self._later_pending == 0, timeout)
 
-    def _finish(self, device_id: str, capture_id: str, dicom: bool,
-                image: bytes | None = None, metadata: dict | None = None) -> None:
-        """A stored capture's after-ack work, then its journal entry goes. Without
-        ``image`` and ``metadata`` (recovery) they are read back from the store, and a DICOM
-        file already there is kept."""
-        path = self._image_path(device_id, capture_id).with_suffix(".dcm")
-        if dicom and (image is None or metadata is None) and not path.exists():
+    def _hand_over(self, job: _Job) -> None:
+        """Have the exporter do ``job``; an exporter that dies meanwhile is started again
+        and given the job again, up to EXPORT_ATTEMPTS times (a capture that kills it every
+        time stays journaled for the next start, and the others go on)."""
+        device_id, capture_id, _dicom = job
+        for attempt in range(1, EXPORT_ATTEMPTS + 1):
+            if self._stopping.is_set() and self._exporter is None:
+                return  # stopped meanwhile: the journal keeps the job for the next start
+            proc = self._exporter_process()
+            if self._exchange(proc, job):
+                return
             try:
-                image = self._image_path(device_id, capture_id).read_bytes()
-                metadata = json.loads(path.with_suffix(".json").read_text("utf-8"))
-            except (OSError, ValueError) as err:
-                # Moved on to the clinic's archive already, or unreadable: nothing to export.
-                log_event(log, "gateway.dicom_failed", level=logging.WARNING,
-                          device_id=device_id, capture_id=capture_id, error=str(err))
-                image = metadata = None
-        if dicom and image is not None and metadata is not None:
-            self._export(image, metadata, path, capture_id)
-        self._pending_path(device_id, capture_id).unlink(missing_ok=True)
+                code = proc.wait(10)
+            except subprocess.TimeoutExpired:  # it closed its stdout but lives on
+                proc.kill()
+                code = proc.wait()
+            self._exporter = None
+            _close_pipes(proc)
+            # The temp file of the export it died in (dicom_export names it by process).
+            (self.store_dir / device_id / f".{capture_id}.dcm.{proc.pid}{TEMP_SUFFIX}"
+             ).unlink(missing_ok=True)
+            log_event(log, "gateway.exporter_died", level=logging.ERROR, pid=proc.pid,
+                      returncode=code, device_id=device_id, capture_id=capture_id,
+                      attempt=attempt)
+        log_event(log, "gateway.export_abandoned", level=logging.ERROR, device_id=device_id,
+                  capture_id=capture_id, attempts=EXPORT_ATTEMPTS)
 
-    def _export(self, image: bytes, metadata: Any, path: Path, capture_id: str) -> None:
+    def _exporter_process(self) -> subprocess.Popen[str]:
+        if self._exporter is not None and self._exporter.poll() is not None:
+            # Died between two jobs: whatever it was doing is done or journaled.
+            log_event(log, "gateway.exporter_died", level=logging.ERROR,
+                      pid=self._exporter.pid, returncode=self._exporter.returncode)
+            _close_pipes(self._exporter)
+            self._exporter = None
+        if self._exporter is None:
+            self._exporter = subprocess.Popen(
+                [*self.exporter_command, "--store", str(self.store_dir)],
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, encoding="utf-8",
+                env={**_EXPORTER_MALLOC, **os.environ})
+            log_event(log, "gateway.exporter_started", pid=self._exporter.pid)
+        return self._exporter
+
+    def _exchange(self, proc: subprocess.Popen[str], job: _Job) -> bool:
+        """Send one job and relay the exporter's events until it says done; False if it
+        died first."""
+        device_id, capture_id, dicom = job
+        assert proc.stdin is not None
+        assert proc.stdout is not None
         try:
-            # The case's study is named by its keyed reference (sim/cases.py), never the
-            # token: the gateway's word, replacing anything the device sent under that key.
-            token = dicom_export.case_token(metadata)
-            case_ref = self.cases.ref(token) if token is not None else None
-            dicom_export.export(image, dicom_export.for_gateway(metadata, case_ref), path)
-        except (dicom_export.DicomExportError, OSError) as err:
-            log_event(log, "gateway.dicom_failed", level=logging.WARNING,
-                      capture_id=capture_id, error=str(err))
+            proc.stdin.write(json.dumps({"device_id": device_id, "capture_id": capture_id,
+                                         "dicom": dicom}) + "\n")
+            proc.stdin.flush()
+        except (BrokenPipeError, ValueError):  # ValueError: closed
+            return False
+        for line in proc.stdout:
+            try:
+                said = json.loads(line)
+                if said.get("done") is True:
+                    return True
+                fields = {k: v for k, v in said.items() if k not in ("event", "level")}
+                log_event(log, str(said["event"]), level=int(said.get("level", logging.INFO)),
+                          **fields)
+            except (ValueError, KeyError, TypeError, AttributeError):
+                log_event(log, "gateway.exporter_garbled", level=logging.ERROR,
+                          line=line[:200])
+        return False  # end of its output: it died
+
+    def _stop_exporter(self, timeout: float) -> None:
+        proc, self._exporter = self._exporter, None
+        if proc is None:
+            return
+        assert proc.stdin is not None
+        assert proc.stdout is not None
+        with contextlib.suppress(OSError):
+            proc.stdin.close()  # its end of input: it finishes its job and exits
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        proc.stdout.close()
 
     def __enter__(self) -> Gateway:
         self.start()
@@ -606,8 +724,8 @@ class Gateway:
         self._send_ack(device_id, ack, correlation)
         if ack.state in ("committed", "rejected"):
             self.metrics.acked(ack.state, ack.reason)
-            self._audit("ack.sent", device_id=device_id, capture_id=ack.capture_id,
-                        state=ack.state, reason=ack.reason)
+            self._audit_later("ack.sent", device_id=device_id, capture_id=ack.capture_id,
+                              state=ack.state, reason=ack.reason)
 
     def _send_ack(self, device_id: str, ack: Ack, correlation: bytes | None) -> None:
         props = None
@@ -670,16 +788,68 @@ class Gateway:
             _key, oldest = self._open.popitem(last=False)
             oldest.close()
 
+    def _refuse_transfer(self, device_id: str, capture_id: str) -> None:
+        """A transfer refused for good: its staging and its journal entry go."""
+        self._drop_staging(device_id, capture_id)
+        journaling = self._journaling.pop((device_id, capture_id), None)
+        if journaling is not None:
+            concurrent.futures.wait([journaling])  # or it would write the entry again
+        self._pending_path(device_id, capture_id).unlink(missing_ok=True)
+
+    def _journal(self, device_id: str, capture_id: str, m: Manifest) -> None:
+        """Journal the after-ack work of a transfer that starts (or resumes), durably, on a
+        store thread: by the final it is on disk, and ``_journal_durable`` only checks."""
+        key = (device_id, capture_id)
+        if len(self._journaling) > 4 * _OPEN_STAGINGS:
+            for done in [k for k, f in self._journaling.items() if f.done()]:
+                del self._journaling[done]
+        self._journaling[key] = self._store_threads().submit(
+            self._write_journal, device_id, capture_id, m.sha256, m.size, True)
+
+    def _write_journal(self, device_id: str, capture_id: str, sha256: str, size: int,
+                       at_manifest: bool = False) -> str:
+        pending = self._pending_path(device_id, capture_id)
+        if at_manifest and self._image_path(device_id, capture_id).exists():
+            # Committed meanwhile by another receiver of the group, which journaled its own
+            # work (an entry now would outlive that work until the next start).
+            return ""
+        make_dirs(pending.parent)
+        record = {"capture_id": capture_id, "device_id": device_id, "transfer_sha256": sha256,
+                  "size": size, "image": self._image_path(device_id, capture_id).name}
+        write_atomic(pending, json.dumps(record).encode(), mode=FILE_MODE)
+        return sha256
+
+    def _journal_durable(self, device_id: str, capture_id: str, m: Manifest) -> Path:
+        """The journal entry of this transfer, durable, before the capture is committed:
+        normally written when the transfer started (``_journal``); written now if not (a
+        failed write, or removed meanwhile by another receiver's start)."""
+        pending = self._pending_path(device_id, capture_id)
+        journaling = self._journaling.pop((device_id, capture_id), None)
+        wrote = False
+        if journaling is not None:
+            try:
+                wrote = journaling.result() == m.sha256
+            except OSError as err:
+                log_event(log, "gateway.journal_failed", level=logging.WARNING,
+                          device_id=device_id, capture_id=capture_id, error=str(err))
+        try:
+            entry = json.loads(pending.read_bytes())
+            same = isinstance(entry, dict) and entry.get("transfer_sha256") == m.sha256
+        except (OSError, ValueError):
+            same = False
+        if not same:
+            self._write_journal(device_id, capture_id, m.sha256, m.size)
+        elif not wrote:
+            fsync_dir(pending.parent)  # another receiver's entry: its name on disk too
+        return pending
+
     def _drop_staging(self, device_id: str, capture_id: str, later: bool = False) -> None:
         staging = self._open.pop((device_id, capture_id), None)
         if staging is not None:
             staging.close()
-        directory = self._staging_dir(device_id, capture_id)
-        if later:
-            # A committed transfer: its staged megabytes can go once the device has its ack.
-            self._after_ack(lambda: shutil.rmtree(directory, ignore_errors=True))
-        else:
-            shutil.rmtree(directory, ignore_errors=True)
+        if not later:
+            shutil.rmtree(self._staging_dir(device_id, capture_id), ignore_errors=True)
+        # else a committed transfer: its staged megabytes go with its after-ack work.
 
     def _handle_manifest(self, device_id: str, capture_id: str, m: Manifest) -> Ack:
         if m.capture_id != capture_id:
@@ -706,6 +876,7 @@ class Gateway:
             # with a smaller packet cap): chunks staged for the old one cannot be reused.
             staged = _Staging.create(self._staging_dir(device_id, capture_id), m)
             self._keep_open((device_id, capture_id), staged)
+        self._journal(device_id, capture_id, staged.manifest)
         missing = staged.missing()
         log_event(log, "gateway.manifest", device_id=device_id, capture_id=capture_id,
                   size=m.size, chunks=m.chunk_count, missing=len(missing), resumed=same)
@@ -761,7 +932,7 @@ class Gateway:
         m = staged.manifest
         if m.content_type == bundle.CONTENT_TYPE and not self.allow_unsealed:
             # Staged while the gateway ran in development mode.
-            self._drop_staging(device_id, capture_id)
+            self._refuse_transfer(device_id, capture_id)
             return self._refuse_unsealed(device_id, capture_id, f.req)
         missing = staged.missing()
         if missing:
@@ -779,11 +950,11 @@ class Gateway:
                 return Ack(capture_id, "retry", req=f.req, reason="no_key")
             opened = self._open_sealed(data, device_id, capture_id)
             if opened is None:
-                self._drop_staging(device_id, capture_id)
+                self._refuse_transfer(device_id, capture_id)
                 return Ack(capture_id, "rejected", req=f.req, reason="seal_error")
             data = opened
         try:
-            metadata, image = bundle.unpack(data)
+            metadata, image = bundle.unpack_view(data)
             if metadata.get("capture_id", capture_id) != capture_id:
                 raise bundle.BundleError("metadata names another capture id")
             if _nesting(metadata) > MAX_METADATA_DEPTH:
@@ -792,13 +963,13 @@ class Gateway:
             metadata = self._file_case(device_id, capture_id, metadata)
             sidecar = _sidecar(metadata)
         except DeviceMismatch as err:
-            self._drop_staging(device_id, capture_id)
+            self._refuse_transfer(device_id, capture_id)
             return self._refuse_device_mismatch(device_id, capture_id, f.req, err.claimed)
         except (bundle.BundleError, RecursionError) as err:
             # RecursionError: metadata nested too deep for the JSON parser itself.
             log_event(log, "gateway.bad_bundle", level=logging.ERROR, device_id=device_id,
                       capture_id=capture_id, detail=str(err))
-            self._drop_staging(device_id, capture_id)
+            self._refuse_transfer(device_id, capture_id)
             return Ack(capture_id, "rejected", req=f.req, reason="bad_bundle")
         self._store(device_id, capture_id, m, metadata, sidecar, image)
         self._drop_staging(device_id, capture_id, later=True)
@@ -814,7 +985,7 @@ class Gateway:
         # seal binds the device id, so a capture sealed as another device's fails here.
         log_event(log, "gateway.seal_error", level=logging.ERROR, device_id=device_id,
                   capture_id=capture_id)
-        self._audit("seal.error", device_id=device_id, capture_id=capture_id)
+        self._audit_later("seal.error", device_id=device_id, capture_id=capture_id)
         return None
 
     # ------------------------------------------------------- identities, cases and the audit
@@ -839,6 +1010,25 @@ class Gateway:
             log_event(log, "gateway.audit_failed", level=logging.ERROR, audit_event=event,
                       error=str(err))
 
+    def _audit_later(self, event: str, **fields: Any) -> None:
+        """``_audit`` on the audit thread, in the order asked: what paho's thread records
+        about a message. It returns at once, so an ack published just before leaves
+        without waiting for the audit log's lock and fsync (``wait_exported`` waits for
+        these lines too)."""
+        with self._later_done:
+            self._later_pending += 1
+        self._audits.put((event, fields))
+
+    def _audit_loop(self) -> None:
+        # Supervised (``supervised``); _audit itself never raises for the log's sake.
+        while (item := self._audits.get()) is not None:
+            try:
+                self._audit(item[0], **item[1])
+            finally:
+                with self._later_done:
+                    self._later_pending -= 1
+                    self._later_done.notify_all()
+
     def _refuse_device_mismatch(self, device_id: str, capture_id: str, req: int,
                                 claimed: object) -> Ack:
         # The broker vouches for the topic's device (its certificate); metadata that names
@@ -849,7 +1039,7 @@ class Gateway:
             else f"<not a device id: {type(claimed).__name__}>"
         log_event(log, "gateway.device_mismatch", level=logging.ERROR, device_id=device_id,
                   capture_id=capture_id, claimed_device_id=shown)
-        self._audit("capture.device_mismatch", device_id=device_id, capture_id=capture_id,
+        self._audit_later("capture.device_mismatch", device_id=device_id, capture_id=capture_id,
                     claimed_device_id=shown)
         return Ack(capture_id, "rejected", req=req, reason="device_mismatch")
 
@@ -871,7 +1061,7 @@ class Gateway:
         ref = self.cases.ref(token) if isinstance(token, str) else None
         log_event(log, "gateway.case_unverified", level=logging.WARNING, device_id=device_id,
                   capture_id=capture_id, case_ref=ref, captured_at_known=taken is not None)
-        self._audit("capture.case_unverified", device_id=device_id, capture_id=capture_id,
+        self._audit_later("capture.case_unverified", device_id=device_id, capture_id=capture_id,
                     case_ref=ref)
         return {**metadata, "case": {"token": None, "assigned": False, "case_unverified": True}}
 
@@ -941,31 +1131,39 @@ class Gateway:
             return self._commander_client
 
     def _store(self, device_id: str, capture_id: str, m: Manifest, metadata: dict,
-               sidecar: bytes, image: bytes) -> None:
+               sidecar: bytes, image: bytes | memoryview) -> None:
         device_dir = self.store_dir / device_id
         make_dirs(device_dir)
         ledger_dir = self._ledger / device_id
         make_dirs(ledger_dir)
         image_path = self._image_path(device_id, capture_id)
-        image_sha = hashlib.sha256(image).hexdigest()
-        record = {"capture_id": capture_id, "device_id": device_id, "transfer_sha256": m.sha256,
-                  "size": m.size, "image_sha256": image_sha, "image": image_path.name}
+        # The image's SHA-256 (for the ledger) and the image's write and fsync run on the
+        # store's threads, overlapping the journal's and the sidecar's fsyncs: hashlib,
+        # writes and fsyncs all let go of the interpreter lock. The ack still waits for all.
+        io = self._store_threads()
+        image_sha = io.submit(_sha256, image)
+        record: dict[str, Any] = {
+            "capture_id": capture_id, "device_id": device_id, "transfer_sha256": m.sha256,
+            "size": m.size, "image": image_path.name}
         dicom = self.export_dicom and metadata.get("kind", "capture") == "capture"
-        # First the journal of the after-ack work, durably: a crash anywhere from here on
-        # leaves an entry that the next start finishes or undoes (_recover).
-        pending = self._pending_path(device_id, capture_id)
-        make_dirs(pending.parent)
-        write_atomic(pending, json.dumps({**record, "dicom": dicom}).encode(), mode=FILE_MODE)
-        write_atomic(device_dir / f"{capture_id}.json", sidecar, mode=FILE_MODE, sync_dir=False)
+        # First the journal of the after-ack work, durably (normally done as the transfer
+        # started): a crash anywhere from here on leaves an entry that the next start
+        # finishes or undoes (_recover).
+        self._journal_durable(device_id, capture_id, m)
         tmp = device_dir / f".{capture_id}.jpg.{os.getpid()}{TEMP_SUFFIX}"
-        _write_synced(tmp, image)
+        written = io.submit(_write_synced, tmp, image)
+        try:
+            write_atomic(device_dir / f"{capture_id}.json", sidecar, mode=FILE_MODE,
+                         sync_dir=False)
+        finally:
+            written.result()  # raises what the image's write raised
         try:
             # The commit point: a link never replaces, so a second receiver (or a replay)
             # racing us finds the image there and stores nothing.
             os.link(tmp, image_path)
         except FileExistsError:
+            # The receiver that stored it does the after-ack work and removes the entry.
             tmp.unlink(missing_ok=True)
-            pending.unlink(missing_ok=True)  # the receiver that stored it does that work
             return
         tmp.unlink(missing_ok=True)
         fsync_dir(device_dir)
@@ -974,13 +1172,22 @@ class Gateway:
         # itself still says "committed", and _recover writes it from the journal. Not
         # fsynced: losing it needs a power cut right now AND the image archived away before
         # a replay; the image is what must be durable.
+        record["image_sha256"] = image_sha.result()
         write_atomic(self._ledger_path(device_id, capture_id), json.dumps(record).encode(),
                      mode=FILE_MODE, durable=False)
         self.stored_count += 1
+        # Before the after-ack work: the exporter removes the staging, whose manifest's age
+        # is the transfer's time.
         self.metrics.stored(self._staging_dir(device_id, capture_id))
-        self._after_ack(lambda: self._finish(device_id, capture_id, dicom, image, metadata))
+        self._after_ack((device_id, capture_id, dicom))
         log_event(log, "capture.stored", capture_id=capture_id, device_id=device_id,
-                  path=str(image_path), sha256=image_sha, size=len(image))
+                  path=str(image_path), sha256=record["image_sha256"], size=len(image))
+
+    def _store_threads(self) -> concurrent.futures.ThreadPoolExecutor:
+        if self._io is None:
+            self._io = concurrent.futures.ThreadPoolExecutor(
+                max_workers=2, thread_name_prefix="gateway-store")
+        return self._io
 
 
 class DeviceMismatch(ValueError):
@@ -1039,7 +1246,18 @@ def _sidecar(metadata: dict) -> bytes:
         raise bundle.BundleError(f"metadata cannot be stored as strict JSON: {err}") from None
 
 
-def _write_synced(path: Path, data: bytes) -> None:
+def _close_pipes(proc: subprocess.Popen[str]) -> None:
+    for stream in (proc.stdin, proc.stdout):
+        if stream is not None:
+            with contextlib.suppress(OSError):
+                stream.close()
+
+
+def _sha256(data: bytes | memoryview) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _write_synced(path: Path, data: bytes | memoryview) -> None:
     """Write a new file and fsync it (the temp file of the image, linked into place)."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, FILE_MODE)
     with os.fdopen(fd, "wb") as f:

@@ -46,10 +46,17 @@ def pack(metadata: dict, image: bytes) -> bytes:
 
 
 def unpack(data: bytes) -> tuple[dict, bytes]:
-    data = bytes(data)
-    if len(data) < _HEAD.size:
+    metadata, image = unpack_view(data)
+    return metadata, bytes(image)
+
+
+def unpack_view(data: bytes | bytearray | memoryview) -> tuple[dict, memoryview]:
+    """``unpack`` without copying the image: it comes back as a view into ``data`` (the
+    gateway's 5 MB captures are hashed and written from it; no second copy to fault in)."""
+    view = memoryview(data).cast("B")
+    if len(view) < _HEAD.size:
         raise BundleError("too short for a bundle header")
-    magic, version, meta_len = _HEAD.unpack_from(data)
+    magic, version, meta_len = _HEAD.unpack_from(view)
     if magic != MAGIC:
         raise BundleError("not a bundle (bad magic)")
     if version != VERSION:
@@ -58,17 +65,17 @@ def unpack(data: bytes) -> tuple[dict, bytes]:
         raise BundleError(f"metadata length {meta_len} exceeds {MAX_METADATA}")
     pos = _HEAD.size
     end_meta = pos + meta_len
-    if end_meta + _IMAGE_LEN.size > len(data):
+    if end_meta + _IMAGE_LEN.size > len(view):
         raise BundleError("truncated metadata")
     try:
-        metadata = json.loads(data[pos:end_meta].decode("utf-8"))
+        metadata = json.loads(bytes(view[pos:end_meta]).decode("utf-8"))
     except (UnicodeDecodeError, ValueError, RecursionError) as err:
         raise BundleError(f"metadata is not UTF-8 JSON: {err}") from None
     if not isinstance(metadata, dict):
         raise BundleError("metadata is not a JSON object")
-    (image_len,) = _IMAGE_LEN.unpack_from(data, end_meta)
+    (image_len,) = _IMAGE_LEN.unpack_from(view, end_meta)
     start = end_meta + _IMAGE_LEN.size
-    if start + image_len != len(data):
+    if start + image_len != len(view):
         raise BundleError(
-            f"image length {image_len} does not match the {len(data) - start} bytes present")
-    return metadata, data[start:]
+            f"image length {image_len} does not match the {len(view) - start} bytes present")
+    return metadata, view[start:]

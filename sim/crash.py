@@ -14,8 +14,16 @@ for a single capture, 1 is after the durable write and before "accepted" was sai
 gateway (development mode: unsealed captures accepted) and SIGKILLs it at a moment of its
 first store: ``commit`` just before the image is linked into place (temp files written,
 nothing committed), ``stored`` right after the commit and before the ack and the after-ack
-work, ``dicom`` in the middle of the DICOM export (its temp file written). It prints
-``ready`` once it is subscribed.
+work, ``dicom`` in the middle of the DICOM export (its temp file written: the exporter
+process SIGKILLs the gateway, then itself, as a power cut would). It prints ``ready`` once it
+is subscribed.
+
+``python -m sim.crash exporter --store DIR --kill-at dicom [--once FILE]`` is the gateway's
+exporter process (clinic_gateway/exporter.py; a gateway runs it when its
+``exporter_command`` says so) that SIGKILLs itself in the middle of a DICOM export; with
+``--once`` only if FILE does not exist yet (it creates it first), so the exporter the gateway
+starts again gets through. ``--kill-parent`` kills the gateway that started it first;
+``--raise`` raises an exception nobody foresaw there instead of dying.
 """
 
 from __future__ import annotations
@@ -53,8 +61,40 @@ class _DieOnEvent(logging.Handler):
             _die()
 
 
+def exporter_main(argv: list[str]) -> int:
+    from clinic_gateway import dicom_export, exporter  # only this mode needs them
+
+    parser = argparse.ArgumentParser(prog="python -m sim.crash exporter", description=__doc__)
+    parser.add_argument("--kill-at", choices=("dicom",), required=True)
+    parser.add_argument("--once", type=Path, help="die only if this file does not exist yet")
+    parser.add_argument("--kill-parent", action="store_true",
+                        help="SIGKILL the gateway that started this exporter first")
+    parser.add_argument("--raise", dest="raise_", action="store_true",
+                        help="raise an unexpected exception instead of dying")
+    args, rest = parser.parse_known_args(argv)
+
+    def die(*_args: Any, **_kwargs: Any) -> None:
+        if args.once is not None:
+            if args.once.exists():
+                return
+            args.once.touch()
+        if args.raise_:
+            raise RuntimeError("a fault nobody foresaw")
+        if args.kill_parent:
+            os.kill(os.getppid(), signal.SIGKILL)
+        _die()
+
+    dicom_export.check = die  # called once the DICOM temp file is written
+    return exporter.main(rest)
+
+
+def exporter_command(*options: str) -> tuple[str, ...]:
+    """A gateway's ``exporter_command`` that runs ``exporter_main`` with these options."""
+    return (sys.executable, "-m", "sim.crash", "exporter", *options)
+
+
 def gateway_main(argv: list[str]) -> int:
-    from clinic_gateway import dicom_export, gateway  # only this mode needs them
+    from clinic_gateway import gateway  # only this mode needs it
 
     parser = argparse.ArgumentParser(prog="python -m sim.crash gateway", description=__doc__)
     parser.add_argument("--store", type=Path, required=True)
@@ -70,9 +110,9 @@ def gateway_main(argv: list[str]) -> int:
         logger = logging.getLogger("clinic_gateway.gateway")
         logger.addHandler(_DieOnEvent("capture.stored"))
         logger.setLevel(min(logger.getEffectiveLevel(), logging.INFO))
-    else:
-        dicom_export.check = _die  # called once the DICOM temp file is written
     gw = gateway.Gateway("127.0.0.1", args.port, args.store, allow_unsealed=True)
+    if args.kill_at == "dicom":
+        gw.exporter_command = exporter_command("--kill-at", "dicom", "--kill-parent")
     gw.start()
     if not gw.wait_ready(10):
         print("gateway not ready", file=sys.stderr)
@@ -86,6 +126,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["gateway"]:
         return gateway_main(argv[1:])
+    if argv[:1] == ["exporter"]:
+        return exporter_main(argv[1:])
     parser = argparse.ArgumentParser(prog="python -m sim.crash", description=__doc__)
     parser.add_argument("--state", type=Path, required=True, help="the device's state_dir")
     parser.add_argument("--port", type=int, required=True, help="loopback broker port")

@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 import queue
+import signal
 import stat
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,8 +14,10 @@ from pathlib import Path
 import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
+from pydicom.filereader import dcmread
 
-from clinic_gateway.gateway import Gateway
+from clinic_gateway.dicom_export import DERMOSCOPIC_PHOTOGRAPHY
+from clinic_gateway.gateway import EXPORT_ATTEMPTS, Gateway
 from dermascope_wire import bundle, seal
 from dermascope_wire.protocol import (
     PROTOCOL_VERSION,
@@ -26,6 +29,7 @@ from dermascope_wire.protocol import (
     encode_chunk,
 )
 from sim.broker import MosquittoBroker
+from sim.crash import exporter_command
 
 DEVICE = "dev-gw"
 CHUNK = 1024
@@ -182,6 +186,26 @@ def test_payload_that_is_not_a_bundle_is_rejected(gateway, device, store) -> Non
     ack = device.transfer("c7", b"\x00" * 3000)
     assert (ack.state, ack.reason) == ("rejected", "bad_bundle")
     assert not (store / DEVICE / "c7.jpg").exists()
+    # The journal entry written as the transfer started goes with it.
+    assert not (store / ".gateway" / "pending" / DEVICE / "c7.json").exists()
+
+
+def test_a_transfer_is_journaled_before_its_commit_and_its_entry_goes_with_its_work(
+        gateway, device, store, events) -> None:
+    """The after-ack journal entry is written (durably, off paho's thread) as the transfer
+    starts and is there when the capture is stored; the exporter removes it."""
+    _, _, data = payload(3000)
+    entry = store / ".gateway" / "pending" / DEVICE / "j1.json"
+    at_store: list[dict] = []
+    events.on("capture.stored", lambda _: at_store.append(json.loads(entry.read_text())))
+    assert device.transfer("j1", data).state == "committed"
+    assert [e["transfer_sha256"] for e in at_store] == [hashlib.sha256(data).hexdigest()]
+    assert gateway.wait_exported(20)
+    assert not entry.exists()
+    ledger = json.loads((store / ".gateway" / "ledger" / DEVICE / "j1.json").read_text())
+    assert ledger["transfer_sha256"] == hashlib.sha256(data).hexdigest()
+    image = (store / DEVICE / "j1.jpg").read_bytes()
+    assert ledger["image_sha256"] == hashlib.sha256(image).hexdigest()
 
 
 def test_bundle_naming_another_capture_is_rejected(gateway, device, store) -> None:
@@ -416,30 +440,78 @@ def test_odd_metadata_fails_its_dicom_export_and_the_next_capture_is_exported(
     assert not list((store / ".gateway" / "pending").rglob("*.json"))  # both done
 
 
-def test_a_crash_in_after_ack_work_is_logged_and_the_thread_restarted(
-        gateway, device, store, events, monkeypatch) -> None:
-    from clinic_gateway import dicom_export
+def _dicom_temp_files(store: Path) -> list[Path]:
+    return sorted((store / DEVICE).glob(".*"))
 
-    real = dicom_export.export
-    calls: list[str] = []
 
-    def export_once_broken(jpeg: bytes, metadata: dict, path: Path) -> Path:
-        calls.append(metadata["capture_id"])
-        if len(calls) == 1:
-            raise RuntimeError("a fault nobody foresaw")
-        return real(jpeg, metadata, path)
-
-    monkeypatch.setattr(dicom_export, "export", export_once_broken)
+def test_a_fault_in_after_ack_work_is_logged_and_the_next_capture_is_exported(
+        gateway, device, store, events, tmp_path) -> None:
+    """The exporter process (clinic_gateway/exporter.py) raises in the middle of an export:
+    logged with its traceback, the job consumed, its journal entry kept for the next start,
+    and the next capture exported by the same exporter."""
+    gateway.exporter_command = exporter_command("--kill-at", "dicom", "--raise",
+                                                "--once", str(tmp_path / "raised"))
     for capture_id in ("x1", "x2"):
         _, data = jpeg_capture(capture_id)
         assert device.transfer(capture_id, data).state == "committed"
     assert gateway.wait_exported(20)
-    (crash,) = events.named("thread.crashed")
-    assert crash["thread_name"] == "gateway-after-ack"
-    assert "RuntimeError: a fault nobody foresaw" in crash["traceback"]
+    (failed,) = events.named("exporter.job_failed")
+    assert "RuntimeError: a fault nobody foresaw" in failed["traceback"]
+    assert len(events.named("gateway.exporter_started")) == 1
+    assert not (store / DEVICE / "x1.dcm").exists()
     assert (store / DEVICE / "x2.dcm").exists()
     # The interrupted work stays journaled: the next start does it again.
     assert (store / ".gateway" / "pending" / DEVICE / "x1.json").exists()
+    assert not (store / ".gateway" / "pending" / DEVICE / "x2.json").exists()
+    assert _dicom_temp_files(store) == []
+
+
+def test_an_exporter_killed_mid_export_is_started_again_and_redoes_the_capture(
+        gateway, device, store, events, tmp_path) -> None:
+    """SIGKILL of the exporter process with a DICOM temp file half done: the gateway starts
+    another, hands it the same capture, and nothing is left behind."""
+    gateway.exporter_command = exporter_command("--kill-at", "dicom",
+                                                "--once", str(tmp_path / "killed"))
+    for capture_id in ("x1", "x2"):
+        _, data = jpeg_capture(capture_id)
+        assert device.transfer(capture_id, data).state == "committed"
+    assert gateway.wait_exported(30)
+    (died,) = events.named("gateway.exporter_died")
+    assert (died["capture_id"], died["returncode"]) == ("x1", -signal.SIGKILL)
+    assert len(events.named("gateway.exporter_started")) == 2
+    for capture_id in ("x1", "x2"):
+        assert dcmread(store / DEVICE / f"{capture_id}.dcm").SOPClassUID == \
+            DERMOSCOPIC_PHOTOGRAPHY
+    assert list((store / ".gateway" / "pending").rglob("*.json")) == []
+    assert list((store / ".gateway" / "staging").glob("*/*")) == []
+    assert _dicom_temp_files(store) == []
+
+
+def test_a_capture_that_kills_every_exporter_is_left_to_the_next_start(
+        broker, store, events, tmp_path) -> None:
+    """An exporter that dies on the same capture EXPORT_ATTEMPTS times: the gateway gives
+    that capture up for this run (the journal keeps it) instead of looping; a gateway
+    started afterwards exports it."""
+    with Gateway(broker.host, broker.port, store, allow_unsealed=True) as gw:
+        assert gw.wait_ready(10)
+        gw.exporter_command = exporter_command("--kill-at", "dicom")
+        dev = RawDevice(broker)
+        try:
+            _, data = jpeg_capture("x1")
+            assert dev.transfer("x1", data).state == "committed"
+        finally:
+            dev.close()
+        assert gw.wait_exported(60)
+    assert len(events.named("gateway.exporter_died")) == EXPORT_ATTEMPTS
+    (abandoned,) = events.named("gateway.export_abandoned")
+    assert abandoned["capture_id"] == "x1"
+    assert (store / ".gateway" / "pending" / DEVICE / "x1.json").exists()
+    assert _dicom_temp_files(store) == []
+    with Gateway(broker.host, broker.port, store, allow_unsealed=True) as gw:
+        assert gw.wait_ready(10)
+        assert gw.wait_exported(30)
+    assert (store / DEVICE / "x1.dcm").exists()
+    assert list((store / ".gateway" / "pending").rglob("*.json")) == []
 
 
 def test_a_thread_dying_unsupervised_in_the_gateway_process_is_logged_and_ends_it(

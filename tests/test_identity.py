@@ -138,7 +138,9 @@ def now_iso(offset: float = 0.0) -> str:
     return (dt.datetime.now(dt.UTC) + dt.timedelta(seconds=offset)).isoformat()
 
 
-def audit_lines(store: Path) -> list[dict[str, Any]]:
+def audit_lines(store: Path, gateway: Gateway) -> list[dict[str, Any]]:
+    """The audit log's lines, once the gateway has written those of the messages so far."""
+    assert gateway.wait_exported(10)
     path = audit.audit_path(store)
     assert audit.verify(path).ok
     return [json.loads(line) for line in path.read_text().splitlines()]
@@ -166,7 +168,7 @@ def test_metadata_naming_another_device_is_rejected_and_nothing_stored(
     assert (ack.state, ack.reason) == ("rejected", "device_mismatch")
     assert events.named("gateway.device_mismatch")[-1]["claimed_device_id"] == (
         "<not a device id: str>")
-    lines = audit_lines(clinic["store"])
+    lines = audit_lines(clinic["store"], clinic["gateway"])
     assert [(x["event"], x.get("claimed_device_id")) for x in lines] == [
         ("capture.device_mismatch", B), ("ack.sent", None),
         ("capture.device_mismatch", "<not a device id: str>"), ("ack.sent", None)]
@@ -185,7 +187,8 @@ def test_a_capture_sealed_as_another_device_does_not_open(clinic, device_a) -> N
     ack = device_a.upload("c3", {"device_id": B}, sealed_as=B)
     assert (ack.state, ack.reason) == ("rejected", "seal_error")
     assert stored_files(clinic["store"]) == []
-    assert [x["event"] for x in audit_lines(clinic["store"])] == ["seal.error", "ack.sent"]
+    lines = audit_lines(clinic["store"], clinic["gateway"])
+    assert [x["event"] for x in lines] == ["seal.error", "ack.sent"]
 
 
 # -------------------------------------------------------------------------------- cases
@@ -225,7 +228,7 @@ def test_a_case_opened_through_the_gateway_files_the_devices_captures(
             assert TOKEN.encode() not in path.read_bytes(), path
     ref = gateway.cases.ref(TOKEN)
     commands = [(x["event"], x["command"], x.get("case_ref"))
-                for x in audit_lines(store) if x["event"].startswith("command.")]
+                for x in audit_lines(store, gateway) if x["event"].startswith("command.")]
     assert commands == [("command.sent", "open_case", ref), ("command.answered", "open_case", ref),
                         ("command.sent", "close_case", None),
                         ("command.answered", "close_case", None)]
@@ -263,7 +266,8 @@ def test_a_claimed_case_the_clinic_did_not_open_on_that_device_is_filed_unassign
         "b-case", "earlier", "list", "never", "odd", "surrogate"]
     assert {e["case_ref"] for e in unverified if e["capture_id"] == "b-case"} == {
         gateway.cases.ref(TOKEN)}
-    assert len([x for x in audit_lines(store) if x["event"] == "capture.case_unverified"]) == 6
+    lines = audit_lines(store, gateway)
+    assert len([x for x in lines if x["event"] == "capture.case_unverified"]) == 6
 
 
 def test_the_gateway_refuses_to_open_a_cpr_number_as_a_case(clinic) -> None:
