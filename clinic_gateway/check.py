@@ -12,17 +12,13 @@ import argparse
 import datetime as dt
 import json
 import shutil
-import ssl
 import stat
 import tempfile
-import time
 import uuid
 from pathlib import Path
 
-import paho.mqtt.client as mqtt
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
-from paho.mqtt.enums import CallbackAPIVersion
 
 from clinic_gateway.audit import audit_path, verify
 from clinic_gateway.config import (
@@ -34,6 +30,7 @@ from clinic_gateway.config import (
     worker_path,
 )
 from dermascope_wire.checks import CERT_WARN_DAYS, Check, fit_for_clinical_use
+from dermascope_wire.sockets import mqtt_connects
 
 #: A store smaller than this fails (a few captures), one below DISK_WARN warns.
 DISK_FAIL_BYTES = 1 << 30
@@ -132,26 +129,13 @@ def check_broker(config: Config, timeout: float = 5.0) -> Check:
     running worker for a moment (it reconnects at once; devices resend what it missed)."""
     b = config.broker
     where = f"{b.host}:{b.port}"
-    client = mqtt.Client(CallbackAPIVersion.VERSION2,
-                         client_id=f"gateway-check-{uuid.uuid4().hex[:8]}",
-                         protocol=mqtt.MQTTv5 if b.protocol == "mqtt5" else mqtt.MQTTv311)
-    try:
-        tls = config.command_tls(1)
-        if tls is not None:
-            client.tls_set(**tls)
-        client.connect(b.host, b.port, keepalive=10)
-        deadline = time.monotonic() + timeout
-        while not client.is_connected() and time.monotonic() < deadline:
-            if client.loop(timeout=0.2) != mqtt.MQTT_ERR_SUCCESS:
-                break
-        connected = client.is_connected()
-        client.disconnect()
-    except (OSError, ssl.SSLError, ValueError) as err:
-        return Check("broker", "fail", f"{where}: connection failed: {err}",
-                     "check broker.host/port, the network and the certificates")
-    if not connected:
-        return Check("broker", "fail", f"{where}: the broker did not accept the connection",
-                     "check the certificate, the ACL and plugin_opt_trusted (docs/gateway.md)")
+    problem = mqtt_connects(b.host, b.port, client_id=f"gateway-check-{uuid.uuid4().hex[:8]}",
+                            mqtt5=b.protocol == "mqtt5", tls=config.command_tls(1),
+                            timeout=timeout)
+    if problem is not None:
+        return Check("broker", "fail", f"{where}: {problem}",
+                     "check broker.host/port, the network, the certificate, the ACL and "
+                     "plugin_opt_trusted (docs/gateway.md)")
     return Check("broker", "ok", f"{where} accepts the gateway"
                  + (" over mutual TLS" if b.tls else " (plain MQTT)"))
 

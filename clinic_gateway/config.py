@@ -27,7 +27,7 @@ from pydantic import (
     model_validator,
 )
 
-from dermascope_wire.validation import describe_validation_error
+from dermascope_wire.validation import describe_validation_error, one_or_more
 
 DEFAULT_CONFIG_PATH = Path("/etc/clinic-gateway/config.toml")
 WORKER_PLACEHOLDER = "{n}"
@@ -82,10 +82,7 @@ class KeysConfig(_Section):
     # The clinic's Ed25519 private key (PEM) that signs every ack and command.
     signing: Path | None = None
 
-    @field_validator("sealing", mode="before")
-    @classmethod
-    def _one_or_more(cls, value: object) -> object:
-        return [value] if isinstance(value, str | Path) else value
+    _listed = field_validator("sealing", mode="before")(one_or_more)
 
     @field_validator("sealing")
     @classmethod

@@ -25,3 +25,9 @@ def describe_validation_error(error: Any) -> str:
             got_text = ""
         lines.append(f"{where}: {message}{got_text}")
     return "; ".join(lines)
+
+
+def one_or_more(value: object) -> object:
+    """A config value that may be one path or a list of them, as a list (a ``mode="before"``
+    field validator): keys during a rotation are listed, the rest of the time one is given."""
+    return [value] if isinstance(value, str) or hasattr(value, "__fspath__") else value

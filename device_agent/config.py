@@ -23,7 +23,7 @@ from pydantic import (
     model_validator,
 )
 
-from dermascope_wire.validation import describe_validation_error
+from dermascope_wire.validation import describe_validation_error, one_or_more
 
 DEFAULT_CONFIG_PATH = Path("/etc/device-agent/config.toml")
 
@@ -194,10 +194,7 @@ class SecurityConfig(_Section):
     # commands are accepted. Doctor reports such a device as not fit for clinical use.
     insecure_dev_mode: bool = False
 
-    @field_validator("gateway_public_key", mode="before")
-    @classmethod
-    def _one_or_more(cls, value: object) -> object:
-        return [value] if isinstance(value, str | Path) else value
+    _listed = field_validator("gateway_public_key", mode="before")(one_or_more)
 
     @field_validator("gateway_public_key")
     @classmethod

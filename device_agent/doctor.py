@@ -11,19 +11,17 @@ from __future__ import annotations
 import datetime as dt
 import shutil
 import socket
-import ssl
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
-import paho.mqtt.client as mqtt
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
-from paho.mqtt.enums import CallbackAPIVersion
 
 from dermascope_wire.checks import CERT_WARN_DAYS, Check
 from dermascope_wire.seal import KeyFileError, load_public_key
+from dermascope_wire.sockets import mqtt_connects
 from device_agent.camera.metadata import clock_synced
 from device_agent.config import Config, ConfigError, ensure_state_dir, load_config
 from device_agent.status import is_live, read_status, status_path
@@ -173,25 +171,13 @@ def check_broker(config: Config, timeout: float = 5.0) -> Check:
     except OSError as err:
         return Check("broker", "fail", f"{where} unreachable: {err}",
                      "check the network and uplink.host/port")
-    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"{config.device.id}-doctor",
-                         protocol=mqtt.MQTTv5 if up.protocol == "mqtt5" else mqtt.MQTTv311)
-    try:
-        if up.tls:
-            client.tls_set(ca_certs=str(up.ca_file), certfile=str(up.cert_file),
-                           keyfile=str(up.key_file))
-        client.connect(up.host, up.port, keepalive=10)
-        deadline = time.monotonic() + timeout
-        while not client.is_connected() and time.monotonic() < deadline:
-            if client.loop(timeout=0.2) != mqtt.MQTT_ERR_SUCCESS:
-                break
-        connected = client.is_connected()
-        client.disconnect()
-    except (OSError, ssl.SSLError, ValueError) as err:
-        return Check("broker", "fail", f"{where}: MQTT/TLS connection failed: {err}",
-                     "check the certificates and the broker's CA")
-    if not connected:
-        return Check("broker", "fail", f"{where}: the broker did not accept the connection",
-                     "check the device certificate and the broker ACL")
+    tls = ({"ca_certs": str(up.ca_file), "certfile": str(up.cert_file),
+            "keyfile": str(up.key_file)} if up.tls else None)
+    problem = mqtt_connects(up.host, up.port, client_id=f"{config.device.id}-doctor",
+                            mqtt5=up.protocol == "mqtt5", tls=tls, timeout=timeout)
+    if problem is not None:
+        return Check("broker", "fail", f"{where}: MQTT/TLS {problem}",
+                     "check the device certificate, the broker's CA and the broker ACL")
     return Check("broker", "ok", f"{where} accepts this device")
 
 
