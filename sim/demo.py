@@ -221,3 +221,7 @@ def _press_through(config: Config, captures: int, seed: int, gateway: Gateway) -
         print("uplink    waiting for the gateway to acknowledge every capture ...")
         if device.uplink is not None and not device.uplink.wait_idle(timeout=60.0):
             print("uplink    not everything was acknowledged within 60 s")
+        # The DICOM export follows each ack in the gateway's exporter process: the demo
+        # leaves every stored capture's DICOM object (DESIGN section 10).
+        if not gateway.wait_exported(60.0):
+            print("gateway   not every DICOM export was done within 60 s")

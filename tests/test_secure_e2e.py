@@ -108,6 +108,7 @@ def test_a_sealed_capture_crosses_the_broker_as_ciphertext_only(tmp_path, clinic
     image = stored.read_bytes()
     metadata = json.loads(stored.with_suffix(".json").read_text())
     assert metadata["image"]["sha256"] == hashlib.sha256(image).hexdigest()
+    assert clinic["gateway"].wait_exported(30)  # the DICOM export follows the ack
     assert stored.with_suffix(".dcm").exists()
 
     payloads = []
