@@ -63,10 +63,10 @@ def check_camera(config: Config, live: dict | None, seen: list[np.ndarray]) -> C
 
 def check_backend(config: Config) -> Check | None:
     """Synthetic frames must never pass for a patient's skin."""
-    if config.camera.backend != "sim":
-        return None
-    return Check("backend", "fail", "simulated camera: not fit for clinical use",
-                 'set camera.backend = "picamera2" (device-agent provision writes it)')
+    if config.camera.backend == "sim":
+        return Check("backend", "fail", "simulated camera: not fit for clinical use",
+                     'set camera.backend = "picamera2" (device-agent provision writes it)')
+    return None
 
 
 def _probe_camera(config: Config, seen: list[np.ndarray], seconds: float = 2.0

@@ -46,7 +46,7 @@ def open_picamera2(camera: CameraConfig, sim: SimConfig) -> Camera:
         raise ConfigError(
             'camera.backend = "picamera2": picamera2 is not installed (it installs on '
             "Raspberry Pi OS only: apt install python3-picamera2); a developer's machine "
-            'needs camera.backend = "sim"') from None
+            "runs the simulator's backend, sim, instead") from None
     from device_agent.camera.picam import PicameraCamera
 
     return PicameraCamera(camera.width, camera.height, camera.fps)
