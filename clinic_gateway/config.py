@@ -27,7 +27,9 @@ from pydantic import (
     model_validator,
 )
 
-from dermascope_wire.validation import describe_validation_error, one_or_more
+from dermascope_wire import seal
+from dermascope_wire.signing import load_private_key as load_signing_key
+from dermascope_wire.validation import describe_validation_error, loads, one_or_more
 
 DEFAULT_CONFIG_PATH = Path("/etc/clinic-gateway/config.toml")
 WORKER_PLACEHOLDER = "{n}"
@@ -84,30 +86,9 @@ class KeysConfig(_Section):
 
     _listed = field_validator("sealing", mode="before")(one_or_more)
 
-    @field_validator("sealing")
-    @classmethod
-    def _sealing_keys_load(cls, value: list[Path]) -> list[Path]:
-        # Read now: a wrong path stops the start with the field named, not the first capture.
-        from dermascope_wire.seal import KeyFileError, load_private_key
-
-        for path in value:
-            try:
-                load_private_key(path)
-            except KeyFileError as err:
-                raise ValueError(str(err)) from None
-        return value
-
-    @field_validator("signing")
-    @classmethod
-    def _signing_key_loads(cls, value: Path | None) -> Path | None:
-        from dermascope_wire.signing import SigningKeyError, load_private_key
-
-        if value is not None:
-            try:
-                load_private_key(value)
-            except SigningKeyError as err:
-                raise ValueError(str(err)) from None
-        return value
+    # Read now: a wrong path stops the start with the field named, not the first capture.
+    _sealing_keys_load = field_validator("sealing")(loads(seal.load_private_key))
+    _signing_key_loads = field_validator("signing")(loads(load_signing_key))
 
 
 class ServiceConfig(_Section):

@@ -15,8 +15,13 @@ from __future__ import annotations
 from pathlib import Path
 
 from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives import hpke, serialization
+from cryptography.hazmat.primitives import hpke
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
+
+from dermascope_wire import keyfiles
+
+# Where callers have always found it (the base of every key file error).
+from dermascope_wire.keyfiles import KeyFileError as KeyFileError
 
 CONTENT_TYPE = "application/vnd.dermascope.bundle+hpke"
 MAGIC = b"DMS1"
@@ -28,8 +33,6 @@ class SealError(ValueError):
     """A sealed capture that does not open: tampered, truncated, or for another key or id."""
 
 
-class KeyFileError(ValueError):
-    """A key file that is missing, not PEM, or not an X25519 key."""
 
 
 def _info(device_id: str, capture_id: str) -> bytes:
@@ -59,39 +62,16 @@ def generate_keypair() -> tuple[X25519PrivateKey, X25519PublicKey]:
 
 
 def public_key_pem(key: X25519PublicKey) -> bytes:
-    return key.public_bytes(serialization.Encoding.PEM,
-                            serialization.PublicFormat.SubjectPublicKeyInfo)
+    return keyfiles.public_pem(key)
 
 
 def private_key_pem(key: X25519PrivateKey) -> bytes:
-    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                             serialization.NoEncryption())
-
-
-def _read(path: Path) -> bytes:
-    try:
-        return path.read_bytes()
-    except OSError as err:
-        raise KeyFileError(f"{path}: cannot read key: {err.strerror}") from None
+    return keyfiles.private_pem(key)
 
 
 def load_public_key(path: Path) -> X25519PublicKey:
-    data = _read(path)  # its own error: a missing file is not "not PEM"
-    try:
-        key = serialization.load_pem_public_key(data)
-    except ValueError as err:
-        raise KeyFileError(f"{path}: not a PEM public key ({err})") from None
-    if not isinstance(key, X25519PublicKey):
-        raise KeyFileError(f"{path}: the clinic key must be X25519, got {type(key).__name__}")
-    return key
+    return keyfiles.load_public(path, X25519PublicKey, "the clinic key")
 
 
 def load_private_key(path: Path) -> X25519PrivateKey:
-    data = _read(path)
-    try:
-        key = serialization.load_pem_private_key(data, password=None)
-    except (ValueError, TypeError) as err:
-        raise KeyFileError(f"{path}: not an unencrypted PEM private key ({err})") from None
-    if not isinstance(key, X25519PrivateKey):
-        raise KeyFileError(f"{path}: the clinic key must be X25519, got {type(key).__name__}")
-    return key
+    return keyfiles.load_private(path, X25519PrivateKey, "the clinic key")

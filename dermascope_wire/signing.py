@@ -34,7 +34,9 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from dermascope_wire import keyfiles
 from dermascope_wire.durable import write_atomic
+from dermascope_wire.keyfiles import KeyFileError
 from dermascope_wire.protocol import PROTOCOL_VERSION, ProtocolError, load_json
 
 #: Prefixed to the body before signing, so a signature over the same bytes made for any
@@ -64,7 +66,7 @@ class SignatureError(ValueError):
         self.detail = detail
 
 
-class SigningKeyError(ValueError):
+class SigningKeyError(KeyFileError):
     """A signing key file that is missing, not PEM, or not Ed25519."""
 
 
@@ -81,42 +83,21 @@ def generate_key() -> Ed25519PrivateKey:
 
 
 def public_key_pem(key: Ed25519PublicKey) -> bytes:
-    return key.public_bytes(serialization.Encoding.PEM,
-                            serialization.PublicFormat.SubjectPublicKeyInfo)
+    return keyfiles.public_pem(key)
 
 
 def private_key_pem(key: Ed25519PrivateKey) -> bytes:
-    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                             serialization.NoEncryption())
-
-
-def _read(path: Path) -> bytes:
-    try:
-        return Path(path).read_bytes()
-    except OSError as err:
-        raise SigningKeyError(f"{path}: cannot read key: {err.strerror or err}") from None
+    return keyfiles.private_pem(key)
 
 
 def load_public_key(path: Path) -> Ed25519PublicKey:
-    try:
-        key = serialization.load_pem_public_key(_read(path))
-    except ValueError as err:
-        raise SigningKeyError(f"{path}: not a PEM public key ({err})") from None
-    if not isinstance(key, Ed25519PublicKey):
-        raise SigningKeyError(f"{path}: the gateway signing key must be Ed25519, got "
-                              f"{type(key).__name__}")
-    return key
+    return keyfiles.load_public(path, Ed25519PublicKey, "the gateway signing key",
+                                SigningKeyError)
 
 
 def load_private_key(path: Path) -> Ed25519PrivateKey:
-    try:
-        key = serialization.load_pem_private_key(_read(path), password=None)
-    except (ValueError, TypeError) as err:
-        raise SigningKeyError(f"{path}: not an unencrypted PEM private key ({err})") from None
-    if not isinstance(key, Ed25519PrivateKey):
-        raise SigningKeyError(f"{path}: the gateway signing key must be Ed25519, got "
-                              f"{type(key).__name__}")
-    return key
+    return keyfiles.load_private(path, Ed25519PrivateKey, "the gateway signing key",
+                                 SigningKeyError)
 
 
 # ---------------------------------------------------------------------------------- envelope

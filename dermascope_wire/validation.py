@@ -4,6 +4,8 @@ report through here."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 
@@ -31,3 +33,15 @@ def one_or_more(value: object) -> object:
     """A config value that may be one path or a list of them, as a list (a ``mode="before"``
     field validator): keys during a rotation are listed, the rest of the time one is given."""
     return [value] if isinstance(value, str) or hasattr(value, "__fspath__") else value
+
+
+def loads(load: Callable[[Path], object]) -> Callable[[Any], Any]:
+    """A field validator: the key file(s) of the field (None, one path or a list) must load
+    with ``load``, whose KeyFileError (a ValueError) names the file and what is wrong."""
+
+    def check(value: Any) -> Any:
+        for path in [] if value is None else value if isinstance(value, list) else [value]:
+            load(path)
+        return value
+
+    return check

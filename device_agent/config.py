@@ -23,7 +23,8 @@ from pydantic import (
     model_validator,
 )
 
-from dermascope_wire.validation import describe_validation_error, one_or_more
+from dermascope_wire import seal, signing
+from dermascope_wire.validation import describe_validation_error, loads, one_or_more
 
 DEFAULT_CONFIG_PATH = Path("/etc/device-agent/config.toml")
 
@@ -196,38 +197,10 @@ class SecurityConfig(_Section):
 
     _listed = field_validator("gateway_public_key", mode="before")(one_or_more)
 
-    @field_validator("gateway_public_key")
-    @classmethod
-    def _usable_signing_keys(cls, value: list[Path]) -> list[Path]:
-        # Read now, as the clinic key: a wrong path stops the start with the field named.
-        from dermascope_wire.signing import SigningKeyError, load_public_key
-
-        for path in value:
-            try:
-                load_public_key(path)
-            except SigningKeyError as err:
-                raise ValueError(str(err)) from None
-        return value
-
-    @field_validator("clinic_public_key")
-    @classmethod
-    def _usable_key(cls, value: Path | None) -> Path | None:
-        # Read now, so a wrong path stops the start with the field named instead of failing
-        # at the first capture.
-        from dermascope_wire.seal import KeyFileError, load_public_key
-
-        if value is None:
-            return value
-        try:
-            with open(value, "rb"):
-                pass
-        except OSError as err:
-            raise ValueError(f"{value}: cannot read key: {err.strerror or err}") from None
-        try:
-            load_public_key(value)
-        except KeyFileError as err:
-            raise ValueError(str(err)) from None
-        return value
+    # Read now, so a wrong path stops the start with the field named instead of failing at
+    # the first capture (a KeyFileError is a ValueError: pydantic names the field).
+    _signing_keys_load = field_validator("gateway_public_key")(loads(signing.load_public_key))
+    _clinic_key_loads = field_validator("clinic_public_key")(loads(seal.load_public_key))
 
 
 class LoggingConfig(_Section):
