@@ -14,7 +14,6 @@ the certificate's CN, so two workers under one certificate would keep evicting e
 from __future__ import annotations
 
 import ssl
-import tomllib
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -22,21 +21,23 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
-    ValidationError,
     field_validator,
     model_validator,
 )
 
 from dermascope_wire import seal
 from dermascope_wire.signing import load_private_key as load_signing_key
-from dermascope_wire.validation import describe_validation_error, loads, one_or_more
+from dermascope_wire.validation import (
+    ConfigError,
+    loads,
+    mutual_tls_missing,
+    one_or_more,
+    read_toml,
+    validated,
+)
 
 DEFAULT_CONFIG_PATH = Path("/etc/clinic-gateway/config.toml")
 WORKER_PLACEHOLDER = "{n}"
-
-
-class ConfigError(ValueError):
-    """The configuration is missing, unreadable or invalid; the message names the field."""
 
 
 class _Section(BaseModel):
@@ -118,11 +119,8 @@ class Config(_Section):
     @model_validator(mode="after")
     def _tls_or_declared_insecure(self) -> Config:
         b = self.broker
-        tls = {"ca_file": b.ca_file, "cert_file": b.cert_file, "key_file": b.key_file}
-        missing = [name for name, path in tls.items() if path is None]
-        if missing and len(missing) < len(tls):
-            raise ValueError(f"broker: mutual TLS needs ca_file, cert_file and key_file; "
-                             f"missing {', '.join(missing)}")
+        missing = mutual_tls_missing("broker", {"ca_file": b.ca_file, "cert_file": b.cert_file,
+                                                "key_file": b.key_file})
         if missing and not self.service.insecure_dev_mode:
             raise ValueError("broker.ca_file: no TLS configured; set broker.ca_file, "
                              "cert_file and key_file, or service.insecure_dev_mode = true on a "
@@ -174,23 +172,12 @@ def worker_path(path: Path | None, n: int) -> str:
 
 
 def parse_config(data: dict, source: str = "<config>") -> Config:
-    try:
-        return Config.model_validate(data)
-    except ValidationError as err:
-        raise ConfigError(f"{source}: {describe_validation_error(err)}") from None
+    return validated(Config, data, source)
 
 
 def load_config(path: Path) -> Config:
     """Read and validate a TOML config file; raise ConfigError naming the bad field."""
-    try:
-        text = Path(path).read_bytes()
-    except OSError as err:
-        raise ConfigError(f"{path}: cannot read config: {err.strerror}") from None
-    try:
-        data = tomllib.loads(text.decode("utf-8"))
-    except (UnicodeDecodeError, tomllib.TOMLDecodeError) as err:
-        raise ConfigError(f"{path}: not valid TOML: {err}") from None
-    return parse_config(data, str(path))
+    return parse_config(read_toml(path), str(path))
 
 
 def check_tls_files(config: Config) -> None:

@@ -4,9 +4,16 @@ report through here."""
 
 from __future__ import annotations
 
+import tomllib
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """The configuration is missing, unreadable or invalid; the message names the field."""
 
 
 def describe_validation_error(error: Any) -> str:
@@ -45,3 +52,35 @@ def loads(load: Callable[[Path], object]) -> Callable[[Any], Any]:
         return value
 
     return check
+
+
+def validated(model: Any, data: dict, source: str) -> Any:
+    """``model.model_validate(data)`` (a pydantic model), or ConfigError naming each field."""
+    from pydantic import ValidationError  # both configs use pydantic; the wire itself not
+
+    try:
+        return model.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(f"{source}: {describe_validation_error(err)}") from None
+
+
+def read_toml(path: Path) -> dict:
+    """A config file's TOML as a dict; ConfigError saying why it cannot be read."""
+    try:
+        text = Path(path).read_bytes()
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot read config: {err.strerror}") from None
+    try:
+        return tomllib.loads(text.decode("utf-8"))
+    except (UnicodeDecodeError, tomllib.TOMLDecodeError) as err:
+        raise ConfigError(f"{path}: not valid TOML: {err}") from None
+
+
+def mutual_tls_missing(section: str, files: dict[str, object]) -> list[str]:
+    """The names of the unset TLS files (all or none); ValueError if only some are set."""
+    missing = [name for name, path in files.items() if path is None]
+    if missing and len(missing) < len(files):
+        *first, last = files
+        raise ValueError(f"{section}: mutual TLS needs {', '.join(first)} and {last}; "
+                         f"missing {', '.join(missing)}")
+    return missing

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import ssl
 import tempfile
-import tomllib
 from dataclasses import fields
 from pathlib import Path
 from typing import Annotated, Literal
@@ -18,19 +17,21 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
-    ValidationError,
     field_validator,
     model_validator,
 )
 
 from dermascope_wire import seal, signing
-from dermascope_wire.validation import describe_validation_error, loads, one_or_more
+from dermascope_wire.validation import (
+    ConfigError,
+    loads,
+    mutual_tls_missing,
+    one_or_more,
+    read_toml,
+    validated,
+)
 
 DEFAULT_CONFIG_PATH = Path("/etc/device-agent/config.toml")
-
-
-class ConfigError(ValueError):
-    """The configuration is missing, unreadable or invalid; the message names the field."""
 
 
 class _Section(BaseModel):
@@ -224,11 +225,8 @@ class Config(_Section):
     @model_validator(mode="after")
     def _transport_is_secure_or_declared_insecure(self) -> Config:
         up = self.uplink
-        tls = {"ca_file": up.ca_file, "cert_file": up.cert_file, "key_file": up.key_file}
-        missing = [name for name, path in tls.items() if path is None]
-        if missing and len(missing) < len(tls):
-            raise ValueError(f"uplink: mutual TLS needs ca_file, cert_file and key_file; "
-                             f"missing {', '.join(missing)}")
+        missing = mutual_tls_missing("uplink", {"ca_file": up.ca_file, "cert_file": up.cert_file,
+                                                "key_file": up.key_file})
         if missing and not up.insecure_dev_mode:
             raise ValueError("uplink: no TLS configured; run device-agent provision (it sets "
                              "ca_file, cert_file, key_file), or set insecure_dev_mode = true "
@@ -281,23 +279,12 @@ class Config(_Section):
 
 
 def parse_config(data: dict, source: str = "<config>") -> Config:
-    try:
-        return Config.model_validate(data)
-    except ValidationError as err:
-        raise ConfigError(f"{source}: {describe_validation_error(err)}") from None
+    return validated(Config, data, source)
 
 
 def load_config(path: Path) -> Config:
     """Read and validate a TOML config file; raise ConfigError naming the bad field."""
-    try:
-        text = path.read_bytes()
-    except OSError as err:
-        raise ConfigError(f"{path}: cannot read config: {err.strerror}") from None
-    try:
-        data = tomllib.loads(text.decode("utf-8"))
-    except (UnicodeDecodeError, tomllib.TOMLDecodeError) as err:
-        raise ConfigError(f"{path}: not valid TOML: {err}") from None
-    return parse_config(data, str(path))
+    return parse_config(read_toml(path), str(path))
 
 
 def ensure_state_dir(config: Config, create: bool = True) -> Path:
