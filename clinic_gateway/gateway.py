@@ -1309,6 +1309,21 @@ def exit_on_thread_death(done: threading.Event, crashed: list[str]
     return thread_died
 
 
+def serve_until_done(gateway: Gateway, done: threading.Event, crashed: list[str]) -> int:
+    """Run ``gateway`` until ``done`` is set (a signal, or a thread's death, which
+    ``crashed`` then names); the process's exit status: 70 (EX_SOFTWARE) after a thread's
+    death, so systemd restarts it, else 0."""
+    gateway.start()
+    while not done.wait(3600):
+        pass
+    gateway.stop()
+    if crashed:
+        log_event(log, "gateway.exit", level=logging.CRITICAL, reason="thread crashed",
+                  threads=crashed)
+        return 70  # EX_SOFTWARE
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="clinic-gateway run",
                                      description="Reference clinic gateway receiver.")
@@ -1359,15 +1374,7 @@ def main(argv: list[str] | None = None) -> int:
     gateway = Gateway(args.host, args.port, args.store, args.prefix, args.protocol, args.group,
                       private_keys=keys, tls=tls, allow_unsealed=args.insecure_dev_mode,
                       signing_key=signing_key)
-    gateway.start()
-    while not done.wait(3600):
-        pass
-    gateway.stop()
-    if crashed:
-        log_event(log, "gateway.exit", level=logging.CRITICAL, reason="thread crashed",
-                  threads=crashed)
-        return 70  # EX_SOFTWARE
-    return 0
+    return serve_until_done(gateway, done, crashed)
 
 
 if __name__ == "__main__":

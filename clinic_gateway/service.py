@@ -117,15 +117,7 @@ def run_worker(config: Config, n: int) -> int:
         allow_unsealed=config.service.insecure_dev_mode,
         signing_key=signing.load_private_key(keys.signing) if keys.signing else None,
         metrics=metrics)
-    gw.start()
-    while not done.wait(3600):
-        pass
-    gw.stop()
-    if crashed:
-        log_event(log, "gateway.exit", level=logging.CRITICAL, reason="thread crashed",
-                  threads=crashed)
-        return 70  # EX_SOFTWARE
-    return 0
+    return gateway.serve_until_done(gw, done, crashed)
 
 
 class Supervisor:

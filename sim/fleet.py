@@ -103,6 +103,27 @@ def _kill_when_stored(proc: subprocess.Popen, logs: list[Path], after: int,
             return
 
 
+def fleet_devices(workdir: Path, port: int, count: int, captures: int, image: bytes,
+                  prefix: str = "fleet", retry_max: float = 5.0
+                  ) -> tuple[list[Uplink], set[str]]:
+    """``count`` simulated devices on a loopback broker (the real uplink code), each outbox
+    filled with ``captures`` unsealed captures of ``image``; and the capture ids."""
+    config = UplinkConfig(host="127.0.0.1", port=port, ack_timeout=20.0, retry_min=0.2,
+                          retry_max=retry_max, heartbeat_interval=60.0, insecure_dev_mode=True)
+    uplinks: list[Uplink] = []
+    accepted: set[str] = set()
+    for d in range(count):
+        device_id = f"{prefix}-{d:04d}"
+        outbox = Outbox(workdir / "devices" / device_id, 1 << 30)
+        for _ in range(captures):
+            capture_id = uuid.uuid4().hex
+            outbox.put(capture_id, pack({"capture_id": capture_id, "device_id": device_id,
+                                         "schema": "dermascope.capture/1"}, image))
+            accepted.add(capture_id)
+        uplinks.append(Uplink(config, device_id, outbox, __version__))
+    return uplinks, accepted
+
+
 def run_fleet(workdir: Path, devices: int = 100, captures: int = 10, workers: int = 2,
               kill_worker_after: int | None = None, timeout: float = 600.0) -> FleetResult:
     """Deliver ``devices`` x ``captures`` captures; if ``kill_worker_after`` is set, SIGKILL
@@ -114,20 +135,7 @@ def run_fleet(workdir: Path, devices: int = 100, captures: int = 10, workers: in
     with MosquittoBroker(workdir / "broker", extra_conf="max_connections -1\n") as broker:
         procs = [_worker(broker.port, store, log) for log in logs]
         _wait_connected(logs, timeout=30.0)
-        config = UplinkConfig(host=broker.host, port=broker.port, ack_timeout=20.0,
-                              retry_min=0.2, retry_max=5.0, heartbeat_interval=60.0,
-                              insecure_dev_mode=True)
-        uplinks: list[Uplink] = []
-        accepted: set[str] = set()
-        for d in range(devices):
-            device_id = f"fleet-{d:04d}"
-            outbox = Outbox(workdir / "devices" / device_id, 1 << 30)
-            for _ in range(captures):
-                capture_id = uuid.uuid4().hex
-                outbox.put(capture_id, pack({"capture_id": capture_id, "device_id": device_id,
-                                             "schema": "dermascope.capture/1"}, image))
-                accepted.add(capture_id)
-            uplinks.append(Uplink(config, device_id, outbox, __version__))
+        uplinks, accepted = fleet_devices(workdir, broker.port, devices, captures, image)
         killed = threading.Event()
         done = threading.Event()
         killer = threading.Thread(

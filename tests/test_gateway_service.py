@@ -30,7 +30,7 @@ from device_agent.config import UplinkConfig
 from device_agent.uplink.client import Uplink
 from device_agent.uplink.outbox import Outbox
 from sim.broker import MosquittoBroker, free_port
-from sim.fleet import _sample_image
+from sim.fleet import _sample_image, fleet_devices
 from sim.pki import TestCA
 from sim.secure_broker import SecureMosquitto
 
@@ -107,19 +107,7 @@ class Service:
 def devices(tmp_path: Path, port: int, count: int, captures: int, image: bytes,
             prefix: str = "svc") -> tuple[list[Uplink], set[str]]:
     """Simulated devices (the real uplink code), their outboxes filled."""
-    config = UplinkConfig(host="127.0.0.1", port=port, ack_timeout=20.0, retry_min=0.2,
-                          retry_max=3.0, heartbeat_interval=60.0, insecure_dev_mode=True)
-    uplinks, accepted = [], set()
-    for d in range(count):
-        device_id = f"{prefix}-{d:04d}"
-        outbox = Outbox(tmp_path / "devices" / device_id, 1 << 30)
-        for _ in range(captures):
-            capture_id = uuid.uuid4().hex
-            outbox.put(capture_id, pack({"capture_id": capture_id, "device_id": device_id,
-                                         "schema": "dermascope.capture/1"}, image))
-            accepted.add(capture_id)
-        uplinks.append(Uplink(config, device_id, outbox, __version__))
-    return uplinks, accepted
+    return fleet_devices(tmp_path, port, count, captures, image, prefix, retry_max=3.0)
 
 
 def deliver(uplinks: list[Uplink], timeout: float = 90.0) -> None:
