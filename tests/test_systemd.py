@@ -1,4 +1,5 @@
-"""The systemd unit: valid, hardened, and the agent speaks systemd's notify protocol."""
+"""The systemd units of the device and of the clinic gateway: valid, hardened (exposure <= 2.0),
+and each program speaks systemd's notify protocol and stops cleanly on SIGTERM."""
 
 from __future__ import annotations
 
@@ -14,20 +15,24 @@ from pathlib import Path
 
 import pytest
 
-from sim.broker import free_port
+from sim.broker import MosquittoBroker, free_port
 
-UNIT = Path(__file__).parent.parent / "systemd" / "device-agent.service"
+UNITS = Path(__file__).parent.parent / "systemd"
+DEVICE_UNIT = UNITS / "device-agent.service"
+GATEWAY_UNIT = UNITS / "clinic-gateway.service"
 EXPOSURE_GOAL = 2.0
 
 
-@pytest.fixture
-def unit_copy(tmp_path):
-    """The shipped unit with only ExecStart's program pointed at this venv's device-agent:
+@pytest.fixture(params=[(DEVICE_UNIT, "/opt/device-agent/venv/bin/device-agent"),
+                        (GATEWAY_UNIT, "/opt/clinic-gateway/venv/bin/clinic-gateway")],
+                ids=["device", "gateway"])
+def unit_copy(request, tmp_path):
+    """Each shipped unit with only ExecStart's program pointed at this venv's console script:
     ``systemd-analyze verify`` insists that the program exists."""
-    program = Path(sys.executable).with_name("device-agent")
-    text = UNIT.read_text().replace("/opt/device-agent/venv/bin/device-agent", str(program))
-    copy = tmp_path / UNIT.name
-    copy.write_text(text)
+    unit, installed = request.param
+    program = Path(sys.executable).with_name(Path(installed).name)
+    copy = tmp_path / unit.name
+    copy.write_text(unit.read_text().replace(installed, str(program)))
     return copy
 
 
@@ -50,8 +55,8 @@ def test_exposure_is_at_most_the_goal(unit_copy):
     assert float(match.group(1)) <= EXPOSURE_GOAL
 
 
-def test_the_unit_keeps_what_the_agent_needs_on_a_pi():
-    text = UNIT.read_text()
+def test_the_device_unit_keeps_what_the_agent_needs_on_a_pi():
+    text = DEVICE_UNIT.read_text()
     for line in ("SupplementaryGroups=video gpio", "DevicePolicy=closed",
                  "DeviceAllow=char-video4linux rw", "DeviceAllow=char-media rw",
                  "DeviceAllow=char-dma_heap rw", "DeviceAllow=char-gpiochip rw",
@@ -91,3 +96,48 @@ def test_the_agent_reports_ready_pings_the_watchdog_and_stops_cleanly(tmp_path):
         sock.close()
     assert proc.returncode == 0
     assert "agent.stopped" in [json.loads(line)["event"] for line in out.splitlines()]
+
+
+def test_the_gateway_unit_keeps_what_the_service_needs():
+    lines = GATEWAY_UNIT.read_text().splitlines()
+    for line in ("User=clinic-gateway", "StateDirectory=clinic-gateway",
+                 "ConfigurationDirectory=clinic-gateway", "Type=notify", "KillMode=mixed",
+                 "NoNewPrivileges=yes", "ProtectSystem=strict", "PrivateTmp=yes",
+                 "PrivateDevices=yes", "Restart=on-failure", "RestartPreventExitStatus=2",
+                 "RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6",
+                 "ExecStart=/opt/clinic-gateway/venv/bin/clinic-gateway run --config "
+                 "/etc/clinic-gateway/config.toml"):
+        assert line in lines, line
+
+
+def test_the_service_reports_ready_and_stops_its_workers_on_sigterm(tmp_path):
+    notify_path = tmp_path / "notify.sock"
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(str(notify_path))
+    sock.settimeout(30)
+    with MosquittoBroker(tmp_path / "broker") as broker:
+        config = tmp_path / "config.toml"
+        config.write_text(f'[broker]\nport = {broker.port}\n[store]\ndir = "{tmp_path / "s"}"\n'
+                          '[service]\nworkers = 2\ninsecure_dev_mode = true\n'
+                          '[metrics]\nenabled = false\n')
+        env = {"NOTIFY_SOCKET": str(notify_path), "PATH": "/usr/bin:/bin"}
+        proc = subprocess.Popen([sys.executable, "-m", "clinic_gateway", "run", "--config",
+                                 str(config)], env=env, stdout=subprocess.PIPE, text=True)
+        try:
+            assert sock.recv(256).decode() == "READY=1"
+            proc.send_signal(signal.SIGTERM)
+            assert sock.recv(256).decode() == "STOPPING=1"
+            out, _ = proc.communicate(timeout=40)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+            sock.close()
+    assert proc.returncode == 0
+    logged = [json.loads(line) for line in out.splitlines()]
+    pids = [e["pid"] for e in logged if e["event"] == "gateway.worker_started"]
+    assert len(pids) == 2
+    assert logged[-1]["event"] == "gateway.service_stopped"
+    assert not [e for e in logged if e["event"] == "gateway.worker_died"]
+    for pid in pids:
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
