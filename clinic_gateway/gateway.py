@@ -65,6 +65,7 @@ import queue
 import re
 import shutil
 import signal
+import socket
 import struct
 import subprocess
 import sys
@@ -126,6 +127,31 @@ MAX_METADATA_DEPTH = 16
 #: DICOM's ``.<capture>.<ext>.<pid>.tmp``, write_atomic's ``.<capture>.json.<random>.tmp``.
 _TEMP_NAME = re.compile(r"^\.(?P<capture>.+)\.(?:jpg|json|dcm)\.[^.]+"
                         + re.escape(TEMP_SUFFIX) + r"\Z")
+#: A receiver's temp file of an image names its pid (``.<capture>.jpg.<pid>.tmp``). Only
+#: those count as a peer's work in flight: an exporter orphaned by a killed gateway may still
+#: be finishing a DICOM temp file, and its job is redone from the journal anyway.
+_TEMP_PID = re.compile(r"\.jpg\.(?P<pid>\d+)" + re.escape(TEMP_SUFFIX) + r"\Z")
+#: Journal entries name the host and process that wrote them (a peer's work in flight).
+_HOST = socket.gethostname()
+
+
+def _is_live_peer(pid: object) -> bool:
+    """Whether ``pid`` is a live process of this host other than this one."""
+    if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0 or pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # alive, another user's
+    return True
+
+
+def _written_by_live_peer(name: str) -> bool:
+    """Whether a temp file's name says a live peer is writing it now."""
+    match = _TEMP_PID.search(name)
+    return match is not None and _is_live_peer(int(match["pid"]))
 
 
 paho_log.addFilter(EventName("gateway.mqtt_log"))
@@ -443,19 +469,41 @@ class Gateway:
         work was not done. Committed captures get their ledger record if it is missing,
         lose their staging and get their DICOM export (on the after-ack thread); temp files
         of the interrupted writes go. A store that never reached its commit leaves only
-        its entry and temp files to remove: its staging stays, the device resumes."""
+        its entry and temp files to remove: its staging stays, the device resumes.
+
+        Workers of one service share the store, and one may start while a peer is in the
+        middle of a transfer: an entry whose writer is a live process of this host (other
+        than this one) is that peer's work in flight, not a crash's leftover, so it and its
+        temp files are left alone (``_owned_by_live_peer``)."""
         for device_dir in sorted(p for p in self._pending.glob("*") if p.is_dir()):
             device_id = device_dir.name
             captures: list[str] = []
             for entry in sorted(device_dir.iterdir()):
                 if entry.name.startswith("."):
-                    entry.unlink(missing_ok=True)  # a journal write cut short
+                    if not _written_by_live_peer(entry.name):
+                        entry.unlink(missing_ok=True)  # a journal write cut short
                     continue
-                captures.append(entry.name.removesuffix(".json"))
+                capture_id = entry.name.removesuffix(".json")
+                if self._owned_by_live_peer(entry):
+                    log_event(log, "gateway.recovery_skipped", device_id=device_id,
+                              capture_id=capture_id, reason="live peer")
+                    continue
+                captures.append(capture_id)
             self._remove_temp_files(self.store_dir / device_id, captures)
             self._remove_temp_files(self._ledger / device_id, captures)
             for capture_id in captures:
                 self._recover_one(device_id, capture_id)
+
+    @staticmethod
+    def _owned_by_live_peer(entry: Path) -> bool:
+        """Whether the journal entry names a writer that is another live process here."""
+        try:
+            record = json.loads(entry.read_bytes())
+        except (OSError, ValueError):
+            return False
+        if not isinstance(record, dict) or record.get("host") != _HOST:
+            return False
+        return _is_live_peer(record.get("pid"))
 
     def _recover_one(self, device_id: str, capture_id: str) -> None:
         entry = self._pending_path(device_id, capture_id)
@@ -499,7 +547,7 @@ class Gateway:
             return
         for name in names:
             match = _TEMP_NAME.match(name)
-            if match and match["capture"] in wanted:
+            if match and match["capture"] in wanted and not _written_by_live_peer(name):
                 (directory / name).unlink(missing_ok=True)
                 log_event(log, "gateway.temp_removed", path=str(directory / name))
 
@@ -815,7 +863,8 @@ class Gateway:
             return ""
         make_dirs(pending.parent)
         record = {"capture_id": capture_id, "device_id": device_id, "transfer_sha256": sha256,
-                  "size": size, "image": self._image_path(device_id, capture_id).name}
+                  "size": size, "image": self._image_path(device_id, capture_id).name,
+                  "host": _HOST, "pid": os.getpid()}
         write_atomic(pending, json.dumps(record).encode(), mode=FILE_MODE)
         return sha256
 

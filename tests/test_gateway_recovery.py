@@ -14,6 +14,8 @@ import select
 import signal
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import cv2
@@ -157,3 +159,62 @@ def test_an_interrupted_journal_write_is_dropped(broker, store) -> None:
         assert gw.wait_ready(10)
     assert not stray.exists()
     assert os.listdir(pending) == []
+
+
+def _in_flight(store: Path, capture_id: str, pid: int) -> tuple[Path, Path]:
+    """A store in the middle of a transfer by the process ``pid`` of this host: its journal
+    entry (written at the manifest) and its image's temp file, not committed yet."""
+    pending = store / ".gateway" / "pending" / DEVICE
+    pending.mkdir(parents=True, exist_ok=True)
+    entry = pending / f"{capture_id}.json"
+    entry.write_text(json.dumps({"capture_id": capture_id, "device_id": DEVICE,
+                                 "transfer_sha256": "ab" * 32, "size": 10,
+                                 "image": f"{capture_id}.jpg", "host": os.uname().nodename,
+                                 "pid": pid}))
+    device_dir = store / DEVICE
+    device_dir.mkdir(parents=True, exist_ok=True)
+    temp = device_dir / f".{capture_id}.jpg.{pid}.tmp"
+    temp.write_bytes(b"\xff\xd8 half an image")
+    return entry, temp
+
+
+def test_a_worker_starting_leaves_a_live_peers_transfer_alone(broker, store, events) -> None:
+    """Workers share the store: one that (re)starts while another is mid-store must not take
+    the other's journal entry and temp file for a crash's leftovers (if it did, the peer's
+    commit would fail, or its after-ack work would have no entry if the peer then died)."""
+    peer = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        live_entry, live_temp = _in_flight(store, "live1", peer.pid)
+        dead = subprocess.Popen([sys.executable, "-c", "pass"])
+        dead.wait(timeout=30)
+        dead_entry, dead_temp = _in_flight(store, "dead1", dead.pid)
+        with Gateway(broker.host, broker.port, store, allow_unsealed=True) as gw:
+            assert gw.wait_ready(10)
+        assert live_entry.exists()
+        assert live_temp.exists()
+        assert not dead_entry.exists()
+        assert not dead_temp.exists()
+        assert [e["capture_id"] for e in events.named("gateway.recovery_skipped")] == ["live1"]
+    finally:
+        peer.kill()
+        peer.wait(timeout=30)
+
+
+def test_the_journal_names_the_process_that_writes_it(broker, store) -> None:
+    with _Probe(broker) as probe, \
+            Gateway(broker.host, broker.port, store, allow_unsealed=True) as gw:
+        assert gw.wait_ready(10)
+        _image, data = _capture("named1")
+        sha = hashlib.sha256(data).hexdigest()
+        probe.publish("named1", "manifest", Manifest(
+            "named1", len(data), CHUNK, chunk_count_for(len(data), CHUNK), sha,
+            bundle.CONTENT_TYPE, 1).encode())
+        assert probe.ack("named1").state == "incomplete"
+        entry = store / ".gateway" / "pending" / DEVICE / "named1.json"
+        # Written on a store thread as the transfer starts: bounded wait for it.
+        deadline = time.monotonic() + 10
+        while not entry.exists() and time.monotonic() < deadline:
+            threading.Event().wait(0.02)
+        record = json.loads(entry.read_text())
+    assert record["pid"] == os.getpid()
+    assert record["host"] == os.uname().nodename
