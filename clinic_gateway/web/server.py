@@ -80,19 +80,47 @@ def _uvicorn_config(app: FastAPI, address: str, port: int, cert: Path | None = N
 def run_web(config: Config) -> int:
     """The web process: until SIGTERM (uvicorn's own handler ends it gracefully)."""
     w = config.web
+    try:
+        sock = _listen(w.address, w.port)
+    except OSError as err:
+        log_event(log, "web.failed", level=logging.CRITICAL,
+                  error=f"web.address, web.port: cannot listen on {w.address}:{w.port}: "
+                        f"{err.strerror or err}")
+        return 1
     parts = from_config(config)
     parts.board.start()
     server = uvicorn.Server(_uvicorn_config(parts.app, w.address, w.port, w.tls_cert_file,
                                             w.tls_key_file))
+    # uvicorn handles SIGTERM/SIGINT while it serves, then restores the handlers it found
+    # and raises the signal again: with the default handler that would end the process
+    # before it closed its connection to the broker. Ours asks uvicorn to stop (a signal
+    # before uvicorn's handlers are in place included).
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: setattr(server, "should_exit", True))
     # The supervisor blocks these to wait for them, and a new process inherits its mask.
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM, signal.SIGINT})
-    log_event(log, "web.starting", address=w.address, port=w.port, tls=w.tls)
+    # Listening already: a request now waits in the backlog until uvicorn takes it.
+    log_event(log, "web.listening", address=w.address, port=sock.getsockname()[1], tls=w.tls)
     try:
-        server.run()
+        server.run(sockets=[sock])
     finally:
         parts.board.stop()
+        sock.close()
         log_event(log, "web.stopped")
     return 0 if server.started else 1
+
+
+def _listen(address: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in address else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((address, port))
+        sock.listen(128)
+    except OSError:
+        sock.close()
+        raise
+    return sock
 
 
 class WebServer:
@@ -100,9 +128,7 @@ class WebServer:
     started."""
 
     def __init__(self, app: FastAPI, address: str = "127.0.0.1", port: int = 0) -> None:
-        self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self._sock.bind((address, port))
+        self._sock = _listen(address, port)
         self.port = self._sock.getsockname()[1]
         self.url = f"http://{address}:{self.port}"
         self._server = uvicorn.Server(_uvicorn_config(app, address, self.port))
