@@ -10,6 +10,7 @@ import logging
 import re
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -95,6 +96,19 @@ def sign_in(client: httpx.Client | TestClient, password: str = PASSWORD) -> http
     return client.post("/login", data={"username": USER, "password": password,
                                        "csrf_token": csrf_of(page.text)},
                        follow_redirects=False)
+
+
+def device_state(client: TestClient | httpx.Client, device_id: str, state: str,
+                 headers: dict) -> dict:
+    """The device as the API shows it once its status says ``state`` (the status travels
+    through the broker: polled, at most 10 s)."""
+    shown: dict = {}
+    for _ in range(200):
+        shown = client.get(f"/api/v1/devices/{device_id}", headers=headers).json()
+        if shown.get("state") == state:
+            return shown
+        threading.Event().wait(0.05)
+    pytest.fail(f"{device_id} is not {state} after 10 s: {shown}")
 
 
 def audit_lines(store: Path) -> list[dict]:
@@ -246,6 +260,7 @@ def test_a_case_opened_on_the_page_files_the_press_and_shows_it(
     with WebServer(web.app) as server, \
             httpx.Client(base_url=server.url, event_hooks=hooks, timeout=30) as http:
         sign_in(http)
+        device_state(http, DEVICE, "online", {})
         listed = http.get("/api/v1/devices").json()["devices"]
         mine = next(d for d in listed if d["device_id"] == DEVICE)
         assert mine["online"] is True
@@ -303,6 +318,27 @@ def test_a_case_opened_on_the_page_files_the_press_and_shows_it(
     assert not [b for b in bodies if CASE_TOKEN.encode() in b]
     assert len(all_logs.lines) > 10
     assert not [line for line in all_logs.lines if CASE_TOKEN in line]
+
+
+def test_a_calibrated_device_shows_its_calibration_age(
+        tmp_path: Path, broker, client: TestClient) -> None:
+    from device_agent.calibrate import run_calibration
+    from sim.targets import Response, render_chart, render_white
+
+    config = sim_config(tmp_path / "calibrated", broker.port, "sim-0002")
+    response = Response(cast="cool", seed=2)
+    made = run_calibration(config, "polarised", render_white(response),
+                           render_chart(response)).calibration
+    ehr = {"Authorization": f"Bearer {API_TOKEN}"}
+    calibrated = SimDevice(config).start()
+    try:
+        calibrated.wait_online()
+        shown = device_state(client, "sim-0002", "online", ehr)
+    finally:
+        calibrated.stop()  # a clean stop says "offline" (retained)
+    assert shown["calibrated_at"] == made.created
+    assert 0 <= shown["calibration_age_days"] < 0.1
+    assert device_state(client, "sim-0002", "offline", ehr)["online"] is False
 
 
 def test_the_ehr_opens_and_closes_with_its_token_and_no_csrf(
