@@ -222,12 +222,12 @@ def create_app(desk: Desk, staff: Staff, *, session_idle: float = 3600.0,
         shown = username if USER_NAME.match(username) else "<not a user name>"
         if throttle.blocked(shown):
             desk.record("web.sign_in_failed", shown, reason="too many failures")
-            session.flash.append("Too many failed sign-ins for this user; wait 15 minutes.")
+            session.say("Too many failed sign-ins for this user; wait 15 minutes.")
             return RedirectResponse("/login", status_code=303)
         if not staff.check_password(username, password):
             throttle.failed(shown)
             desk.record("web.sign_in_failed", shown, reason="wrong user name or password")
-            session.flash.append("Wrong user name or password.")
+            session.say("Wrong user name or password.")
             return RedirectResponse("/login", status_code=303)
         throttle.succeeded(shown)
         desk.record("web.signed_in", username)
@@ -258,6 +258,7 @@ def create_app(desk: Desk, staff: Staff, *, session_idle: float = 3600.0,
     @app.get("/devices/{device_id}", response_class=HTMLResponse, include_in_schema=False)
     def device_page(request: Request, device_id: str,
                     session: Annotated[Session, Depends(page_session)]) -> Response:
+        _known(device_id)
         device = desk.device(device_id)
         case, captures = desk.last_case(device_id)
         return _html(request, "device.html", user=session.user, csrf=session.csrf,
@@ -268,22 +269,24 @@ def create_app(desk: Desk, staff: Staff, *, session_idle: float = 3600.0,
     def open_case_form(device_id: str, session: Annotated[Session, Depends(form_session)],
                        case_token: Annotated[str, Form()] = "",
                        anatomic_site: Annotated[str, Form()] = "") -> Response:
+        _known(device_id)
         try:
             desk.open_case(session.user or "", device_id, case_token.strip(),
                            anatomic_site or None)
-            session.flash.append("Case opened.")
+            session.say("Case opened.")
         except DeskError as err:
-            session.flash.append(f"Not opened: {err}")
+            session.say(f"Not opened: {err}")
         return RedirectResponse(f"/devices/{device_id}", status_code=303)
 
     @app.post("/devices/{device_id}/case/close", include_in_schema=False)
     def close_case_form(device_id: str,
                         session: Annotated[Session, Depends(form_session)]) -> Response:
+        _known(device_id)
         try:
             desk.close_case(session.user or "", device_id)
-            session.flash.append("Case closed.")
+            session.say("Case closed.")
         except DeskError as err:
-            session.flash.append(f"Not closed: {err}")
+            session.say(f"Not closed: {err}")
         return RedirectResponse(f"/devices/{device_id}", status_code=303)
 
     # -------------------------------------------------------------------- the API

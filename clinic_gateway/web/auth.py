@@ -148,6 +148,10 @@ class Session:
     expires: float
     flash: list[str] = field(default_factory=list)
 
+    def say(self, message: str) -> None:
+        """A message for the next page (the last few only)."""
+        self.flash = [*self.flash[-4:], message]
+
 
 class Sessions:
     """Sessions by id, in memory, each ending after ``idle`` seconds without a request."""
