@@ -269,9 +269,19 @@ def load_config(path: Path) -> Config:
 
 
 def check_tls_files(config: Config) -> None:
-    """Load the CA and every worker's (and the commander's) certificate and key as paho will;
+    """Load the CA and every worker's (the commander's, the web page's) certificate and key;
     ConfigError naming the field otherwise. Not part of parsing, so ``check`` can report it
     as its own line; ``run`` calls it as it starts."""
+    w = config.web
+    if w.tls_cert_file is not None:
+        server = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        try:
+            server.load_cert_chain(str(w.tls_cert_file), str(w.tls_key_file), password="")
+        except (OSError, ssl.SSLError) as err:
+            raise ConfigError(f"web.tls_cert_file, web.tls_key_file: {w.tls_cert_file} and "
+                              f"{w.tls_key_file} are not a readable PEM certificate and its "
+                              f"unencrypted private key "
+                              f"({getattr(err, 'strerror', None) or err})") from None
     b = config.broker
     if not b.tls:
         return
@@ -286,7 +296,6 @@ def check_tls_files(config: Config) -> None:
     if b.command_cert_file is not None:
         pairs.append((("broker.command_cert_file", "broker.command_key_file"),
                       str(b.command_cert_file), str(b.command_key_file)))
-    w = config.web
     if w.status_cert_file is not None:
         pairs.append((("web.status_cert_file", "web.status_key_file"), str(w.status_cert_file),
                       str(w.status_key_file)))

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import ssl
 import subprocess
 import sys
 import time
@@ -15,9 +16,12 @@ from pathlib import Path
 import httpx
 import pytest
 
-from clinic_gateway.web.auth import hash_password
+from clinic_gateway.web.auth import hash_password, hash_token
+from sim.device import SimDevice, sim_config
+from sim.pki import TestCA
 
 USER, PASSWORD = "dr.hansen", "correct horse battery"
+API_TOKEN = "service-test-token-0123456789abcdef"
 
 
 def events(log: Path, name: str) -> list[dict]:
@@ -84,3 +88,54 @@ def test_the_supervisor_serves_the_page_and_restarts_it(tmp_path: Path, broker) 
         if service.poll() is None:
             service.kill()
             service.wait(timeout=10)
+
+
+def test_the_ehr_opens_a_case_over_https_through_the_service(tmp_path: Path, broker) -> None:
+    """The web process as the service makes it (from the config: its own command connection
+    and status board) over HTTPS, opening and closing a case on a simulated device."""
+    log = tmp_path / "events.jsonl"
+    ca = TestCA(tmp_path / "pki")
+    web_cert = ca.issue("localhost", server=True)
+    config = tmp_path / "gateway.toml"
+    config.write_text(
+        f'[broker]\nhost = "127.0.0.1"\nport = {broker.port}\n'
+        f'[store]\ndir = "{tmp_path / "store"}"\n'
+        f'[service]\nworkers = 1\ninsecure_dev_mode = true\nlog_file = "{log}"\n'
+        f'[metrics]\nenabled = false\n'
+        f'[web]\nenabled = true\nport = 0\ntls_cert_file = "{web_cert.cert}"\n'
+        f'tls_key_file = "{web_cert.key}"\n'
+        f'api_tokens = {{ "ehr" = "{hash_token(API_TOKEN)}" }}\n'
+        f'users = {{ "{USER}" = "{hash_password(PASSWORD)}" }}\n')
+    trust = ssl.create_default_context(cafile=str(ca.cert_path))
+    service = subprocess.Popen([sys.executable, "-m", "clinic_gateway", "run", "--config",
+                                str(config)], stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE, text=True)
+    device = SimDevice(sim_config(tmp_path / "device", broker.port, "sim-0007")).start()
+    try:
+        device.wait_online()
+        [listening] = wait_events(log, "web.listening")
+        assert listening["tls"] is True
+        ehr = {"Authorization": f"Bearer {API_TOKEN}"}
+        with httpx.Client(base_url=f"https://localhost:{listening['port']}", verify=trust,
+                          headers=ehr, timeout=30) as http:
+            opened = http.post("/api/v1/devices/sim-0007/case",
+                               json={"case_token": "REF-7", "anatomic_site": "palms/soles"})
+            assert opened.status_code == 200, opened.text
+            assert device.agent.session.case().token == "REF-7"
+            assert http.post("/api/v1/devices/sim-0007/case/close").status_code == 200
+            assert device.agent.session.case() is None
+            cookie = http.get("/login").headers["set-cookie"]
+            assert "Secure" in cookie  # over HTTPS the cookie never goes out in clear
+            assert "HttpOnly" in cookie
+    finally:
+        device.stop()
+        service.send_signal(signal.SIGTERM)
+        try:
+            service.wait(timeout=40)
+        finally:
+            if service.poll() is None:
+                service.kill()
+                service.wait(timeout=10)
+    assert service.returncode == 0
+    assert [e["user"] for e in events(log, "web.case_open")] == ["api:ehr"]
+    assert not [line for line in log.read_text().splitlines() if "REF-7" in line]
