@@ -17,6 +17,7 @@ never logged, never shown again (pages and answers name a case by its reference)
 # name dependencies local to create_app.
 import logging
 import secrets
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -116,7 +117,10 @@ def _capture_out(device_id: str, c: CaptureView) -> CaptureOut:
 
 # ---------------------------------------------------------------------------- the app
 
-class Principal(BaseModel):
+@dataclass(frozen=True)
+class Principal:
+    """Who asks: a staff member's name, or ``api:<client>`` for a bearer token."""
+
     name: str
     via: str  # "session" or "token"
 
