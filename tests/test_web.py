@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import subprocess
 import sys
@@ -400,3 +401,39 @@ def test_the_api_is_described_for_the_ehr(client: TestClient) -> None:
     assert "case_token" in json.dumps(schema["components"]["schemas"]["OpenCase"])
     assert not any(p.startswith(("/login", "/logout", "/devices")) for p in paths)
     assert client.get("/docs").status_code == 404  # would load scripts from the internet
+
+
+def test_a_case_lists_its_own_captures_only_and_each_new_one(tmp_path: Path) -> None:
+    from clinic_gateway.cases import CaseRegistry
+    from clinic_gateway.web.captures import CaptureShelf
+
+    store = tmp_path / "store"
+    cases = CaseRegistry(store / ".gateway")
+    folder = store / DEVICE
+    folder.mkdir(parents=True)
+    ok, jpeg = cv2.imencode(".jpg", np.full((600, 800, 3), 128, np.uint8))
+    assert ok
+
+    def stored(capture_id: str, token: str | None) -> None:
+        (folder / f"{capture_id}.jpg").write_bytes(jpeg.tobytes())
+        (folder / f"{capture_id}.json").write_text(json.dumps({
+            "capture_id": capture_id, "captured_at": "2099-01-01T00:00:00+00:00",
+            "quality": {"verdict": "accept", "reasons": []},
+            "illumination": {"mode": "polarised"},
+            "case": {"token": token, "assigned": token is not None}}))
+
+    cases.opened(DEVICE, "CASE-A", "head/neck")
+    case = cases.open_case(DEVICE)
+    shelf = CaptureShelf(store, cases)
+    stored("a1", "CASE-A")
+    stored("b1", "CASE-B")  # another patient's, delivered late
+    stored("u1", None)  # filed unassigned
+    old = case.opened_at + 5
+    os.utime(folder, (old, old))  # long ago: this answer may be kept
+    assert [c.capture_id for c in shelf.of_case(case)] == ["a1"]
+    stored("a2", "CASE-A")  # the folder's time changes: the next listing has it
+    assert [c.capture_id for c in shelf.of_case(case)] == ["a1", "a2"]
+    thumb = cv2.imdecode(np.frombuffer(shelf.thumbnail(DEVICE, "a2"), np.uint8),
+                         cv2.IMREAD_COLOR)
+    assert thumb.shape == (240, 320, 3)
+    assert shelf.thumbnail(DEVICE, "nothing") is None

@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import threading
+import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +35,7 @@ MAX_CAPTURES = 200
 #: Sidecars read at most per listing (the newest files of the device's folder).
 MAX_SCANNED = 2_000
 _THUMBNAILS_CACHED = 256
+_LISTINGS_CACHED = 1_000
 
 
 @dataclass(frozen=True)
@@ -83,6 +85,7 @@ class CaptureShelf:
         self.store_dir = Path(store_dir)
         self.cases = cases
         self._thumbs: OrderedDict[tuple[str, str, int], bytes] = OrderedDict()
+        self._listed: dict[tuple[str, str, float], tuple[int, list[CaptureView]]] = {}
         self._lock = threading.Lock()
 
     def device_ids(self) -> list[str]:
@@ -96,8 +99,31 @@ class CaptureShelf:
             return []
 
     def of_case(self, case: CaseRecord) -> list[CaptureView]:
-        """The captures filed under ``case``, oldest first."""
+        """The captures filed under ``case``, oldest first. The answer is kept until the
+        device's folder changes (a capture stored changes its time): the page asks every
+        second, and a device's folder may hold years of captures."""
         folder = self.store_dir / case.device_id
+        try:
+            changed = folder.stat().st_mtime_ns
+        except FileNotFoundError:
+            return []
+        key = (case.device_id, case.ref, case.opened_at)
+        with self._lock:
+            cached = self._listed.get(key)
+            if cached is not None and cached[0] == changed:
+                return cached[1]
+        views = self._scan(folder, case)
+        if time.time_ns() - changed < 1_000_000_000:
+            # Changed a moment ago: a file added within the same tick of the folder's clock
+            # would not change its time again, so this answer is not kept.
+            return views
+        with self._lock:
+            if len(self._listed) >= _LISTINGS_CACHED:
+                self._listed.clear()
+            self._listed[key] = (changed, views)
+        return views
+
+    def _scan(self, folder: Path, case: CaseRecord) -> list[CaptureView]:
         since = case.opened_at - self.cases.skew
         try:
             entries = [e for e in os.scandir(folder)
