@@ -19,7 +19,6 @@ import cv2
 import httpx
 import numpy as np
 import pytest
-from fastapi.testclient import TestClient
 
 from clinic_gateway.audit import audit_path, verify
 from clinic_gateway.config import ConfigError, parse_config
@@ -74,8 +73,9 @@ def web(gateway: Gateway) -> Iterator[WebParts]:
 
 
 @pytest.fixture
-def client(web: WebParts) -> Iterator[TestClient]:
-    with TestClient(web.app, base_url="http://127.0.0.1") as c:
+def client(web: WebParts) -> Iterator[httpx.Client]:
+    """The application served by a real uvicorn on a loopback port."""
+    with WebServer(web.app) as server, httpx.Client(base_url=server.url, timeout=30) as c:
         yield c
 
 
@@ -92,14 +92,14 @@ def csrf_of(html: str) -> str:
     return found.group(1)
 
 
-def sign_in(client: httpx.Client | TestClient, password: str = PASSWORD) -> httpx.Response:
+def sign_in(client: httpx.Client, password: str = PASSWORD) -> httpx.Response:
     page = client.get("/login")
     return client.post("/login", data={"username": USER, "password": password,
                                        "csrf_token": csrf_of(page.text)},
                        follow_redirects=False)
 
 
-def device_state(client: TestClient | httpx.Client, device_id: str, state: str,
+def device_state(client: httpx.Client, device_id: str, state: str,
                  headers: dict) -> dict:
     """The device as the API shows it once its status says ``state`` (the status travels
     through the broker: polled, at most 10 s)."""
@@ -179,7 +179,7 @@ def test_a_status_message_is_read_and_a_bad_one_refused() -> None:
 
 # ------------------------------------------------------------------------- signing in
 
-def test_nothing_without_signing_in(client: TestClient) -> None:
+def test_nothing_without_signing_in(client: httpx.Client) -> None:
     assert client.get("/", follow_redirects=False).headers["location"] == "/login"
     assert client.get(f"/devices/{DEVICE}", follow_redirects=False).status_code == 303
     assert client.get("/api/v1/devices").status_code == 401
@@ -191,7 +191,7 @@ def test_nothing_without_signing_in(client: TestClient) -> None:
 
 
 def test_sign_in_and_out_are_audited_and_the_cookie_is_locked_down(
-        client: TestClient, store: Path) -> None:
+        client: httpx.Client, store: Path) -> None:
     refused = sign_in(client, password="wrong password")
     assert refused.headers["location"] == "/login"
     assert "Wrong user name or password" in client.get("/login").text
@@ -221,7 +221,7 @@ def test_sign_in_and_out_are_audited_and_the_cookie_is_locked_down(
     assert verify(audit_path(store)).ok
 
 
-def test_guessing_a_password_is_stopped_after_five_failures(client: TestClient) -> None:
+def test_guessing_a_password_is_stopped_after_five_failures(client: httpx.Client) -> None:
     for _ in range(5):
         sign_in(client, password="guess")
     sign_in(client)  # the right password, too late
@@ -230,7 +230,7 @@ def test_guessing_a_password_is_stopped_after_five_failures(client: TestClient) 
 
 
 def test_forms_and_api_changes_without_the_csrf_token_are_refused(
-        client: TestClient, store: Path, gateway: Gateway) -> None:
+        client: httpx.Client, store: Path, gateway: Gateway) -> None:
     page = client.get("/login")
     no_token = client.post("/login", data={"username": USER, "password": PASSWORD})
     assert no_token.status_code == 403
@@ -322,7 +322,7 @@ def test_a_case_opened_on_the_page_files_the_press_and_shows_it(
 
 
 def test_a_calibrated_device_shows_its_calibration_age(
-        tmp_path: Path, broker, client: TestClient) -> None:
+        tmp_path: Path, broker, client: httpx.Client) -> None:
     from device_agent.calibrate import run_calibration
     from sim.targets import Response, render_chart, render_white
 
@@ -343,7 +343,7 @@ def test_a_calibrated_device_shows_its_calibration_age(
 
 
 def test_the_ehr_opens_and_closes_with_its_token_and_no_csrf(
-        client: TestClient, device: SimDevice, store: Path) -> None:
+        client: httpx.Client, device: SimDevice, store: Path) -> None:
     ehr = {"Authorization": f"Bearer {API_TOKEN}"}
     answer = client.post(f"/api/v1/devices/{DEVICE}/case", headers=ehr,
                          json={"case_token": "REF-42", "anatomic_site": "head/neck"})
@@ -357,7 +357,7 @@ def test_the_ehr_opens_and_closes_with_its_token_and_no_csrf(
 
 
 def test_a_bad_case_is_refused_without_repeating_the_token(
-        client: TestClient, device: SimDevice, gateway: Gateway) -> None:
+        client: httpx.Client, device: SimDevice, gateway: Gateway) -> None:
     ehr = {"Authorization": f"Bearer {API_TOKEN}"}
     cpr = "010190-1234"
     refused = client.post(f"/api/v1/devices/{DEVICE}/case", headers=ehr,
@@ -381,7 +381,7 @@ def test_a_bad_case_is_refused_without_repeating_the_token(
 
 
 def test_a_device_that_does_not_answer_is_reported(
-        client: TestClient, web: WebParts, gateway: Gateway, store: Path) -> None:
+        client: httpx.Client, web: WebParts, gateway: Gateway, store: Path) -> None:
     (store / "sim-0404").mkdir(parents=True)  # known (it delivered once), now switched off
     web.desk.command_timeout = 1.0
     answer = client.post("/api/v1/devices/sim-0404/case",
@@ -392,7 +392,7 @@ def test_a_device_that_does_not_answer_is_reported(
     assert [e["event"] for e in audit_lines(store)][-1] == "command.unanswered"
 
 
-def test_the_api_is_described_for_the_ehr(client: TestClient) -> None:
+def test_the_api_is_described_for_the_ehr(client: httpx.Client) -> None:
     schema = client.get("/openapi.json").json()
     paths = schema["paths"]
     assert {"/api/v1/devices", "/api/v1/devices/{device_id}/case",
