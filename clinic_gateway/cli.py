@@ -5,6 +5,7 @@
     clinic-gateway run --host HOST --port PORT --store DIR --key clinic.pem ...  (development)
     clinic-gateway audit verify STORE
     clinic-gateway audit revoked STORE --device ID --serial HEX
+    clinic-gateway hash-password [--new-api-token]   (for the config's [web] section)
     clinic-gateway revoke --ca-cert clinic-ca.crt --ca-key clinic-ca.key --crl FILE CERT...
 
 Each subcommand is its module's own command line (``clinic_gateway.service``,
@@ -24,6 +25,8 @@ COMMANDS = {
     "check": ("clinic_gateway.check", "main", "check the config, keys, store and broker"),
     "audit": ("clinic_gateway.audit", "main", "verify the audit log, or record a revocation"),
     "revoke": ("clinic_gateway.revoke", "command", "revoke device certificates in the CRL"),
+    "hash-password": ("clinic_gateway.web.passwords", "main",
+                      "hash a staff password (or make an API token) for [web]"),
 }
 
 

@@ -109,12 +109,100 @@ class MetricsConfig(_Section):
     port: Annotated[int, Field(ge=0, le=65535)] = 9464
 
 
+class WebConfig(_Section):
+    # The GP's page and the JSON API (clinic_gateway/web, docs/gateway.md), a process of
+    # its own that the supervisor starts and restarts.
+    enabled: bool = False
+    address: str = "127.0.0.1"
+    port: Annotated[int, Field(ge=0, le=65535)] = 8080
+    # HTTPS: the server's certificate (chain) and key, PEM; both or neither. Without them
+    # the page is plain HTTP: keep the address on loopback behind a TLS proxy then.
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
+    # Staff who may sign in: user name -> scrypt hash (clinic-gateway hash-password).
+    users: dict[str, str] = {}
+    # The clinic's systems (the EHR) that call the API with "Authorization: Bearer <token>":
+    # client name -> token hash (clinic-gateway hash-password --new-api-token).
+    api_tokens: dict[str, str] = {}
+    # A session ends after this many minutes without a request.
+    session_idle_minutes: Annotated[float, Field(gt=0, le=24 * 60)] = 60.0
+    # How long a device has to answer open_case / close_case.
+    command_timeout_s: Annotated[float, Field(gt=0, le=120)] = 10.0
+    # The connection that watches the devices' status (online, outbox, calibration) needs its
+    # own certificate (CN "monitor") with the broker's TLS: the broker makes the client id
+    # the CN, so sharing the commander's would evict it.
+    status_cert_file: Path | None = None
+    status_key_file: Path | None = None
+
+    @field_validator("users")
+    @classmethod
+    def _users_valid(cls, users: dict[str, str]) -> dict[str, str]:
+        from clinic_gateway.web.auth import USER_NAME, parse_hash
+
+        for name, stored in users.items():
+            if not USER_NAME.match(name):
+                raise ValueError(f"user {name!r}: 1-64 letters, digits or . _ @ -")
+            try:
+                parse_hash(stored)
+            except ValueError as err:
+                raise ValueError(f"user {name!r}: {err}") from None
+        return users
+
+    @field_validator("api_tokens")
+    @classmethod
+    def _tokens_valid(cls, tokens: dict[str, str]) -> dict[str, str]:
+        from clinic_gateway.web.auth import USER_NAME, check_token_hash
+
+        for name, stored in tokens.items():
+            if not USER_NAME.match(name):
+                raise ValueError(f"API client {name!r}: 1-64 letters, digits or . _ @ -")
+            try:
+                check_token_hash(stored)
+            except ValueError as err:
+                raise ValueError(f"API client {name!r}: {err}") from None
+        return tokens
+
+    @model_validator(mode="after")
+    def _usable(self) -> WebConfig:
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ValueError("tls_cert_file and tls_key_file go together")
+        if (self.status_cert_file is None) != (self.status_key_file is None):
+            raise ValueError("status_cert_file and status_key_file go together")
+        if self.enabled and not self.users and not self.api_tokens:
+            raise ValueError("enabled, but no users and no api_tokens: nobody could sign in")
+        return self
+
+    @property
+    def tls(self) -> bool:
+        return self.tls_cert_file is not None
+
+
 class Config(_Section):
     broker: BrokerConfig = BrokerConfig()
     store: StoreConfig = StoreConfig()
     keys: KeysConfig = KeysConfig()
     service: ServiceConfig = ServiceConfig()
     metrics: MetricsConfig = MetricsConfig()
+    web: WebConfig = WebConfig()
+
+    @model_validator(mode="after")
+    def _web_watches_with_its_own_certificate(self) -> Config:
+        w = self.web
+        if w.enabled and self.broker.tls and w.status_cert_file is None:
+            raise ValueError("web.status_cert_file: with the broker's TLS the GP's page needs "
+                             "its own certificate (CN \"monitor\") and key to watch the "
+                             "devices' status")
+        if w.status_cert_file is not None and not self.broker.tls:
+            raise ValueError("web.status_cert_file: needs the broker's TLS (broker.ca_file)")
+        return self
+
+    def status_tls(self) -> dict[str, str] | None:
+        """paho ``tls_set`` arguments of the web process's status connection."""
+        w = self.web
+        if not self.broker.tls or w.status_cert_file is None:
+            return None
+        return {"ca_certs": str(self.broker.ca_file), "certfile": str(w.status_cert_file),
+                "keyfile": str(w.status_key_file)}
 
     @model_validator(mode="after")
     def _tls_or_declared_insecure(self) -> Config:
@@ -181,9 +269,19 @@ def load_config(path: Path) -> Config:
 
 
 def check_tls_files(config: Config) -> None:
-    """Load the CA and every worker's (and the commander's) certificate and key as paho will;
+    """Load the CA and every worker's (the commander's, the web page's) certificate and key;
     ConfigError naming the field otherwise. Not part of parsing, so ``check`` can report it
     as its own line; ``run`` calls it as it starts."""
+    w = config.web
+    if w.tls_cert_file is not None:
+        server = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        try:
+            server.load_cert_chain(str(w.tls_cert_file), str(w.tls_key_file), password="")
+        except (OSError, ssl.SSLError) as err:
+            raise ConfigError(f"web.tls_cert_file, web.tls_key_file: {w.tls_cert_file} and "
+                              f"{w.tls_key_file} are not a readable PEM certificate and its "
+                              f"unencrypted private key "
+                              f"({getattr(err, 'strerror', None) or err})") from None
     b = config.broker
     if not b.tls:
         return
@@ -193,16 +291,19 @@ def check_tls_files(config: Config) -> None:
     except (OSError, ssl.SSLError) as err:
         raise ConfigError(f"broker.ca_file: {b.ca_file} is not a readable PEM certificate "
                           f"({getattr(err, 'strerror', None) or err})") from None
-    pairs = [(("cert_file", "key_file"), worker_path(b.cert_file, n), worker_path(b.key_file, n))
-             for n in range(1, config.service.workers + 1)]
+    pairs = [(("broker.cert_file", "broker.key_file"), worker_path(b.cert_file, n),
+              worker_path(b.key_file, n)) for n in range(1, config.service.workers + 1)]
     if b.command_cert_file is not None:
-        pairs.append((("command_cert_file", "command_key_file"), str(b.command_cert_file),
-                      str(b.command_key_file)))
+        pairs.append((("broker.command_cert_file", "broker.command_key_file"),
+                      str(b.command_cert_file), str(b.command_key_file)))
+    if w.status_cert_file is not None:
+        pairs.append((("web.status_cert_file", "web.status_key_file"), str(w.status_cert_file),
+                      str(w.status_key_file)))
     for (cert_name, key_name), cert, key in pairs:
         try:
             # An empty password: an encrypted key fails here instead of prompting.
             context.load_cert_chain(cert, key, password="")
         except (OSError, ssl.SSLError) as err:
-            raise ConfigError(f"broker.{cert_name}, broker.{key_name}: {cert} and {key} are not "
+            raise ConfigError(f"{cert_name}, {key_name}: {cert} and {key} are not "
                               f"a readable PEM certificate and its unencrypted private key "
                               f"({getattr(err, 'strerror', None) or err})") from None

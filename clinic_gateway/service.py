@@ -3,7 +3,9 @@
 The supervisor (this process, the one systemd starts) validates the config, starts
 ``service.workers`` worker processes, restarts one that dies (``gateway.worker_died``, then
 ``gateway.worker_started``), serves the metrics endpoint for all of them
-(clinic_gateway/metrics.py) and, on SIGTERM or SIGINT, stops every worker with SIGTERM
+(clinic_gateway/metrics.py), starts the web process when ``[web] enabled`` (the GP's page
+and the API, clinic_gateway/web; restarted like a worker: ``gateway.web_started``,
+``gateway.web_died``) and, on SIGTERM or SIGINT, stops every worker with SIGTERM
 (SIGKILL after ``STOP_TIMEOUT``) and exits 0.
 
 Each worker is one Gateway (clinic_gateway/gateway.py) on the shared subscription and the
@@ -128,18 +130,28 @@ class Supervisor:
         self.config = config
         self.config_path = config_path
         self.workers = [_Worker(n) for n in range(1, config.service.workers + 1)]
+        # The GP's page and the API (clinic_gateway/web): a process of its own, restarted
+        # like a worker, so a fault there never touches the receiving of captures.
+        self.web = _Worker(0) if config.web.enabled else None
         self.multiproc_dir: Path | None = None
+
+    def _processes(self) -> list[_Worker]:
+        return self.workers + ([self.web] if self.web is not None else [])
 
     def _spawn(self, worker: _Worker) -> None:
         env = dict(os.environ)
         if self.multiproc_dir is not None:
             env["PROMETHEUS_MULTIPROC_DIR"] = str(self.multiproc_dir)
+        role = ["--web"] if worker is self.web else ["--worker", str(worker.n)]
         worker.proc = subprocess.Popen(
             [sys.executable, "-m", "clinic_gateway", "run", "--config", str(self.config_path),
-             "--worker", str(worker.n)], env=env)
+             *role], env=env)
         worker.started = time.monotonic()
         worker.restart_at = None
-        log_event(log, "gateway.worker_started", worker=worker.n, pid=worker.proc.pid)
+        if worker is self.web:
+            log_event(log, "gateway.web_started", pid=worker.proc.pid)
+        else:
+            log_event(log, "gateway.worker_started", worker=worker.n, pid=worker.proc.pid)
 
     def alive(self) -> int:
         return sum(1 for w in self.workers if w.proc is not None and w.proc.poll() is None)
@@ -168,13 +180,17 @@ class Supervisor:
         from clinic_gateway.metrics import worker_died
 
         now = time.monotonic()
-        for w in self.workers:
+        for w in self._processes():
             if w.proc is None or w.proc.poll() is None:
                 continue
             code = w.proc.returncode
-            log_event(log, "gateway.worker_died", level=logging.ERROR, worker=w.n,
-                      pid=w.proc.pid, returncode=code, signal=_signal_name(code))
-            if self.multiproc_dir is not None:
+            if w is self.web:
+                log_event(log, "gateway.web_died", level=logging.ERROR, pid=w.proc.pid,
+                          returncode=code, signal=_signal_name(code))
+            else:
+                log_event(log, "gateway.worker_died", level=logging.ERROR, worker=w.n,
+                          pid=w.proc.pid, returncode=code, signal=_signal_name(code))
+            if self.multiproc_dir is not None and w is not self.web:
                 worker_died(self.multiproc_dir, w.proc.pid)
             w.proc = None
             w.restart_at = now + (RESTART_DELAY if now - w.started < QUICK_DEATH else 0.0)
@@ -185,20 +201,20 @@ class Supervisor:
         signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS)
         try:
             self._serve_metrics()
-            for w in self.workers:
+            for w in self._processes():
                 self._spawn(w)
             log_event(log, "gateway.service_started", workers=len(self.workers),
                       config=str(self.config_path))
             notify("READY=1")  # systemd (Type=notify); a no-op elsewhere
             while True:
-                due = [w.restart_at for w in self.workers if w.restart_at is not None]
+                due = [w.restart_at for w in self._processes() if w.restart_at is not None]
                 timeout = max(0.0, min(due) - time.monotonic()) if due else 3600.0
                 info = signal.sigtimedwait(_SIGNALS, timeout)
                 if info is not None and info.si_signo in (signal.SIGTERM, signal.SIGINT):
                     break
                 self._reap()
                 now = time.monotonic()
-                for w in self.workers:
+                for w in self._processes():
                     if w.proc is None and w.restart_at is not None and w.restart_at <= now:
                         self._spawn(w)
             notify("STOPPING=1")
@@ -214,7 +230,8 @@ class Supervisor:
                 shutil.rmtree(self.multiproc_dir, ignore_errors=True)
 
     def _stop_all(self) -> None:
-        running = [w for w in self.workers if w.proc is not None and w.proc.poll() is None]
+        running = [w for w in self._processes()
+                   if w.proc is not None and w.proc.poll() is None]
         for w in running:
             w.proc.send_signal(signal.SIGTERM)
         deadline = time.monotonic() + STOP_TIMEOUT
@@ -223,7 +240,7 @@ class Supervisor:
                 w.proc.wait(max(0.0, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 log_event(log, "gateway.worker_killed", level=logging.ERROR, worker=w.n,
-                          pid=w.proc.pid)
+                          pid=w.proc.pid)  # worker 0: the web process
                 w.proc.kill()
                 w.proc.wait()
 
@@ -238,6 +255,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", type=Path, required=True,
                         help="the service's TOML config (/etc/clinic-gateway/config.toml)")
     parser.add_argument("--worker", type=int, help=argparse.SUPPRESS)  # the supervisor's
+    parser.add_argument("--web", action="store_true", help=argparse.SUPPRESS)  # its too
     if not any(a == "--config" or a.startswith("--config=") for a in argv):
         if any(a in ("-h", "--help") for a in argv) or not argv:
             parser.parse_args(argv)  # the documented way first: its help, or its error
@@ -253,6 +271,11 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_CONFIG
     if args.worker is not None:
         return run_worker(config, args.worker)
+    if args.web:
+        from clinic_gateway.web.server import run_web
+
+        _setup_logging(config, None)
+        return run_web(config)
     _setup_logging(config, None)
     if config.service.insecure_dev_mode:
         log_event(log, "gateway.insecure_dev_mode", level=logging.WARNING,

@@ -85,6 +85,7 @@ class Agent(CommandHandlers):
         if uplink is not None:
             uplink.on_command = self.submit_command
             uplink.trust = self.trust
+            uplink.calibrated_at = self.calibration.created if self.calibration else None
         pins = config.pins
         self.lights = Lights(pins.status_led, pins.ring_polarised, pins.ring_plain,
                              pin_factory=pin_factory)

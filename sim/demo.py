@@ -12,7 +12,10 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
+import secrets
 import shutil
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +24,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from clinic_gateway.gateway import Gateway
+from clinic_gateway.web.auth import Staff, hash_password
+from clinic_gateway.web.server import WebServer, beside
 from dermascope_wire import signing
 from dermascope_wire.logs import add_json_handler
 from dermascope_wire.seal import generate_keypair, public_key_pem
@@ -157,6 +162,7 @@ def run_demo(out: Path, captures: int, seed: int = 7) -> int:
         add_json_handler("clinic_gateway", path=out / GATEWAY_LOG),
     ]
     started = time.monotonic()
+    web_problems: list[str] = []
     try:
         clinic = make_clinic(out / "clinic", DEVICE_ID)
         with SecureMosquitto(out / "broker", clinic.ca) as broker:
@@ -165,18 +171,22 @@ def run_demo(out: Path, captures: int, seed: int = 7) -> int:
             with Gateway(broker.host, broker.port, out / "gateway",
                          private_keys=[clinic.seal_private], tls=clinic.gateway_tls,
                          signing_key=clinic.signing_private,
-                         command_tls=clinic.commander_tls) as gateway:
+                         command_tls=clinic.commander_tls) as gateway, \
+                    GPPage(gateway, clinic) as page:
                 kid = signing.key_id(clinic.signing_private.public_key())
                 print("gateway   reference receiver, holds the clinic's sealing key; signs "
                       f"every ack and command (Ed25519 key {kid}); opens the case")
                 _press_through(demo_config(out, broker.port, seed, clinic), captures, seed,
                                gateway)
+                web_problems = page.check(DEVICE_ID)
+                page.linger()
     finally:
         for handler in handlers:
             for name in ("device_agent", "clinic_gateway"):
                 logging.getLogger(name).removeHandler(handler)
             handler.close()
     result = verify(out)
+    result.bad.extend(web_problems)
     seconds = time.monotonic() - started
     print()
     print(f"summary   {captures} presses, {len(result.accepted)} accepted, "
@@ -189,6 +199,70 @@ def run_demo(out: Path, captures: int, seed: int = 7) -> int:
     print("result    " + ("OK: every accepted capture was stored and verified" if result.ok
                           else "FAILED"))
     return 0 if result.ok else 1
+
+
+class GPPage:
+    """The GP's page and the API (clinic_gateway/web) beside the demo's gateway, on a
+    loopback port, with a demo login made for this run; it watches the devices' status with
+    its own certificate (CN "monitor", the shipped ACL's)."""
+
+    USER = "gp"
+
+    def __init__(self, gateway: Gateway, clinic: Clinic) -> None:
+        self.password = secrets.token_urlsafe(9)
+        monitor = clinic.ca.issue("monitor")
+        self.parts = beside(gateway, Staff({self.USER: hash_password(self.password)}, {}),
+                            status_tls={"ca_certs": str(clinic.ca.cert_path),
+                                        "certfile": str(monitor.cert),
+                                        "keyfile": str(monitor.key)})
+        self.server = WebServer(self.parts.app)
+
+    def __enter__(self) -> GPPage:
+        self.server.start()
+        print(f"web       the GP's page: {self.server.url}/  (demo login {self.USER} / "
+              f"{self.password}; API described at {self.server.url}/openapi.json)")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.stop()
+        self.parts.board.stop()
+
+    def check(self, device_id: str) -> list[str]:
+        """Sign in as the GP would and check that the case's captures are on the page, each
+        with its verdict and thumbnail; the problems found, if any."""
+        import httpx
+
+        problems = []
+        with httpx.Client(base_url=self.server.url, timeout=30) as http:
+            form = http.get("/login").text
+            csrf = form.split('name="csrf_token" value="', 1)[1].split('"', 1)[0]
+            http.post("/login", data={"username": self.USER, "password": self.password,
+                                      "csrf_token": csrf})
+            state = http.get(f"/api/v1/devices/{device_id}").json().get("state")
+            if state not in ("online", "offline"):
+                problems.append(f"{device_id}: the GP's page never saw its status ({state})")
+            listed = http.get(f"/api/v1/devices/{device_id}/captures")
+            if listed.status_code != 200:
+                return [f"the GP's page answered {listed.status_code} for the captures"]
+            shown = listed.json()["captures"]
+            stored = {p.stem for p in (self.parts.desk.store_dir / device_id).glob("*.jpg")}
+            for capture in shown:
+                thumb = http.get(capture["thumbnail_url"])
+                if thumb.status_code != 200 or not thumb.content.startswith(b"\xff\xd8"):
+                    problems.append(f"{capture['capture_id']}: no thumbnail on the GP's page")
+            missing = stored - {c["capture_id"] for c in shown}
+            problems.extend(f"{c}: stored but not on the GP's page" for c in sorted(missing))
+            verdicts = ", ".join(c["verdict"] or "?" for c in shown)
+            print(f"web       {len(shown)} captures of the case on the GP's page with their "
+                  f"thumbnails ({verdicts})")
+        return problems
+
+    def linger(self) -> None:
+        """Keep the page up DEMO_WEB_SECONDS (default 0) for a person to look at it."""
+        seconds = float(os.environ.get("DEMO_WEB_SECONDS", "0") or 0)
+        if seconds > 0:
+            print(f"web       the GP's page stays up {seconds:g} s: {self.server.url}/")
+            threading.Event().wait(seconds)
 
 
 def _press_through(config: Config, captures: int, seed: int, gateway: Gateway) -> None:

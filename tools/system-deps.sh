@@ -3,7 +3,8 @@
 # Mosquitto (the real broker the tests start on a free loopback port) with what builds its
 # dermascope_guard plugin (gcc, mosquitto-dev, libmosquitto-dev, libssl-dev), Python's venv,
 # systemd-analyze (the unit-file checks) and dicom3tools (dciodvfy, the reference validator the
-# DICOM export tests run on every exported file).
+# DICOM export tests run on every exported file), chromium and chromium-driver (the GP's page
+# in a real browser).
 # Uses apt, through sudo when not root. Touches no broker configuration: the tests and the
 # demo write their own config into a temporary folder and never use the system service.
 set -euo pipefail
@@ -33,6 +34,14 @@ fi
 # dciodvfy (dicom3tools) validates every exported DICOM object in tests/test_dicom_validator.py.
 if ! command -v dciodvfy >/dev/null 2>&1; then
     need+=(dicom3tools)
+fi
+# The GP's page is tested in a real browser (tests/test_web_browser.py): Debian's chromium
+# and its chromedriver, which selenium drives without downloading anything.
+if [ ! -x /usr/bin/chromium ]; then
+    need+=(chromium)
+fi
+if [ ! -x /usr/bin/chromedriver ]; then
+    need+=(chromium-driver)
 fi
 py=${PYTHON:-python3}
 if ! "$py" -c 'import ensurepip, venv' >/dev/null 2>&1; then

@@ -69,6 +69,10 @@ _THERMAL = Path("/sys/class/thermal/thermal_zone0/temp")
 
 
 class Uplink:
+    #: When the device's calibration was made (ISO 8601, from the agent), or None: the
+    #: status says it so the clinic can see a calibration's age (docs/protocol.md section 5).
+    calibrated_at: str | None = None
+
     def __init__(self, config: UplinkConfig, device_id: str, outbox: Outbox,
                  software_version: str, *, window: int = DEFAULT_WINDOW,
                  connect_timeout: float = 5.0,
@@ -209,6 +213,7 @@ class Uplink:
             "disk_free_bytes": disk_free,
             "temperature_c": temperature,
             "last_error": self.last_error,
+            "calibrated_at": self.calibrated_at,
         }
 
     # ------------------------------------------------------------------------- the sender
