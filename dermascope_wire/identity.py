@@ -18,7 +18,7 @@ DEVICE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}\Z")
 #: Names the broker ACL or the clinic's services use (compared case-insensitively, so no
 #: look-alike such as "Gateway" is ever issued to a device); ``gateway-<n>`` too.
 RESERVED_IDS = frozenset({"gateway", "gateways", "admin", "broker", "clinic", "commander",
-                          "root", "mosquitto"})
+                          "monitor", "root", "mosquitto"})
 
 
 class IdentityError(ValueError):

@@ -25,7 +25,7 @@ from clinic_gateway.crl import revoke_in_crl
 from dermascope_wire.identity import IdentityError, check_device_id
 
 #: The clinic's own services, whose certificates are signed only when asked for by name.
-SERVICE_NAMES = ("gateway", "broker", "admin", "commander")
+SERVICE_NAMES = ("gateway", "broker", "admin", "commander", "monitor")
 
 
 class SigningRefused(ValueError):

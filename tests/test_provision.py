@@ -217,7 +217,7 @@ def test_a_gateway_key_rotation_trusts_old_and_new_then_only_the_new(tmp_path, c
     assert set(trust.keys) == {signing.key_id(signing.load_public_key(new))}
 
 
-@pytest.mark.parametrize("reserved", ["gateway", "commander", "admin", "gateway-2"])
+@pytest.mark.parametrize("reserved", ["gateway", "commander", "monitor", "admin", "gateway-2"])
 def test_names_the_broker_gives_other_rights_are_refused(tmp_path, clinic, reserved):
     with pytest.raises(ProvisionError, match="device id"):
         run(tmp_path / "etc" / "config.toml", clinic, device_id=reserved)
