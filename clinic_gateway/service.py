@@ -6,6 +6,11 @@ The supervisor (this process, the one systemd starts) validates the config, star
 (clinic_gateway/metrics.py) and, on SIGTERM or SIGINT, stops every worker with SIGTERM
 (SIGKILL after ``STOP_TIMEOUT``) and exits 0.
 
+With ``[pacs] enabled`` it also starts one forwarder process for the store
+(``python -m clinic_gateway.forwarder``, clinic_gateway/forwarder.py), which delivers the
+DICOM objects the workers' exporters queued to the clinic's PACS; restarted like a worker
+(``pacs.forwarder_died``, then ``pacs.forwarder_process_started``), stopped with them.
+
 Each worker is one Gateway (clinic_gateway/gateway.py) on the shared subscription and the
 shared store, in its own process: a worker killed with SIGKILL mid-transfer loses nothing
 (the device resends what was not acked; the store commits with a link that never replaces,
@@ -50,7 +55,7 @@ _SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGCHLD}
 
 @dataclass
 class _Worker:
-    n: int
+    n: int  # 1..N for a worker; 0 for the PACS forwarder
     proc: subprocess.Popen | None = None
     started: float = 0.0
     restart_at: float | None = field(default=None)
@@ -117,6 +122,11 @@ def run_worker(config: Config, n: int) -> int:
         allow_unsealed=config.service.insecure_dev_mode,
         signing_key=signing.load_private_key(keys.signing) if keys.signing else None,
         metrics=metrics)
+    if config.pacs.enabled:
+        from clinic_gateway import exporter
+
+        # Its exporter queues every DICOM object for the supervisor's PACS forwarder.
+        gw.exporter_command = exporter.command(forward=True)
     return gateway.serve_until_done(gw, done, crashed)
 
 
@@ -128,18 +138,29 @@ class Supervisor:
         self.config = config
         self.config_path = config_path
         self.workers = [_Worker(n) for n in range(1, config.service.workers + 1)]
+        # One forwarder per store, not per worker: each instance is sent by one process.
+        self.forwarder = _Worker(0) if config.pacs.enabled else None
+        self.children = self.workers + ([self.forwarder] if self.forwarder else [])
         self.multiproc_dir: Path | None = None
 
     def _spawn(self, worker: _Worker) -> None:
         env = dict(os.environ)
         if self.multiproc_dir is not None:
             env["PROMETHEUS_MULTIPROC_DIR"] = str(self.multiproc_dir)
-        worker.proc = subprocess.Popen(
-            [sys.executable, "-m", "clinic_gateway", "run", "--config", str(self.config_path),
-             "--worker", str(worker.n)], env=env)
+        if worker is self.forwarder:
+            worker.proc = subprocess.Popen(
+                [sys.executable, "-m", "clinic_gateway.forwarder", "--config",
+                 str(self.config_path), "--parent", str(os.getpid())], env=env)
+        else:
+            worker.proc = subprocess.Popen(
+                [sys.executable, "-m", "clinic_gateway", "run", "--config",
+                 str(self.config_path), "--worker", str(worker.n)], env=env)
         worker.started = time.monotonic()
         worker.restart_at = None
-        log_event(log, "gateway.worker_started", worker=worker.n, pid=worker.proc.pid)
+        if worker is self.forwarder:
+            log_event(log, "pacs.forwarder_process_started", pid=worker.proc.pid)
+        else:
+            log_event(log, "gateway.worker_started", worker=worker.n, pid=worker.proc.pid)
 
     def alive(self) -> int:
         return sum(1 for w in self.workers if w.proc is not None and w.proc.poll() is None)
@@ -168,12 +189,16 @@ class Supervisor:
         from clinic_gateway.metrics import worker_died
 
         now = time.monotonic()
-        for w in self.workers:
+        for w in self.children:
             if w.proc is None or w.proc.poll() is None:
                 continue
             code = w.proc.returncode
-            log_event(log, "gateway.worker_died", level=logging.ERROR, worker=w.n,
-                      pid=w.proc.pid, returncode=code, signal=_signal_name(code))
+            if w is self.forwarder:
+                log_event(log, "pacs.forwarder_died", level=logging.ERROR, pid=w.proc.pid,
+                          returncode=code, signal=_signal_name(code))
+            else:
+                log_event(log, "gateway.worker_died", level=logging.ERROR, worker=w.n,
+                          pid=w.proc.pid, returncode=code, signal=_signal_name(code))
             if self.multiproc_dir is not None:
                 worker_died(self.multiproc_dir, w.proc.pid)
             w.proc = None
@@ -185,20 +210,20 @@ class Supervisor:
         signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS)
         try:
             self._serve_metrics()
-            for w in self.workers:
+            for w in self.children:
                 self._spawn(w)
             log_event(log, "gateway.service_started", workers=len(self.workers),
                       config=str(self.config_path))
             notify("READY=1")  # systemd (Type=notify); a no-op elsewhere
             while True:
-                due = [w.restart_at for w in self.workers if w.restart_at is not None]
+                due = [w.restart_at for w in self.children if w.restart_at is not None]
                 timeout = max(0.0, min(due) - time.monotonic()) if due else 3600.0
                 info = signal.sigtimedwait(_SIGNALS, timeout)
                 if info is not None and info.si_signo in (signal.SIGTERM, signal.SIGINT):
                     break
                 self._reap()
                 now = time.monotonic()
-                for w in self.workers:
+                for w in self.children:
                     if w.proc is None and w.restart_at is not None and w.restart_at <= now:
                         self._spawn(w)
             notify("STOPPING=1")
@@ -214,7 +239,7 @@ class Supervisor:
                 shutil.rmtree(self.multiproc_dir, ignore_errors=True)
 
     def _stop_all(self) -> None:
-        running = [w for w in self.workers if w.proc is not None and w.proc.poll() is None]
+        running = [w for w in self.children if w.proc is not None and w.proc.poll() is None]
         for w in running:
             w.proc.send_signal(signal.SIGTERM)
         deadline = time.monotonic() + STOP_TIMEOUT
@@ -223,7 +248,7 @@ class Supervisor:
                 w.proc.wait(max(0.0, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 log_event(log, "gateway.worker_killed", level=logging.ERROR, worker=w.n,
-                          pid=w.proc.pid)
+                          pid=w.proc.pid)  # worker 0: the PACS forwarder
                 w.proc.kill()
                 w.proc.wait()
 

@@ -1,0 +1,101 @@
+"""The PACS tests' helpers: a real Orthanc (sim/orthanc.py), the gateway's [pacs] pointing at
+it, captures stored as the gateway stores them, and reading every instance back."""
+
+from __future__ import annotations
+
+import datetime as dt
+import io
+import json
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+
+from clinic_gateway.config import PacsConfig
+from clinic_gateway.exporter import Exporter
+from sim.orthanc import GATEWAY_AET, PrivateOrthanc
+
+#: Attributes a PACS must hold exactly as the gateway wrote them.
+KEY_ATTRIBUTES = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID",
+                  "Modality", "Rows", "Columns", "DeviceSerialNumber", "AccessionNumber",
+                  "LightSourcePolarization", "ContactMethod", "ContentDate", "ContentTime",
+                  "InstanceNumber")
+
+
+@contextmanager
+def running_orthanc(folder: Path, lua: str | None = None) -> Iterator[PrivateOrthanc]:
+    with PrivateOrthanc(folder, lua=lua) as orthanc:
+        yield orthanc
+
+
+def pacs_section(orthanc: PrivateOrthanc, transport: str, **extra: object) -> dict:
+    """The [pacs] table for ``orthanc`` (fast retries: a test's PACS comes back in seconds)."""
+    password = orthanc.workdir / "pacs-password"
+    password.write_text(orthanc.password + "\n", encoding="utf-8")
+    password.chmod(0o600)
+    section: dict[str, object] = {"enabled": True, "transport": transport, "timeout_s": 10.0,
+                                  "retry_initial_s": 0.05, "retry_max_s": 0.4,
+                                  "poll_interval_s": 0.05}
+    if transport == "stow-rs":
+        section.update(url=orthanc.dicomweb_url, username=orthanc.user,
+                       password_file=str(password))
+    else:
+        section.update(host=orthanc.host, port=orthanc.dicom_port,
+                       called_ae_title=orthanc.aet, calling_ae_title=GATEWAY_AET)
+    section.update(extra)
+    return section
+
+
+def pacs_config(orthanc: PrivateOrthanc, transport: str, **extra: object) -> PacsConfig:
+    return PacsConfig.model_validate(pacs_section(orthanc, transport, **extra))
+
+
+def toml_table(name: str, values: dict) -> str:
+    return f"[{name}]\n" + "".join(f"{k} = {json.dumps(v)}\n" for k, v in values.items())
+
+
+def capture_metadata(device_id: str, capture_id: str, minute: int = 0) -> dict:
+    taken = dt.datetime(2026, 11, 25, 12, 30, tzinfo=dt.UTC) + dt.timedelta(minutes=minute)
+    return {"capture_id": capture_id, "device_id": device_id,
+            "schema": "dermascope.capture/1", "captured_at": taken.isoformat(),
+            "software_version": "0.1.0", "camera": {"model": "imx477"},
+            "dicom": {"LightSourcePolarization": "POLARIZED", "ContactMethod": "CONTACT",
+                      "ImmersionMedia": "NONE", "OpticalMagnificationFactor": 10.0}}
+
+
+def store_capture(store: Path, device_id: str, capture_id: str, jpeg: bytes,
+                  minute: int = 0) -> Path:
+    """A capture as the gateway stores it, then its after-ack work by the real exporter with
+    forwarding on: its DICOM file, queued for the PACS. The DICOM file's path."""
+    folder = store / device_id
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"{capture_id}.jpg").write_bytes(jpeg)
+    (folder / f"{capture_id}.json").write_text(
+        json.dumps(capture_metadata(device_id, capture_id, minute)), encoding="utf-8")
+    out = io.StringIO()
+    Exporter(store, out, forward=True).do(device_id, capture_id, dicom=True)
+    said = [json.loads(line) for line in out.getvalue().splitlines()]
+    assert [e["event"] for e in said] == ["pacs.queued"], said
+    return folder / f"{capture_id}.dcm"
+
+
+def read_back(orthanc: PrivateOrthanc) -> dict[str, Dataset]:
+    """Every instance Orthanc holds, as its stored DICOM file, by SOP Instance UID."""
+    found: dict[str, Dataset] = {}
+    for orthanc_id in orthanc.instances():
+        ds = dcmread(io.BytesIO(orthanc.instance_file(orthanc_id)))
+        assert ds.SOPInstanceUID not in found, f"two instances {ds.SOPInstanceUID}"
+        found[ds.SOPInstanceUID] = ds
+    return found
+
+
+def assert_same_instance(sent: Path, held: Dataset) -> None:
+    """What the PACS holds is what the gateway wrote: pixel data byte for byte, and the
+    key attributes."""
+    ours = dcmread(sent)
+    assert held.PixelData == ours.PixelData
+    assert held.file_meta.TransferSyntaxUID == ours.file_meta.TransferSyntaxUID
+    for name in KEY_ATTRIBUTES:
+        assert held.get(name) == ours.get(name), name
