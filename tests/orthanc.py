@@ -6,6 +6,7 @@ from __future__ import annotations
 import datetime as dt
 import io
 import json
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -15,6 +16,8 @@ from pydicom.dataset import Dataset
 
 from clinic_gateway.config import PacsConfig
 from clinic_gateway.exporter import Exporter
+from clinic_gateway.forwarder import Forwarder
+from clinic_gateway.pacs import make_sender
 from sim.orthanc import GATEWAY_AET, PrivateOrthanc
 
 #: Attributes a PACS must hold exactly as the gateway wrote them.
@@ -99,3 +102,27 @@ def assert_same_instance(sent: Path, held: Dataset) -> None:
     assert held.file_meta.TransferSyntaxUID == ours.file_meta.TransferSyntaxUID
     for name in KEY_ATTRIBUTES:
         assert held.get(name) == ours.get(name), name
+
+
+def forwarder(store: Path, orthanc: PrivateOrthanc, transport: str = "stow-rs") -> Forwarder:
+    c = pacs_config(orthanc, transport)
+    return Forwarder(store, make_sender(c), retry_initial=c.retry_initial_s,
+                     retry_max=c.retry_max_s, poll_interval=c.poll_interval_s)
+
+
+class Running:
+    """A forwarder on a thread of the test, stopped at the end."""
+
+    def __init__(self, fw: Forwarder) -> None:
+        self.fw = fw
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=fw.run, args=(self.stop,), daemon=True)
+
+    def __enter__(self) -> Running:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        self.thread.join(15)
+        assert not self.thread.is_alive()

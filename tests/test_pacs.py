@@ -9,7 +9,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,13 +18,13 @@ from pydicom import dcmread
 
 from clinic_gateway.check import run_checks
 from clinic_gateway.config import ConfigError, parse_config
-from clinic_gateway.forwarder import Forwarder, failed_dir, pending, queue_dir
-from clinic_gateway.pacs import make_sender
+from clinic_gateway.forwarder import failed_dir, pending, queue_dir
 from sim.fleet import _sample_image
 from sim.orthanc import PrivateOrthanc
 from tests.orthanc import (
+    Running,
     assert_same_instance,
-    pacs_config,
+    forwarder,
     pacs_section,
     read_back,
     running_orthanc,
@@ -45,30 +44,6 @@ def orthanc(tmp_path: Path) -> Iterator[PrivateOrthanc]:
 @pytest.fixture(scope="module")
 def jpeg() -> bytes:
     return _sample_image()
-
-
-def forwarder(store: Path, orthanc: PrivateOrthanc, transport: str = "stow-rs") -> Forwarder:
-    c = pacs_config(orthanc, transport)
-    return Forwarder(store, make_sender(c), retry_initial=c.retry_initial_s,
-                     retry_max=c.retry_max_s, poll_interval=c.poll_interval_s)
-
-
-class Running:
-    """A forwarder on a thread of the test, stopped at the end."""
-
-    def __init__(self, fw: Forwarder) -> None:
-        self.fw = fw
-        self.stop = threading.Event()
-        self.thread = threading.Thread(target=fw.run, args=(self.stop,), daemon=True)
-
-    def __enter__(self) -> Running:
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop.set()
-        self.thread.join(15)
-        assert not self.thread.is_alive()
 
 
 def captures(store: Path, jpeg: bytes, count: int, device: str = "derm-0001") -> list[Path]:
