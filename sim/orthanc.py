@@ -50,7 +50,9 @@ def find_orthanc() -> tuple[str, str] | None:
 
 
 class PrivateOrthanc:
-    def __init__(self, workdir: Path, lua: str | None = None) -> None:
+    def __init__(self, workdir: Path, lua: str | None = None, reopen: bool = False) -> None:
+        """``reopen``: the Orthanc an earlier run left in ``workdir`` (its config, ports and
+        stored instances), e.g. the demo's, to look at it again."""
         found = find_orthanc()
         if found is None:
             raise OrthancError("Orthanc with its DICOMweb plugin is not installed (Debian "
@@ -59,14 +61,18 @@ class PrivateOrthanc:
         self.workdir = Path(workdir).resolve()
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.host = "127.0.0.1"
-        self.http_port = free_port()
-        self.dicom_port = free_port()
         self.user, self.password = USER, PASSWORD
         self.aet = ORTHANC_AET
         self.lua = lua
         self.proc: subprocess.Popen[bytes] | None = None
         self._log = None
-        self._write_config()
+        if reopen:
+            config = json.loads(self.config_path.read_text(encoding="utf-8"))
+            self.http_port, self.dicom_port = config["HttpPort"], config["DicomPort"]
+        else:
+            self.http_port = free_port()
+            self.dicom_port = free_port()
+            self._write_config()
 
     @property
     def url(self) -> str:
@@ -160,6 +166,19 @@ class PrivateOrthanc:
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
+    def pacs_section(self, transport: str) -> dict[str, Any]:
+        """The gateway's ``[pacs]`` table for this Orthanc (its password written to a file
+        beside the config, as the gateway wants it)."""
+        password = self.workdir / "pacs-password"
+        password.write_text(self.password + "\n", encoding="utf-8")
+        password.chmod(0o600)
+        if transport == "stow-rs":
+            return {"enabled": True, "transport": transport, "url": self.dicomweb_url,
+                    "username": self.user, "password_file": str(password)}
+        return {"enabled": True, "transport": transport, "host": self.host,
+                "port": self.dicom_port, "called_ae_title": self.aet,
+                "calling_ae_title": GATEWAY_AET}
+
     # -- its REST API, for reading back what was stored --------------------------------------
     def _request(self, path: str, timeout: float) -> bytes:
         request = urllib.request.Request(self.url + path)
@@ -181,6 +200,10 @@ class PrivateOrthanc:
     def instance_file(self, orthanc_id: str) -> bytes:
         """The stored DICOM file (Part 10) of one instance."""
         return self._request(f"/instances/{orthanc_id}/file", timeout=30.0)
+
+    def instance_preview(self, orthanc_id: str) -> bytes:
+        """The image as Orthanc's viewer renders it (PNG): proof it decodes the pixel data."""
+        return self._request(f"/instances/{orthanc_id}/preview", timeout=30.0)
 
     def sop_instance_uids(self) -> dict[str, str]:
         """SOP Instance UID -> Orthanc id, of every stored instance."""

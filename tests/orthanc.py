@@ -18,7 +18,7 @@ from clinic_gateway.config import PacsConfig
 from clinic_gateway.exporter import Exporter
 from clinic_gateway.forwarder import Forwarder
 from clinic_gateway.pacs import make_sender
-from sim.orthanc import GATEWAY_AET, PrivateOrthanc
+from sim.orthanc import PrivateOrthanc
 
 #: Attributes a PACS must hold exactly as the gateway wrote them.
 KEY_ATTRIBUTES = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID",
@@ -35,20 +35,8 @@ def running_orthanc(folder: Path, lua: str | None = None) -> Iterator[PrivateOrt
 
 def pacs_section(orthanc: PrivateOrthanc, transport: str, **extra: object) -> dict:
     """The [pacs] table for ``orthanc`` (fast retries: a test's PACS comes back in seconds)."""
-    password = orthanc.workdir / "pacs-password"
-    password.write_text(orthanc.password + "\n", encoding="utf-8")
-    password.chmod(0o600)
-    section: dict[str, object] = {"enabled": True, "transport": transport, "timeout_s": 10.0,
-                                  "retry_initial_s": 0.05, "retry_max_s": 0.4,
-                                  "poll_interval_s": 0.05}
-    if transport == "stow-rs":
-        section.update(url=orthanc.dicomweb_url, username=orthanc.user,
-                       password_file=str(password))
-    else:
-        section.update(host=orthanc.host, port=orthanc.dicom_port,
-                       called_ae_title=orthanc.aet, calling_ae_title=GATEWAY_AET)
-    section.update(extra)
-    return section
+    return {**orthanc.pacs_section(transport), "timeout_s": 10.0, "retry_initial_s": 0.05,
+            "retry_max_s": 0.4, "poll_interval_s": 0.05, **extra}
 
 
 def pacs_config(orthanc: PrivateOrthanc, transport: str, **extra: object) -> PacsConfig:

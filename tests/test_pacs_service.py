@@ -6,12 +6,17 @@ instance exactly once, counted through its own API."""
 from __future__ import annotations
 
 import os
+import re
 import signal
+import subprocess
+import sys
 import threading
 import time
 import uuid
 from pathlib import Path
 
+import cv2
+import numpy as np
 from pydicom import dcmread
 from pydicom.encaps import generate_frames
 
@@ -26,6 +31,7 @@ from device_agent.uplink.outbox import Outbox
 from sim.broker import MosquittoBroker, free_port
 from sim.device import SimDevice, sim_config
 from sim.fleet import _sample_image
+from sim.orthanc import PrivateOrthanc
 from tests.orthanc import (
     Running,
     assert_same_instance,
@@ -63,6 +69,9 @@ def test_a_capture_pressed_on_a_simulated_device_appears_in_orthanc(tmp_path, br
             assert gateway.wait_exported(30)
             events.wait_for("pacs.forwarded", capture_id=outcome.capture_id)
         held = read_back(orthanc)
+        (orthanc_id,) = orthanc.instances()
+        preview = cv2.imdecode(np.frombuffer(orthanc.instance_preview(orthanc_id), np.uint8),
+                               cv2.IMREAD_COLOR)
     dcm = store / device.config.device.id / f"{outcome.capture_id}.dcm"
     uid = str(dcmread(dcm).SOPInstanceUID)
     assert list(held) == [uid]
@@ -72,6 +81,10 @@ def test_a_capture_pressed_on_a_simulated_device_appears_in_orthanc(tmp_path, br
     jpeg = dcm.with_suffix(".jpg").read_bytes()
     assert frame.rstrip(b"\0") == jpeg.rstrip(b"\0")
     assert held[uid].DeviceSerialNumber == device.config.device.id
+    # And its viewer renders it: the picture's size, and its colours near the original's.
+    original = cv2.imdecode(np.frombuffer(jpeg, np.uint8), cv2.IMREAD_COLOR)
+    assert preview.shape == original.shape == (held[uid].Rows, held[uid].Columns, 3)
+    assert np.abs(preview.astype(int) - original.astype(int)).mean() < 3
 
 
 def clinic_devices(tmp_path: Path, port: int, count: int, captures: int, image: bytes
@@ -152,3 +165,22 @@ def test_the_service_delivers_every_capture_through_an_outage_and_kill_9(tmp_pat
     assert len(held) == len(accepted)  # each exactly once (read_back refuses a UID twice)
     for path in dicom.values():
         assert_same_instance(path, held[str(dcmread(path).SOPInstanceUID)])
+
+
+def test_make_demo_delivers_into_its_own_orthanc_and_says_where_to_look(tmp_path):
+    out = tmp_path / "demo"
+    result = subprocess.run([sys.executable, "-m", "device_agent", "demo", "--out", str(out),
+                             "--captures", "3"], capture_output=True, text=True, timeout=300,
+                            check=False)
+    assert result.returncode == 0, result.stdout + result.stderr
+    dicom = sorted((out / "gateway").glob("*/*.dcm"))
+    assert len(dicom) == 2  # the plan's first three scenes: good, defocus, good
+    assert "pacs      2 of 2 DICOM objects read back from Orthanc" in result.stdout
+    (url,) = re.findall(r"viewer    (http://127\.0\.0\.1:\d+/app/explorer\.html)", result.stdout)
+    # Orthanc stopped with the demo; started again as the demo says, it still holds them.
+    with PrivateOrthanc(out / "pacs", reopen=True) as orthanc:
+        assert orthanc.explorer_url == url
+        held = read_back(orthanc)
+        assert set(held) == {str(dcmread(p).SOPInstanceUID) for p in dicom}
+        for path in dicom:
+            assert_same_instance(path, held[str(dcmread(path).SOPInstanceUID)])
