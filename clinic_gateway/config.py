@@ -140,13 +140,13 @@ class PacsConfig(_Section):
     # How often an idle forwarder looks for new entries in the queue.
     poll_interval_s: Annotated[float, Field(gt=0, le=60)] = 1.0
 
-    @field_validator("password_file")
+    @field_validator("password_file", "ca_file", "cert_file", "key_file")
     @classmethod
-    def _password_file_reads(cls, value: Path | None) -> Path | None:
+    def _file_reads(cls, value: Path | None) -> Path | None:
         # Read now: a wrong path stops the start with the field named, not the first send.
         if value is not None:
             try:
-                value.read_text("utf-8")
+                value.read_text("utf-8")  # the password, or PEM
             except (OSError, UnicodeDecodeError) as err:
                 raise ValueError(f"{value} is not a readable text file "
                                  f"({getattr(err, 'strerror', None) or err})") from None

@@ -259,6 +259,8 @@ def test_a_forwarder_killed_9_mid_queue_loses_nothing_and_duplicates_nothing(
     ({"transport": "wado"}, "pacs.transport"),
     ({"password_file": "/nonexistent/pacs-password"}, "pacs.password_file"),
     ({"enabled": True, "url": "http://p/dicom-web", "username": "u"}, "password_file"),
+    ({"ca_file": "/nonexistent/pacs-ca.crt"}, "pacs.ca_file"),
+    ({"cert_file": "/etc/hostname"}, "pacs: cert_file and key_file go together"),
     ({"calling_ae_title": "A" * 17}, "pacs.calling_ae_title"),
     ({"retry_initial_s": 10, "retry_max_s": 5}, "pacs.retry_max_s"),
     ({"enabled": True, "url": "http://p/dicom-web", "bogus": 1}, "pacs.bogus"),
