@@ -8,6 +8,11 @@ one calling AE title declared here at 127.0.0.1 (``DicomCheckModalityHost``).
 
 Stopped and started again on the same folders and ports, it keeps what it stored: a PACS
 that was down for a while (:meth:`PrivateOrthanc.stop`, :meth:`PrivateOrthanc.start`).
+
+With ``tls`` (a :class:`sim.pki.TestCA`) its DICOM port speaks DICOM TLS and requires the
+caller's certificate; the CA issues Orthanc's server certificate and the gateway's client
+certificate (:attr:`PrivateOrthanc.client`). Its HTTP stays plain: the HTTPS of Debian's
+Orthanc 1.10.1 ends the server with a segmentation fault at the first TLS connection.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from sim.broker import free_port
+from sim.pki import Issued, TestCA
 
 ORTHANC_BINARIES = ("/usr/sbin/Orthanc", "/usr/bin/Orthanc")
 DICOMWEB_PLUGINS = ("/usr/share/orthanc/plugins/libOrthancDicomWeb.so",
@@ -50,7 +56,8 @@ def find_orthanc() -> tuple[str, str] | None:
 
 
 class PrivateOrthanc:
-    def __init__(self, workdir: Path, lua: str | None = None, reopen: bool = False) -> None:
+    def __init__(self, workdir: Path, lua: str | None = None, reopen: bool = False,
+                 tls: TestCA | None = None) -> None:
         """``reopen``: the Orthanc an earlier run left in ``workdir`` (its config, ports and
         stored instances), e.g. the demo's, to look at it again."""
         found = find_orthanc()
@@ -66,6 +73,12 @@ class PrivateOrthanc:
         self.lua = lua
         self.proc: subprocess.Popen[bytes] | None = None
         self._log = None
+        self.ca = tls
+        self.server: Issued | None = None
+        self.client: Issued | None = None
+        if tls is not None:
+            self.server = tls.issue("pacs", server=True, checked=False)
+            self.client = tls.issue("gateway-pacs-client", checked=False)
         if reopen:
             config = json.loads(self.config_path.read_text(encoding="utf-8"))
             self.http_port, self.dicom_port = config["HttpPort"], config["DicomPort"]
@@ -117,6 +130,12 @@ class PrivateOrthanc:
             "DicomWeb": {"Enable": True, "Root": "/dicom-web/", "EnableWado": False,
                          "Host": self.host},
         }
+        if self.server is not None and self.ca is not None:
+            config.update({
+                "DicomTlsEnabled": True, "DicomTlsCertificate": str(self.server.cert),
+                "DicomTlsPrivateKey": str(self.server.key),
+                "DicomTlsTrustedCertificates": str(self.ca.cert_path),
+                "DicomTlsRemoteCertificateRequired": True})
         if self.lua is not None:
             script = self.workdir / "filter.lua"
             script.write_text(self.lua, encoding="utf-8")
@@ -172,12 +191,16 @@ class PrivateOrthanc:
         password = self.workdir / "pacs-password"
         password.write_text(self.password + "\n", encoding="utf-8")
         password.chmod(0o600)
+        tls: dict[str, Any] = {}
+        if self.ca is not None and self.client is not None:
+            tls = {"ca_file": str(self.ca.cert_path), "cert_file": str(self.client.cert),
+                   "key_file": str(self.client.key)}
         if transport == "stow-rs":
             return {"enabled": True, "transport": transport, "url": self.dicomweb_url,
                     "username": self.user, "password_file": str(password)}
         return {"enabled": True, "transport": transport, "host": self.host,
                 "port": self.dicom_port, "called_ae_title": self.aet,
-                "calling_ae_title": GATEWAY_AET}
+                "calling_ae_title": GATEWAY_AET, **tls}
 
     # -- its REST API, for reading back what was stored --------------------------------------
     def _request(self, path: str, timeout: float) -> bytes:

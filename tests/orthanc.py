@@ -19,6 +19,7 @@ from clinic_gateway.exporter import Exporter
 from clinic_gateway.forwarder import Forwarder
 from clinic_gateway.pacs import make_sender
 from sim.orthanc import PrivateOrthanc
+from sim.pki import TestCA
 
 #: Attributes a PACS must hold exactly as the gateway wrote them.
 KEY_ATTRIBUTES = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID",
@@ -28,8 +29,9 @@ KEY_ATTRIBUTES = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesIn
 
 
 @contextmanager
-def running_orthanc(folder: Path, lua: str | None = None) -> Iterator[PrivateOrthanc]:
-    with PrivateOrthanc(folder, lua=lua) as orthanc:
+def running_orthanc(folder: Path, lua: str | None = None,
+                    tls: TestCA | None = None) -> Iterator[PrivateOrthanc]:
+    with PrivateOrthanc(folder, lua=lua, tls=tls) as orthanc:
         yield orthanc
 
 

@@ -18,13 +18,16 @@ from pydicom import dcmread
 
 from clinic_gateway.check import run_checks
 from clinic_gateway.config import ConfigError, parse_config
-from clinic_gateway.forwarder import failed_dir, pending, queue_dir
+from clinic_gateway.forwarder import Forwarder, failed_dir, pending, queue_dir
+from clinic_gateway.pacs import make_sender
 from sim.fleet import _sample_image
 from sim.orthanc import PrivateOrthanc
+from sim.pki import TestCA
 from tests.orthanc import (
     Running,
     assert_same_instance,
     forwarder,
+    pacs_config,
     pacs_section,
     read_back,
     running_orthanc,
@@ -83,6 +86,27 @@ def test_sending_an_instance_again_makes_no_second_one(tmp_path, orthanc, jpeg, 
     assert pending(store) == []
     assert fw.forwarded == 2
     assert list(read_back(orthanc)) == [str(dcmread(path).SOPInstanceUID)]
+
+
+def test_over_dicom_tls_the_pacs_is_reached_only_with_the_clinics_ca(tmp_path, jpeg):
+    store = tmp_path / "store"
+    transport = "c-store"
+    with running_orthanc(tmp_path / "orthanc", tls=TestCA(tmp_path / "pki")) as orthanc:
+        (path,) = captures(store, jpeg, 1)
+        # Without TLS the PACS's DICOM port does not talk to us.
+        c = pacs_config(orthanc, transport, ca_file=None, cert_file=None, key_file=None)
+        assert Forwarder(store, make_sender(c)).run_once() is not None
+        # A CA that did not sign the PACS's certificate: nothing is sent, the entry waits.
+        stranger = TestCA(tmp_path / "other-pki").cert_path
+        c = pacs_config(orthanc, transport, ca_file=str(stranger))
+        assert Forwarder(store, make_sender(c)).run_once() is not None
+        assert len(pending(store)) == 1
+        assert orthanc.instances() == []
+        c = pacs_config(orthanc, transport)
+        assert Forwarder(store, make_sender(c)).run_once() is None
+        held = read_back(orthanc)
+    assert list(held) == [str(dcmread(path).SOPInstanceUID)]
+    assert_same_instance(path, held[str(dcmread(path).SOPInstanceUID)])
 
 
 # -- faults -------------------------------------------------------------------------------
