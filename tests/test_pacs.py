@@ -309,3 +309,30 @@ def test_check_says_whether_the_pacs_answers(tmp_path, orthanc, transport):
     (line,) = [c for c in run_checks(config, probe_broker=False) if c.name == "pacs"]
     assert line.level == "fail"
     assert transport in line.detail
+
+
+def test_a_forwarder_whose_supervisor_was_killed_9_stops_and_frees_the_queue(
+        tmp_path, orthanc):
+    config = service_config(tmp_path, orthanc, "stow-rs")
+    # A stand-in supervisor: a shell that starts the forwarder as its child and waits.
+    shell = subprocess.Popen(
+        ["sh", "-c", f'"{sys.executable}" -m clinic_gateway.forwarder --config "{config}" '
+                     '--parent $$ >/dev/null & wait'])
+    try:
+        (started,) = wait_logged(tmp_path, "pacs.forwarder_started", 1)
+        shell.send_signal(signal.SIGKILL)
+        shell.wait(10)
+        wait_logged(tmp_path, "pacs.forwarder_stopped", 1, timeout=30)
+    finally:
+        if shell.poll() is None:
+            shell.kill()
+            shell.wait(10)
+    # The next supervisor's forwarder takes the queue at once.
+    proc = start_forwarder(config)
+    try:
+        wait_logged(tmp_path, "pacs.forwarder_started", 2, timeout=30)
+        assert not logged(tmp_path, "pacs.forwarder_waiting")
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(20) == 0
+    assert started["transport"] == "stow-rs"
