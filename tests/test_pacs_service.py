@@ -17,6 +17,7 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+import pytest
 from pydicom import dcmread
 from pydicom.encaps import generate_frames
 
@@ -159,6 +160,11 @@ def test_the_service_delivers_every_capture_through_an_outage_and_kill_9(tmp_pat
             assert metric(text, "clinic_gateway_pacs_forwarded_total") >= len(accepted)
             assert service.stop() == 0
         held = read_back(orthanc)
+    # Every forwarder is gone with the supervisor; the last one stopped cleanly.
+    for e in events(tmp_path, "pacs.forwarder_process_started"):
+        with pytest.raises(ProcessLookupError):
+            os.kill(e["pid"], 0)
+    assert events(tmp_path, "pacs.forwarder_stopped")
     dicom = {p.stem: p for p in store.glob("pacs-*/*.dcm")}
     assert set(dicom) == accepted
     assert set(held) == {str(dcmread(p).SOPInstanceUID) for p in dicom.values()}
