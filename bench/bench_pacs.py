@@ -31,7 +31,7 @@ from clinic_gateway.config import PacsConfig
 from clinic_gateway.exporter import Exporter
 from clinic_gateway.forwarder import Forwarder, pending
 from clinic_gateway.pacs import make_sender
-from sim.orthanc import PrivateOrthanc
+from sim.orthanc import PrivateOrthanc, find_orthanc
 from sim.scene import SceneSpec, render
 
 RATIO_GOAL = 3.0
@@ -92,6 +92,10 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--instances", type=int, default=20)
     args = parser.parse_args()
+    if find_orthanc() is None:
+        print("bench_pacs: Orthanc with its DICOMweb plugin is not installed (Debian packages "
+              "orthanc and orthanc-dicomweb: make system-deps)")
+        return 1
     with tempfile.TemporaryDirectory(prefix="bench-pacs-") as tmp:
         root = Path(tmp)
         store = root / "store"
