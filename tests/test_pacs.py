@@ -4,6 +4,7 @@ back through its own API: nothing lost, nothing twice, refusals and bad entries 
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import signal
@@ -18,6 +19,7 @@ from pydicom import dcmread
 
 from clinic_gateway.check import run_checks
 from clinic_gateway.config import ConfigError, parse_config
+from clinic_gateway.exporter import Exporter
 from clinic_gateway.forwarder import Forwarder, failed_dir, pending, queue_dir
 from clinic_gateway.pacs import make_sender
 from sim.fleet import _sample_image
@@ -26,6 +28,7 @@ from sim.pki import TestCA
 from tests.orthanc import (
     Running,
     assert_same_instance,
+    capture_metadata,
     forwarder,
     pacs_config,
     pacs_section,
@@ -336,3 +339,27 @@ def test_a_forwarder_whose_supervisor_was_killed_9_stops_and_frees_the_queue(
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(20) == 0
     assert started["transport"] == "stow-rs"
+
+
+def test_the_journal_entry_stays_until_the_instance_is_queued(tmp_path, jpeg):
+    store = tmp_path / "store"
+    (store / "derm-0001").mkdir(parents=True)
+    (store / "derm-0001" / "cap-0000.jpg").write_bytes(jpeg)
+    (store / "derm-0001" / "cap-0000.json").write_text(json.dumps(
+        capture_metadata("derm-0001", "cap-0000")))
+    journal = store / ".gateway" / "pending" / "derm-0001" / "cap-0000.json"
+    journal.parent.mkdir(parents=True)
+    journal.write_text("{}")
+    queue_dir(store).parent.mkdir(parents=True, exist_ok=True)
+    queue_dir(store).write_text("not a folder")  # the queue cannot be written
+    job = json.dumps({"device_id": "derm-0001", "capture_id": "cap-0000", "dicom": True})
+    out = io.StringIO()
+    Exporter(store, out, forward=True).run(io.StringIO(job + "\n"))
+    said = [json.loads(line) for line in out.getvalue().splitlines()]
+    assert [e.get("event") for e in said] == ["exporter.job_failed", None]
+    assert journal.exists()  # the next start hands the capture over again
+    queue_dir(store).unlink()
+    Exporter(store, io.StringIO(), forward=True).run(io.StringIO(job + "\n"))
+    assert not journal.exists()
+    (entry,) = pending(store)
+    assert entry.stem == str(dcmread(store / "derm-0001" / "cap-0000.dcm").SOPInstanceUID)
