@@ -81,7 +81,10 @@ def read_dicom(path: Path, sop_instance_uid: str) -> Dataset:
 
 
 class _TimeoutSession(requests.Session):
-    """A session whose every request has a timeout (dicomweb-client sets none)."""
+    """A session whose every request has a timeout (dicomweb-client sets none) and checks
+    the PACS's certificate against ``pacs.ca_file``: requests lets REQUESTS_CA_BUNDLE or
+    CURL_CA_BUNDLE in the environment override a session's own CA, unless each request
+    names it."""
 
     def __init__(self, timeout: float) -> None:
         super().__init__()
@@ -89,6 +92,7 @@ class _TimeoutSession(requests.Session):
 
     def request(self, *args: Any, **kwargs: Any) -> requests.Response:  # type: ignore[override]
         kwargs.setdefault("timeout", self.timeout)
+        kwargs.setdefault("verify", self.verify)
         return super().request(*args, **kwargs)
 
 

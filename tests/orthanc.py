@@ -3,11 +3,14 @@ it, captures stored as the gateway stores them, and reading every instance back.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import io
 import json
+import socket
+import ssl
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -116,3 +119,68 @@ class Running:
         self.stop.set()
         self.thread.join(15)
         assert not self.thread.is_alive()
+
+
+class TlsFront:
+    """HTTPS in front of Orthanc's plain HTTP, as clinics put a reverse proxy in front of a
+    PACS's DICOMweb (Debian's Orthanc 1.10.1 crashes on its own HTTPS): TLS with a server
+    certificate of ``ca``, requiring a client certificate of ``ca``; each connection's bytes
+    are relayed to Orthanc unchanged."""
+
+    def __init__(self, orthanc: PrivateOrthanc, ca: TestCA) -> None:
+        self.target = (orthanc.host, orthanc.http_port)
+        server = ca.issue("pacs", server=True, checked=False)
+        self.context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH,
+                                                  cafile=str(ca.cert_path))
+        self.context.verify_mode = ssl.CERT_REQUIRED
+        self.context.load_cert_chain(str(server.cert), str(server.key))
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.listener.settimeout(0.2)
+        self.port = self.listener.getsockname()[1]
+        self.url = f"https://127.0.0.1:{self.port}/dicom-web"
+        self.stop = threading.Event()
+        self.threads: list[threading.Thread] = []
+        self.sockets: list[socket.socket] = []
+
+    def __enter__(self) -> TlsFront:
+        self._start(self._accept)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        for s in self.sockets:  # a kept-alive connection's pumps end now
+            with contextlib.suppress(OSError):
+                s.shutdown(socket.SHUT_RDWR)
+        for thread in self.threads:
+            thread.join(10)
+        self.listener.close()
+
+    def _start(self, target: Callable[..., None], *args: object) -> None:
+        thread = threading.Thread(target=target, args=args, daemon=True)
+        self.threads.append(thread)
+        thread.start()
+
+    def _accept(self) -> None:
+        while not self.stop.is_set():
+            try:
+                raw, _ = self.listener.accept()
+            except TimeoutError:
+                continue
+            raw.settimeout(10)
+            try:
+                client = self.context.wrap_socket(raw, server_side=True)
+            except (ssl.SSLError, OSError):
+                raw.close()  # a client that does not trust us, or has no certificate
+                continue
+            upstream = socket.create_connection(self.target, timeout=10)
+            self.sockets += [client, upstream]
+            self._start(self._pump, client, upstream)
+            self._start(self._pump, upstream, client)
+
+    def _pump(self, source: socket.socket, sink: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            while not self.stop.is_set() and (data := source.recv(1 << 16)):
+                sink.sendall(data)
+        for s in (source, sink):
+            with contextlib.suppress(OSError):
+                s.shutdown(socket.SHUT_RDWR)

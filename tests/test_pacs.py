@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from pydicom import dcmread
 
-from clinic_gateway.check import run_checks
+from clinic_gateway.check import check_pacs, run_checks
 from clinic_gateway.config import ConfigError, parse_config
 from clinic_gateway.exporter import Exporter
 from clinic_gateway.forwarder import Forwarder, failed_dir, pending, queue_dir
@@ -27,6 +27,7 @@ from sim.orthanc import PrivateOrthanc
 from sim.pki import TestCA
 from tests.orthanc import (
     Running,
+    TlsFront,
     assert_same_instance,
     capture_metadata,
     forwarder,
@@ -108,6 +109,31 @@ def test_over_dicom_tls_the_pacs_is_reached_only_with_the_clinics_ca(tmp_path, j
         c = pacs_config(orthanc, transport)
         assert Forwarder(store, make_sender(c)).run_once() is None
         held = read_back(orthanc)
+    assert list(held) == [str(dcmread(path).SOPInstanceUID)]
+    assert_same_instance(path, held[str(dcmread(path).SOPInstanceUID)])
+
+
+def test_over_https_stow_rs_reaches_the_pacs_only_with_the_clinics_ca(
+        tmp_path, orthanc, jpeg):
+    store = tmp_path / "store"
+    ca = TestCA(tmp_path / "pki")
+    client = ca.issue("gateway-pacs-client", checked=False)
+    mutual = {"cert_file": str(client.cert), "key_file": str(client.key)}
+    with TlsFront(orthanc, ca) as front:
+        (path,) = captures(store, jpeg, 1)
+        stranger = TestCA(tmp_path / "other-pki").cert_path
+        for refused in ({"ca_file": str(stranger), **mutual},  # whose certificate is that?
+                        {"ca_file": str(ca.cert_path)}):  # no client certificate
+            c = pacs_config(orthanc, "stow-rs", url=front.url, **refused)
+            assert Forwarder(store, make_sender(c)).run_once() is not None
+        assert len(pending(store)) == 1
+        assert orthanc.instances() == []
+        c = pacs_config(orthanc, "stow-rs", url=front.url, ca_file=str(ca.cert_path), **mutual)
+        assert Forwarder(store, make_sender(c)).run_once() is None
+        config = parse_config({"service": {"insecure_dev_mode": True},
+                               "store": {"dir": str(store)}, "pacs": c.model_dump(mode="json")})
+        assert check_pacs(config).level == "ok"  # clinic-gateway check's line, over HTTPS
+    held = read_back(orthanc)
     assert list(held) == [str(dcmread(path).SOPInstanceUID)]
     assert_same_instance(path, held[str(dcmread(path).SOPInstanceUID)])
 
