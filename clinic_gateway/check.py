@@ -161,6 +161,34 @@ def check_disk(config: Config) -> Check:
     return Check("disk", "ok", f"{gb:.1f} GB free")
 
 
+def check_pacs(config: Config) -> Check:
+    """Reach the PACS the way the forwarder sends (a QIDO-RS query, or an association and
+    C-ECHO): nothing is stored. Also says how many instances wait in the queue."""
+    from clinic_gateway.forwarder import depth
+    from clinic_gateway.pacs import PacsError, make_sender
+
+    waiting, failed = depth(config.store.dir)
+    backlog = f"; {waiting} waiting, {failed} failed in the queue" if waiting or failed else ""
+    p = config.pacs
+    if not p.enabled:
+        return Check("pacs", "ok", "no PACS delivery ([pacs] enabled = false): images stay "
+                     "in the store" + backlog)
+    try:
+        sender = make_sender(p)
+        try:
+            seen = sender.probe()
+        finally:
+            sender.close()
+    except (PacsError, OSError, ValueError) as err:
+        return Check("pacs", "fail", f"{p.transport}: {err}{backlog}",
+                     "check [pacs] (url or host/port, AE titles, user and password file, "
+                     "CA) and the network; docs/gateway.md, PACS")
+    if failed:
+        return Check("pacs", "warn", f"{seen}{backlog}",
+                     "look at .gateway/forward/failed/*.reason; docs/gateway.md, PACS")
+    return Check("pacs", "ok", seen + backlog)
+
+
 def run_checks(config_path: Path, probe_broker: bool = True) -> list[Check]:
     try:
         config = load_config(config_path)
@@ -179,13 +207,14 @@ def run_checks(config_path: Path, probe_broker: bool = True) -> list[Check]:
         checks.append(check_broker(config))
     checks.append(check_audit(config))
     checks.append(check_disk(config))
+    checks.append(check_pacs(config))
     return checks
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="clinic-gateway check",
                                      description="Check the gateway's config, store, keys, "
-                                                 "certificates, broker and audit log.")
+                                                 "certificates, broker, audit log and PACS.")
     parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG_PATH)
     parser.add_argument("--no-broker", action="store_true", help="skip the broker connection")
     parser.add_argument("--json", action="store_true", help="one JSON object")

@@ -177,6 +177,70 @@ class WebConfig(_Section):
         return self.tls_cert_file is not None
 
 
+AeTitle = Annotated[str, Field(pattern=r"^[ -\[\]-~]{1,16}$")]  # 16 chars, no backslash
+
+
+class PacsConfig(_Section):
+    # Forward every stored capture's DICOM object to the clinic's PACS (docs/gateway.md, PACS).
+    enabled: bool = False
+    # "stow-rs" (DICOMweb, over HTTP(S)) or "c-store" (DIMSE, the classic DICOM network).
+    transport: Literal["stow-rs", "c-store"] = "stow-rs"
+    # STOW-RS: the DICOMweb root (instances go to <url>/studies).
+    url: Annotated[str, Field(pattern=r"^https?://[^\s]+$")] | None = None
+    # HTTP basic authentication: the password is read from a file (0600), never the config.
+    username: str | None = None
+    password_file: Path | None = None
+    # C-STORE: the PACS's address and AE title, and ours.
+    host: str | None = None
+    port: Port = 104
+    called_ae_title: AeTitle = "PACS"
+    calling_ae_title: AeTitle = "DERMGW"
+    # TLS: the CA that signed the PACS's certificate (https, or DICOM TLS for C-STORE; for
+    # https the system's CAs when left out), and our client certificate if the PACS asks.
+    ca_file: Path | None = None
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    # Seconds one send may take (connect, answer) before it counts as a failed try.
+    timeout_s: Annotated[float, Field(gt=0, le=600)] = 30.0
+    # After a failed try the next waits retry_initial_s, doubling up to retry_max_s.
+    retry_initial_s: Annotated[float, Field(gt=0, le=3600)] = 2.0
+    retry_max_s: Annotated[float, Field(gt=0, le=86400)] = 300.0
+    # How often an idle forwarder looks for new entries in the queue.
+    poll_interval_s: Annotated[float, Field(gt=0, le=60)] = 1.0
+
+    @field_validator("password_file", "ca_file", "cert_file", "key_file")
+    @classmethod
+    def _file_reads(cls, value: Path | None) -> Path | None:
+        # Read now: a wrong path stops the start with the field named, not the first send.
+        if value is not None:
+            try:
+                value.read_text("utf-8")  # the password, or PEM
+            except (OSError, UnicodeDecodeError) as err:
+                raise ValueError(f"{value} is not a readable text file "
+                                 f"({getattr(err, 'strerror', None) or err})") from None
+        return value
+
+    @model_validator(mode="after")
+    def _complete(self) -> PacsConfig:
+        if self.enabled and self.transport == "stow-rs" and self.url is None:
+            raise ValueError("pacs.url: transport \"stow-rs\" needs the PACS's DICOMweb URL, "
+                             "e.g. https://pacs.clinic.example/dicom-web")
+        if self.enabled and self.transport == "c-store" and not self.host:
+            raise ValueError("pacs.host: transport \"c-store\" needs the PACS's host name")
+        if (self.username is None) != (self.password_file is None):
+            raise ValueError("pacs: username and password_file go together")
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("pacs: cert_file and key_file go together")
+        if self.retry_max_s < self.retry_initial_s:
+            raise ValueError("pacs.retry_max_s: smaller than pacs.retry_initial_s")
+        return self
+
+    def password(self) -> str | None:
+        if self.password_file is None:
+            return None
+        return self.password_file.read_text("utf-8").strip()
+
+
 class Config(_Section):
     broker: BrokerConfig = BrokerConfig()
     store: StoreConfig = StoreConfig()
@@ -184,6 +248,7 @@ class Config(_Section):
     service: ServiceConfig = ServiceConfig()
     metrics: MetricsConfig = MetricsConfig()
     web: WebConfig = WebConfig()
+    pacs: PacsConfig = PacsConfig()
 
     @model_validator(mode="after")
     def _web_watches_with_its_own_certificate(self) -> Config:
@@ -203,6 +268,13 @@ class Config(_Section):
             return None
         return {"ca_certs": str(self.broker.ca_file), "certfile": str(w.status_cert_file),
                 "keyfile": str(w.status_key_file)}
+
+    @model_validator(mode="after")
+    def _pacs_needs_dicom(self) -> Config:
+        if self.pacs.enabled and not self.store.export_dicom:
+            raise ValueError("pacs.enabled: the PACS gets the DICOM export; set "
+                             "store.export_dicom = true")
+        return self
 
     @model_validator(mode="after")
     def _tls_or_declared_insecure(self) -> Config:

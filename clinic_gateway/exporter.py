@@ -17,6 +17,10 @@ JPEG and sidecar only (the same object every time), written to a temp file and r
 DICOM file already there is kept; removing staging or the entry twice is harmless. Only
 captures of kind ``capture`` become DICOM (the sidecar says).
 
+With ``--forward`` (``[pacs] enabled``) each DICOM file is also made durable and queued for
+the PACS (``.gateway/forward/<SOP Instance UID>.json``, clinic_gateway/forwarder.py) before
+the journal entry goes: a crash in between queues it again, which is harmless.
+
 Protocol, one JSON object per line:
 
 - gateway -> exporter: ``{"device_id": ..., "capture_id": ..., "dicom": true|false}``
@@ -36,11 +40,15 @@ import logging
 import os
 import shutil
 import sys
+import time
 import traceback
 from pathlib import Path
 from typing import Any, TextIO
 
-from clinic_gateway import dicom_export
+from pydicom import dcmread
+from pydicom.errors import InvalidDicomError
+
+from clinic_gateway import dicom_export, forwarder
 from clinic_gateway.cases import CaseRegistry
 
 #: How much lower the exporter's CPU priority is than the gateway's (``nice``): the export
@@ -48,10 +56,18 @@ from clinic_gateway.cases import CaseRegistry
 NICE = 10
 
 
+def command(forward: bool) -> tuple[str, ...]:
+    """The exporter's command line for ``Gateway.exporter_command`` (``--store`` follows):
+    with ``forward``, every DICOM file is queued for the PACS."""
+    base = (sys.executable, "-m", "clinic_gateway.exporter")
+    return (*base, "--forward") if forward else base
+
+
 class Exporter:
-    def __init__(self, store_dir: Path, out: TextIO) -> None:
+    def __init__(self, store_dir: Path, out: TextIO, forward: bool = False) -> None:
         self.store_dir = Path(store_dir)
         self.out = out
+        self.forward = forward
         self.cases = CaseRegistry(self.store_dir / ".gateway")
 
     def _say(self, message: dict[str, Any]) -> None:
@@ -79,6 +95,8 @@ class Exporter:
         path = image_path.with_suffix(".dcm")
         if dicom and not path.exists():
             self.export(image_path, path, device_id, capture_id)
+        if dicom and self.forward and path.exists():
+            self.enqueue(path, device_id, capture_id)
         shutil.rmtree(self.store_dir / ".gateway" / "staging" / device_id / capture_id,
                       ignore_errors=True)
         entry.unlink(missing_ok=True)
@@ -101,6 +119,27 @@ class Exporter:
                        capture_id=capture_id, error=str(err))
 
 
+    def enqueue(self, path: Path, device_id: str, capture_id: str) -> None:
+        """Queue the DICOM file for the PACS, once it is on disk for good."""
+        try:
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(fd)  # the queue must never name a file a power cut can take
+            finally:
+                os.close(fd)
+            uid = str(dcmread(path, stop_before_pixels=True,
+                              specific_tags=["SOPInstanceUID"]).SOPInstanceUID)
+        except (OSError, InvalidDicomError, AttributeError) as err:
+            self.event("pacs.enqueue_failed", logging.ERROR, device_id=device_id,
+                       capture_id=capture_id, error=str(err)[:300])
+            return
+        entry = forwarder.ForwardEntry(uid, device_id, capture_id,
+                                       str(path.relative_to(self.store_dir)), time.time())
+        forwarder.enqueue(self.store_dir, entry)
+        self.event("pacs.queued", device_id=device_id, capture_id=capture_id,
+                   sop_instance_uid=uid)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m clinic_gateway.exporter",
                                      description="The gateway's after-ack work (started by "
@@ -108,10 +147,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--store", type=Path, required=True)
     parser.add_argument("--nice", type=int, default=NICE,
                         help="CPU priority below the gateway's (default %(default)s)")
+    parser.add_argument("--forward", action="store_true",
+                        help="queue every DICOM file for the PACS (clinic_gateway/forwarder.py)")
     args = parser.parse_args(argv)
     # Background work: on a busy gateway the receiving path gets the CPU first.
     os.nice(args.nice)
-    Exporter(args.store, sys.stdout).run(sys.stdin)
+    Exporter(args.store, sys.stdout, forward=args.forward).run(sys.stdin)
     return 0
 
 

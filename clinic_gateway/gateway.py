@@ -472,9 +472,12 @@ class Gateway:
         its entry and temp files to remove: its staging stays, the device resumes.
 
         Workers of one service share the store, and one may start while a peer is in the
-        middle of a transfer: an entry whose writer is a live process of this host (other
-        than this one) is that peer's work in flight, not a crash's leftover, so it and its
-        temp files are left alone (``_owned_by_live_peer``)."""
+        middle of a transfer: an uncommitted entry whose writer is a live process of this
+        host (other than this one) is that peer's work in flight, not a crash's leftover, so
+        it and its temp files are left alone (``_owned_by_live_peer``). A committed one is
+        finished here whoever wrote it: on a shared subscription the worker that journaled a
+        transfer (at its manifest) need not be the one that committed it (at its final), and
+        the after-ack work is idempotent."""
         for device_dir in sorted(p for p in self._pending.glob("*") if p.is_dir()):
             device_id = device_dir.name
             captures: list[str] = []
@@ -484,7 +487,8 @@ class Gateway:
                         entry.unlink(missing_ok=True)  # a journal write cut short
                     continue
                 capture_id = entry.name.removesuffix(".json")
-                if self._owned_by_live_peer(entry):
+                if not self._is_committed(device_id, capture_id) and \
+                        self._owned_by_live_peer(entry):
                     log_event(log, "gateway.recovery_skipped", device_id=device_id,
                               capture_id=capture_id, reason="live peer")
                     continue
@@ -493,6 +497,10 @@ class Gateway:
             self._remove_temp_files(self._ledger / device_id, captures)
             for capture_id in captures:
                 self._recover_one(device_id, capture_id)
+
+    def _is_committed(self, device_id: str, capture_id: str) -> bool:
+        return self._image_path(device_id, capture_id).exists() or \
+            self._ledger_path(device_id, capture_id).exists()
 
     @staticmethod
     def _owned_by_live_peer(entry: Path) -> bool:
@@ -518,8 +526,7 @@ class Gateway:
             record = None
         # Not a capture (kind): the exporter reads that from the sidecar.
         dicom = self.export_dicom
-        committed = self._image_path(device_id, capture_id).exists() or \
-            self._ledger_path(device_id, capture_id).exists()
+        committed = self._is_committed(device_id, capture_id)
         log_event(log, "gateway.recovering", device_id=device_id, capture_id=capture_id,
                   committed=committed)
         if not committed:

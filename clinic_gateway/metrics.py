@@ -15,7 +15,11 @@ Metrics (all prefixed ``clinic_gateway_``):
 - ``transfer_seconds``: histogram, from a transfer's first manifest to its commit;
 - ``device_last_seen_timestamp_seconds{device_id}``: the last message of each device;
 - ``staging_bytes``: bytes of transfers in flight in the store's staging;
-- ``up`` (1 while the supervisor serves) and ``workers_alive``, ``workers_configured``.
+- ``up`` (1 while the supervisor serves) and ``workers_alive``, ``workers_configured``;
+- PACS delivery (``[pacs]``, the forwarder process): ``pacs_queue_depth`` (instances waiting
+  in ``.gateway/forward``), ``pacs_failed_entries`` (in ``forward/failed``, for a person),
+  ``pacs_forwarded_total``, ``pacs_retries_total{reason}``, ``pacs_failed_total{reason}``
+  and ``pacs_forward_seconds`` (histogram, one send).
 """
 
 from __future__ import annotations
@@ -81,6 +85,48 @@ class PrometheusMetrics(GatewayMetrics):
         self._transfer.observe(max(0.0, time.time() - began))
 
 
+#: One send to the PACS: milliseconds on a LAN, up to a timeout.
+FORWARD_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+
+
+class ForwarderMetrics:
+    """What the PACS forwarder counts; this base class counts nothing (tests, the demo)."""
+
+    def forwarded(self, seconds: float) -> None:
+        """The PACS confirmed an instance, after ``seconds`` of sending."""
+
+    def retried(self, reason: str) -> None:
+        """A try failed and will be retried."""
+
+    def failed(self, reason: str) -> None:
+        """An entry was given up (moved to ``forward/failed``)."""
+
+
+class PrometheusForwarderMetrics(ForwarderMetrics):
+    """The forwarder's figures (clinic_gateway/forwarder.py), in the multiprocess registry."""
+
+    def __init__(self) -> None:
+        self._forwarded = Counter(f"{PREFIX}_pacs_forwarded",
+                                  "Instances the PACS confirmed holding")
+        self._retries = Counter(f"{PREFIX}_pacs_retries", "Failed tries, to be retried",
+                                ["reason"])
+        self._failed = Counter(f"{PREFIX}_pacs_failed",
+                               "Queue entries given up (moved to forward/failed)", ["reason"])
+        self._seconds = Histogram(f"{PREFIX}_pacs_forward_seconds",
+                                  "Seconds of one successful send to the PACS",
+                                  buckets=FORWARD_BUCKETS)
+
+    def forwarded(self, seconds: float) -> None:
+        self._forwarded.inc()
+        self._seconds.observe(seconds)
+
+    def retried(self, reason: str) -> None:
+        self._retries.labels(reason=reason).inc()
+
+    def failed(self, reason: str) -> None:
+        self._failed.labels(reason=reason).inc()
+
+
 def staging_bytes(store_dir: Path) -> int:
     """Bytes under the store's staging (transfers in flight only: cheap to walk)."""
     total = 0
@@ -110,6 +156,14 @@ class ServiceCollector(Collector):
         yield GaugeMetricFamily(f"{PREFIX}_staging_bytes",
                                 "Bytes of transfers in flight in the store's staging",
                                 staging_bytes(self.store_dir))
+        from clinic_gateway.forwarder import depth  # the queue's layout is the forwarder's
+
+        waiting, failed = depth(self.store_dir)
+        yield GaugeMetricFamily(f"{PREFIX}_pacs_queue_depth",
+                                "Instances waiting to be forwarded to the PACS", waiting)
+        yield GaugeMetricFamily(f"{PREFIX}_pacs_failed_entries",
+                                "Queue entries the PACS refused for good (forward/failed)",
+                                failed)
 
 
 def service_registry(multiproc_dir: Path, collector: ServiceCollector) -> CollectorRegistry:

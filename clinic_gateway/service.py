@@ -8,6 +8,11 @@ and the API, clinic_gateway/web; restarted like a worker: ``gateway.web_started`
 ``gateway.web_died``) and, on SIGTERM or SIGINT, stops every worker with SIGTERM
 (SIGKILL after ``STOP_TIMEOUT``) and exits 0.
 
+With ``[pacs] enabled`` it also starts one forwarder process for the store
+(``python -m clinic_gateway.forwarder``, clinic_gateway/forwarder.py), which delivers the
+DICOM objects the workers' exporters queued to the clinic's PACS; restarted like a worker
+(``pacs.forwarder_died``, then ``pacs.forwarder_process_started``), stopped with them.
+
 Each worker is one Gateway (clinic_gateway/gateway.py) on the shared subscription and the
 shared store, in its own process: a worker killed with SIGKILL mid-transfer loses nothing
 (the device resends what was not acked; the store commits with a link that never replaces,
@@ -52,7 +57,8 @@ _SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGCHLD}
 
 @dataclass
 class _Worker:
-    n: int
+    n: int  # 1..N for a worker; 0 for the web process and the PACS forwarder
+    role: str = "worker"  # "worker", "web" or "forwarder"
     proc: subprocess.Popen | None = None
     started: float = 0.0
     restart_at: float | None = field(default=None)
@@ -119,6 +125,11 @@ def run_worker(config: Config, n: int) -> int:
         allow_unsealed=config.service.insecure_dev_mode,
         signing_key=signing.load_private_key(keys.signing) if keys.signing else None,
         metrics=metrics)
+    if config.pacs.enabled:
+        from clinic_gateway import exporter
+
+        # Its exporter queues every DICOM object for the supervisor's PACS forwarder.
+        gw.exporter_command = exporter.command(forward=True)
     return gateway.serve_until_done(gw, done, crashed)
 
 
@@ -132,24 +143,32 @@ class Supervisor:
         self.workers = [_Worker(n) for n in range(1, config.service.workers + 1)]
         # The GP's page and the API (clinic_gateway/web): a process of its own, restarted
         # like a worker, so a fault there never touches the receiving of captures.
-        self.web = _Worker(0) if config.web.enabled else None
+        self.web = _Worker(0, "web") if config.web.enabled else None
+        # One forwarder per store, not per worker: each instance is sent by one process.
+        self.forwarder = _Worker(0, "forwarder") if config.pacs.enabled else None
+        self.children = self.workers + [w for w in (self.web, self.forwarder) if w is not None]
         self.multiproc_dir: Path | None = None
 
-    def _processes(self) -> list[_Worker]:
-        return self.workers + ([self.web] if self.web is not None else [])
+    def _command(self, child: _Worker) -> list[str]:
+        run = [sys.executable, "-m", "clinic_gateway", "run", "--config", str(self.config_path)]
+        if child.role == "web":
+            return [*run, "--web"]
+        if child.role == "forwarder":
+            return [sys.executable, "-m", "clinic_gateway.forwarder", "--config",
+                    str(self.config_path), "--parent", str(os.getpid())]
+        return [*run, "--worker", str(child.n)]
 
     def _spawn(self, worker: _Worker) -> None:
         env = dict(os.environ)
         if self.multiproc_dir is not None:
             env["PROMETHEUS_MULTIPROC_DIR"] = str(self.multiproc_dir)
-        role = ["--web"] if worker is self.web else ["--worker", str(worker.n)]
-        worker.proc = subprocess.Popen(
-            [sys.executable, "-m", "clinic_gateway", "run", "--config", str(self.config_path),
-             *role], env=env)
+        worker.proc = subprocess.Popen(self._command(worker), env=env)
         worker.started = time.monotonic()
         worker.restart_at = None
-        if worker is self.web:
+        if worker.role == "web":
             log_event(log, "gateway.web_started", pid=worker.proc.pid)
+        elif worker.role == "forwarder":
+            log_event(log, "pacs.forwarder_process_started", pid=worker.proc.pid)
         else:
             log_event(log, "gateway.worker_started", worker=worker.n, pid=worker.proc.pid)
 
@@ -180,17 +199,18 @@ class Supervisor:
         from clinic_gateway.metrics import worker_died
 
         now = time.monotonic()
-        for w in self._processes():
+        for w in self.children:
             if w.proc is None or w.proc.poll() is None:
                 continue
             code = w.proc.returncode
-            if w is self.web:
-                log_event(log, "gateway.web_died", level=logging.ERROR, pid=w.proc.pid,
+            died = {"web": "gateway.web_died", "forwarder": "pacs.forwarder_died"}
+            if w.role in died:
+                log_event(log, died[w.role], level=logging.ERROR, pid=w.proc.pid,
                           returncode=code, signal=_signal_name(code))
             else:
                 log_event(log, "gateway.worker_died", level=logging.ERROR, worker=w.n,
                           pid=w.proc.pid, returncode=code, signal=_signal_name(code))
-            if self.multiproc_dir is not None and w is not self.web:
+            if self.multiproc_dir is not None and w.role != "web":
                 worker_died(self.multiproc_dir, w.proc.pid)
             w.proc = None
             w.restart_at = now + (RESTART_DELAY if now - w.started < QUICK_DEATH else 0.0)
@@ -201,20 +221,20 @@ class Supervisor:
         signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS)
         try:
             self._serve_metrics()
-            for w in self._processes():
+            for w in self.children:
                 self._spawn(w)
             log_event(log, "gateway.service_started", workers=len(self.workers),
                       config=str(self.config_path))
             notify("READY=1")  # systemd (Type=notify); a no-op elsewhere
             while True:
-                due = [w.restart_at for w in self._processes() if w.restart_at is not None]
+                due = [w.restart_at for w in self.children if w.restart_at is not None]
                 timeout = max(0.0, min(due) - time.monotonic()) if due else 3600.0
                 info = signal.sigtimedwait(_SIGNALS, timeout)
                 if info is not None and info.si_signo in (signal.SIGTERM, signal.SIGINT):
                     break
                 self._reap()
                 now = time.monotonic()
-                for w in self._processes():
+                for w in self.children:
                     if w.proc is None and w.restart_at is not None and w.restart_at <= now:
                         self._spawn(w)
             notify("STOPPING=1")
@@ -230,8 +250,7 @@ class Supervisor:
                 shutil.rmtree(self.multiproc_dir, ignore_errors=True)
 
     def _stop_all(self) -> None:
-        running = [w for w in self._processes()
-                   if w.proc is not None and w.proc.poll() is None]
+        running = [w for w in self.children if w.proc is not None and w.proc.poll() is None]
         for w in running:
             w.proc.send_signal(signal.SIGTERM)
         deadline = time.monotonic() + STOP_TIMEOUT
@@ -240,7 +259,7 @@ class Supervisor:
                 w.proc.wait(max(0.0, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 log_event(log, "gateway.worker_killed", level=logging.ERROR, worker=w.n,
-                          pid=w.proc.pid)  # worker 0: the web process
+                          role=w.role, pid=w.proc.pid)
                 w.proc.kill()
                 w.proc.wait()
 

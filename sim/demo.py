@@ -5,6 +5,13 @@ whose button is pressed with a mix of good and defective scenes. Every JSON log 
 in ``*.jsonl`` files under the output folder. The verdict of the run comes from those files
 and the gateway's stored images, not from the agent's own bookkeeping: it exits 0 only if
 every capture the agent reported accepted was stored at the gateway with the right SHA-256.
+
+When Orthanc is installed (Debian packages orthanc and orthanc-dicomweb, ``make
+system-deps``) the gateway also delivers to a private Orthanc, the clinic's PACS stand-in
+(``<out>/pacs``, loopback ports): its exporter queues every DICOM object and a forwarder
+sends it over DICOMweb STOW-RS, as ``[pacs]`` configures the service. The run then also
+needs every stored DICOM object read back from Orthanc by its SOP Instance UID, and the demo
+prints where to see the images in Orthanc's own web viewer.
 """
 
 from __future__ import annotations
@@ -17,13 +24,18 @@ import secrets
 import shutil
 import threading
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
+from clinic_gateway import exporter
+from clinic_gateway.config import PacsConfig
+from clinic_gateway.forwarder import Forwarder, pending
 from clinic_gateway.gateway import Gateway
+from clinic_gateway.pacs import make_sender
 from clinic_gateway.web.auth import Staff, hash_password
 from clinic_gateway.web.server import WebServer, beside
 from dermascope_wire import signing
@@ -31,6 +43,7 @@ from dermascope_wire.logs import add_json_handler
 from dermascope_wire.seal import generate_keypair, public_key_pem
 from device_agent.config import Config
 from sim.device import SimDevice, sim_config
+from sim.orthanc import PrivateOrthanc, find_orthanc
 from sim.pki import TestCA
 from sim.secure_broker import SecureMosquitto
 
@@ -146,7 +159,7 @@ def _fresh(out: Path) -> None:
     """Remove what an earlier demo left in ``out`` (only the demo's own files)."""
     for name in (AGENT_LOG, GATEWAY_LOG):
         (out / name).unlink(missing_ok=True)
-    for name in ("device", "gateway", "broker", "clinic"):
+    for name in ("device", "gateway", "broker", "clinic", "pacs"):
         shutil.rmtree(out / name, ignore_errors=True)
 
 
@@ -163,23 +176,34 @@ def run_demo(out: Path, captures: int, seed: int = 7) -> int:
     ]
     started = time.monotonic()
     web_problems: list[str] = []
+    pacs_problems: list[str] = []
+    pacs_summary: list[str] = []
     try:
         clinic = make_clinic(out / "clinic", DEVICE_ID)
-        with SecureMosquitto(out / "broker", clinic.ca) as broker:
+        with ExitStack() as stack:
+            broker = stack.enter_context(SecureMosquitto(out / "broker", clinic.ca))
             print(f"broker    Mosquitto on {broker.host}:{broker.port} (private, loopback), "
                   "mutual TLS with the shipped config and ACL")
-            with Gateway(broker.host, broker.port, out / "gateway",
-                         private_keys=[clinic.seal_private], tls=clinic.gateway_tls,
-                         signing_key=clinic.signing_private,
-                         command_tls=clinic.commander_tls) as gateway, \
-                    GPPage(gateway, clinic) as page:
+            pacs = _start_pacs(out / "pacs", stack)
+            gateway = Gateway(broker.host, broker.port, out / "gateway",
+                              private_keys=[clinic.seal_private], tls=clinic.gateway_tls,
+                              signing_key=clinic.signing_private,
+                              command_tls=clinic.commander_tls)
+            if pacs is not None:
+                gateway.exporter_command = exporter.command(forward=True)
+            with gateway, GPPage(gateway, clinic) as page:
                 kid = signing.key_id(clinic.signing_private.public_key())
                 print("gateway   reference receiver, holds the clinic's sealing key; signs "
                       f"every ack and command (Ed25519 key {kid}); opens the case")
+                forwarding = _forward(pacs, gateway.store_dir, stack)
                 _press_through(demo_config(out, broker.port, seed, clinic), captures, seed,
                                gateway)
                 web_problems = page.check(DEVICE_ID)
+                if pacs is not None and forwarding is not None:
+                    pacs_problems, pacs_summary = _check_pacs(pacs, gateway.store_dir)
                 page.linger()
+                if forwarding is not None:
+                    forwarding.set()
     finally:
         for handler in handlers:
             for name in ("device_agent", "clinic_gateway"):
@@ -194,11 +218,73 @@ def run_demo(out: Path, captures: int, seed: int = 7) -> int:
           f"at the gateway, in {seconds:.1f} s")
     print(f"files     images, JSON sidecars and DICOM files under {out / 'gateway'}")
     print(f"logs      {out / AGENT_LOG}, {out / GATEWAY_LOG}")
-    for problem in result.bad:
+    for line in pacs_summary:
+        print(line)
+    for problem in result.bad + pacs_problems:
         print(f"PROBLEM   {problem}")
-    print("result    " + ("OK: every accepted capture was stored and verified" if result.ok
+    ok = result.ok and not pacs_problems
+    print("result    " + ("OK: every accepted capture was stored and verified" if ok
                           else "FAILED"))
-    return 0 if result.ok else 1
+    return 0 if ok else 1
+
+
+def _start_pacs(folder: Path, stack: ExitStack) -> PrivateOrthanc | None:
+    """A private Orthanc for the gateway to deliver to, if Orthanc is installed."""
+    if find_orthanc() is None:
+        print("pacs      Orthanc is not installed (make system-deps): no PACS delivery")
+        return None
+    pacs = stack.enter_context(PrivateOrthanc(folder))
+    print(f"pacs      Orthanc on {pacs.host}:{pacs.http_port} (private, loopback): the "
+          "clinic's PACS, fed over DICOMweb STOW-RS")
+    return pacs
+
+
+def _forward(pacs: PrivateOrthanc | None, store: Path, stack: ExitStack
+             ) -> threading.Event | None:
+    """The gateway's PACS forwarder on a thread, until the returned event is set (or the
+    demo ends)."""
+    if pacs is None:
+        return None
+    config = PacsConfig.model_validate({**pacs.pacs_section("stow-rs"), "timeout_s": 10.0,
+                                        "retry_initial_s": 0.2, "retry_max_s": 2.0,
+                                        "poll_interval_s": 0.1})
+    forwarder = Forwarder(store, make_sender(config), retry_initial=config.retry_initial_s,
+                          retry_max=config.retry_max_s, poll_interval=config.poll_interval_s)
+    stop = threading.Event()
+    thread = threading.Thread(target=forwarder.run, args=(stop,), name="pacs-forwarder",
+                              daemon=True)
+    thread.start()
+
+    def join() -> None:
+        stop.set()
+        thread.join(15)
+
+    stack.callback(join)
+    return stop
+
+
+def _check_pacs(pacs: PrivateOrthanc, store: Path) -> tuple[list[str], list[str]]:
+    """Wait (bounded) for the forward queue to empty, then read back from Orthanc every
+    DICOM object the gateway stored: (problems, summary lines)."""
+    deadline = time.monotonic() + 60.0
+    while pending(store) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    from pydicom import dcmread  # the gateway's dependency; only the PACS part needs it
+
+    wanted = {str(dcmread(p, stop_before_pixels=True).SOPInstanceUID): p
+              for p in sorted(store.glob("*/*.dcm"))}
+    held = pacs.sop_instance_uids()
+    problems = [f"{path.stem}: DICOM object {uid} never reached the PACS (Orthanc)"
+                for uid, path in wanted.items() if uid not in held]
+    found = len(wanted) - len(problems)
+    summary = [
+        f"pacs      {found} of {len(wanted)} DICOM objects read back from Orthanc by SOP "
+        f"Instance UID ({len(held)} instances there)",
+        f"viewer    {pacs.explorer_url}  (user {pacs.user}, password {pacs.password}); "
+        "it stops with the demo: to look again, /usr/sbin/Orthanc "
+        f"{pacs.config_path}",
+    ]
+    return problems, summary
 
 
 class GPPage:

@@ -185,6 +185,10 @@ def test_a_worker_starting_leaves_a_live_peers_transfer_alone(broker, store, eve
     peer = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
         live_entry, live_temp = _in_flight(store, "live1", peer.pid)
+        # Journaled by the peer at its manifest, committed by a worker since killed (on a
+        # shared subscription the final may reach another worker): finished here.
+        _in_flight(store, "live2", peer.pid)
+        (store / DEVICE / f".live2.jpg.{peer.pid}.tmp").rename(store / DEVICE / "live2.jpg")
         dead = subprocess.Popen([sys.executable, "-c", "pass"])
         dead.wait(timeout=30)
         dead_entry, dead_temp = _in_flight(store, "dead1", dead.pid)
@@ -195,6 +199,8 @@ def test_a_worker_starting_leaves_a_live_peers_transfer_alone(broker, store, eve
         assert not dead_entry.exists()
         assert not dead_temp.exists()
         assert [e["capture_id"] for e in events.named("gateway.recovery_skipped")] == ["live1"]
+        recovered = {e["capture_id"]: e["committed"] for e in events.named("gateway.recovering")}
+        assert recovered == {"dead1": False, "live2": True}
     finally:
         peer.kill()
         peer.wait(timeout=30)

@@ -43,6 +43,15 @@ fi
 if [ ! -x /usr/bin/chromedriver ]; then
     need+=(chromium-driver)
 fi
+# Orthanc and its DICOMweb plugin: the PACS the PACS-delivery tests and `make demo` start on
+# free loopback ports with their own config and storage (sim/orthanc.py); never the system's.
+if [ ! -x /usr/sbin/Orthanc ] && ! command -v Orthanc >/dev/null 2>&1; then
+    need+=(orthanc)
+fi
+if [ ! -e /usr/share/orthanc/plugins/libOrthancDicomWeb.so ] \
+        && [ ! -e /usr/lib/orthanc/libOrthancDicomWeb.so ]; then
+    need+=(orthanc-dicomweb)
+fi
 py=${PYTHON:-python3}
 if ! "$py" -c 'import ensurepip, venv' >/dev/null 2>&1; then
     ver=$("$py" -c 'import sys; print(f"{sys.version_info[0]}.{sys.version_info[1]}")')
@@ -56,3 +65,4 @@ export DEBIAN_FRONTEND=noninteractive
 $sudo apt-get update -qq
 $sudo apt-get install -y -qq --no-install-recommends "${need[@]}"
 # Debian starts the packaged broker on port 1883; nothing here needs it.
+# Debian starts the packaged Orthanc on ports 8042 and 4242 too; nothing here needs it either.
