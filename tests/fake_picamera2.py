@@ -63,6 +63,7 @@ class FakePicamera2:
         self.frames_left = frames  # None = endless; 0 = the sensor stopped delivering
         self.af_result = af_result
         self._sequence = 0
+        self._next_due = 0.0
 
     def create_video_configuration(self, main: dict | None = None, lores: dict | None = None,
                                    buffer_count: int = 6, controls: dict | None = None,
@@ -81,6 +82,7 @@ class FakePicamera2:
         if not self.configured:
             raise RuntimeError("Camera has not been configured")
         self.started = True
+        self._next_due = time.monotonic()
 
     def _image(self) -> np.ndarray:
         width, height = self.config["main"]["size"]
@@ -101,6 +103,12 @@ class FakePicamera2:
             raise TimeoutError()
         if self.frames_left is not None:
             self.frames_left -= 1
+        # A sensor delivers at its frame rate: capture_request blocks until the next frame.
+        period = 1.0 / float(self.config["controls"].get("FrameRate", 30.0))
+        wait = self._next_due - time.monotonic()
+        if wait > 0:
+            time.sleep(wait)
+        self._next_due = max(self._next_due + period, time.monotonic())
         self._sequence += 1
         metadata = {"SensorTimestamp": time.monotonic_ns(), "ExposureTime": 9000,
                     "AnalogueGain": 1.5, "FrameDuration": 100000}
