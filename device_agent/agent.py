@@ -87,14 +87,15 @@ class Agent(CommandHandlers):
             uplink.trust = self.trust
         pins = config.pins
         self.lights = Lights(pins.status_led, pins.ring_polarised, pins.ring_plain,
-                             pin_factory=pin_factory)
+                             pin_factory=pin_factory, standing=Signal.STARTING)
         self.button = GestureButton(pins.button, self._inbox.put, pin_factory=pin_factory,
                                     bounce_time=config.button.bounce_time,
                                     hold_time=config.button.hold_time,
                                     double_press_window=config.button.double_press_window)
         self.supervisor = CameraSupervisor(cam, camera, self.ring, self.lights,
                                            lambda: self._light_for(self.session.mode))
-        self.judge = Judge(cam, self.ring, self.calibration, self._light_for)
+        self.judge = Judge(cam, self.ring, self.calibration, self._light_for,
+                           self.supervisor.first_frame)
         self._last_retake: Retake | None = None
         #: set when :meth:`run` ended because a thread died
         self.failed = False
@@ -278,6 +279,8 @@ class Agent(CommandHandlers):
             standing = Signal.FAULT
         elif self.asleep:
             standing = Signal.ASLEEP
+        elif not self.supervisor.streaming:
+            standing = Signal.STARTING
         elif storage_full:
             standing = Signal.STORAGE_FULL
         elif self.uplink is not None and not self.uplink.online:

@@ -109,17 +109,35 @@ def load_device_calibration(state_dir: Path) -> Calibration | None:
 
 class Judge:
     def __init__(self, config: CameraConfig, ring: FrameRing, calibration: Calibration | None,
-                 light_for: Callable[[str], None]) -> None:
+                 light_for: Callable[[str], None],
+                 first_frame: Callable[[float], float | None] | None = None) -> None:
         """``light_for(mode)`` lights the ring for an illumination mode (a pair switches it
-        for its second image)."""
+        for its second image). ``first_frame(timeout)`` is the timestamp of the first frame
+        since the camera (re)started, waiting up to ``timeout`` s (None: none came)."""
         self.config = config
         self.ring = ring
         self.calibration = calibration
         self.light_for = light_for
+        self.first_frame = first_frame
+
+    def _after_start(self, pressed_at: float) -> float:
+        """The moment to take the press's frames from. A press before the camera's first
+        frames (the agent starting, the camera waking) has none around it: it waits, up to
+        ``camera.start_wait_s``, and takes its frames from the first window of the stream,
+        rather than failing while the LED still says "starting"."""
+        if self.first_frame is None:
+            return pressed_at
+        cam = self.config
+        first = self.first_frame(cam.start_wait_s)
+        if first is None or first <= pressed_at + cam.window_after:
+            return pressed_at  # streaming before the window closed (or never: no_frame)
+        log_event(log, "capture.waited_for_frames", waited_s=round(first - pressed_at, 3))
+        return first + cam.window_before
 
     def take(self, pressed_at: float, mode: str, thresholds: Thresholds) -> tuple[Shot, ...]:
         """The judged image(s) of a press in ``mode``; NoFrame when one is missing."""
         cam = self.config
+        pressed_at = self._after_start(pressed_at)
         first = self._shoot(pressed_at, "polarised" if mode == "pair" else mode,
                             cam.window_before, cam.window_after, thresholds)
         if first is None:

@@ -65,6 +65,9 @@ class CameraConfig(_Section):
     window_after: Annotated[float, Field(ge=0, le=1)] = 0.1
     jpeg_quality: Annotated[int, Field(ge=50, le=100)] = 95
     frame_timeout: Annotated[float, Field(gt=0, le=30)] = 2.0
+    # A press while the camera is still starting (or waking) waits this long for the first
+    # frames, then captures from them, instead of failing with no frame (s).
+    start_wait_s: Annotated[float, Field(ge=0, le=30)] = 5.0
     # Cameras with autofocus: a cycle when the camera starts or wakes, after a "focus"
     # retake, and when the last cycle is older than this (s).
     autofocus_every_s: Annotated[float, Field(gt=0, le=24 * 3600)] = 60.0
@@ -99,6 +102,9 @@ class SimConfig(_Section):
     severity: Annotated[float, Field(ge=0)] = 1.0
     # The simulated camera has an autofocus lens (as the Camera Module 3), else fixed focus.
     autofocus: bool = False
+    # Seconds from starting the simulated camera to its first frame (a real sensor takes
+    # most of a second to start and settle its exposure).
+    start_delay_s: Annotated[float, Field(ge=0, le=10)] = 0.0
 
 
 class PinsConfig(_Section):

@@ -24,7 +24,7 @@ def open_backend(camera: CameraConfig, sim: SimConfig) -> SimCamera:
     the simulator's distribution): what ``camera.backend = "sim"`` opens."""
     return SimCamera(
         camera.width, camera.height, camera.fps, seed=sim.seed, defect=sim.defect,
-        severity=sim.severity, autofocus=sim.autofocus,
+        severity=sim.severity, autofocus=sim.autofocus, start_delay=sim.start_delay_s,
     )
 
 
@@ -40,8 +40,11 @@ class SimCamera(Camera):
         defect: str | None = None,
         severity: float = 1.0,
         autofocus: bool = False,
+        start_delay: float = 0.0,
     ) -> None:
         self._period = 1.0 / fps
+        #: seconds from start() to the first frame, as a real sensor starting up
+        self.start_delay = start_delay
         self.has_autofocus = autofocus
         # How far the lens has drifted from focus (a defocus severity), until a cycle.
         self._drift = 0.0
@@ -105,13 +108,16 @@ class SimCamera(Camera):
     def start(self) -> None:
         self._closed.clear()
         self._started = True
-        self._next_due = time.monotonic()
+        self._next_due = time.monotonic() + self.start_delay
 
     def next_frame(self, timeout: float) -> Frame:
         if not self._started:
             raise CameraError("camera is not started")
         wait = self._next_due - time.monotonic()
         if wait > timeout:
+            # As a real sensor: the caller waited the whole timeout for nothing.
+            if self._closed.wait(timeout):
+                raise CameraError("camera closed")
             raise FrameTimeout(f"no frame from the camera within {timeout:.1f} s")
         # Wait out the frame period like a sensor does; close() interrupts the wait.
         if wait > 0 and self._closed.wait(wait):
