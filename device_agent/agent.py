@@ -17,7 +17,6 @@ one of them died.
 from __future__ import annotations
 
 import logging
-import math
 import queue
 import threading
 import time
@@ -31,7 +30,7 @@ from dermascope_wire.signing import Trust
 from device_agent import __version__
 from device_agent.buttons.gestures import Gesture, GestureButton, GestureEvent
 from device_agent.camera.base import Camera
-from device_agent.camera.ring import FrameRing
+from device_agent.camera.ring import FrameRing, ring_size
 from device_agent.camera_supervisor import CameraSupervisor
 from device_agent.capture import (
     CaptureOutcome,
@@ -67,7 +66,7 @@ class Agent(CommandHandlers):
         self.thresholds = config.thresholds()
         self.calibration = load_device_calibration(config.device.state_dir)
         cam = config.camera
-        self.ring = FrameRing(math.ceil(cam.ring_seconds * cam.fps) + 1)
+        self.ring = FrameRing(ring_size(cam.width, cam.height, cam.fps, cam.ring_seconds).frames)
         self.session = Session(config.illumination.mode, config.case.timeout_s)
         self.brightness = config.illumination.brightness
         self.override_window = config.button.override_window

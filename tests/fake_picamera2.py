@@ -13,6 +13,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
+import cv2
 import numpy as np
 
 
@@ -26,8 +27,10 @@ class FakeRequest:
     def make_array(self, name: str) -> np.ndarray:
         if self.released:
             raise RuntimeError("request used after release")
-        if name not in self._camera.config:
+        if self._camera.config.get(name) is None:
             raise RuntimeError(f"Stream {name!r} is not defined")
+        if name == "lores":
+            return self._camera.lores_array(self._image)
         return self._image.copy()  # picamera2 copies out of the camera buffer
 
     def get_metadata(self) -> dict[str, Any]:
@@ -75,6 +78,17 @@ class FakePicamera2:
     def configure(self, config: dict[str, Any]) -> None:
         if self.started:
             raise RuntimeError("Camera must be stopped before configuring")
+        lores = config.get("lores")
+        if lores is not None:
+            # picamera2's rules for lores: YUV420 on the Pi 4 and earlier ISPs, no larger
+            # than main, even sides.
+            (lw, lh), (mw, mh) = lores["size"], config["main"]["size"]
+            if lores.get("format") != "YUV420":
+                raise RuntimeError("lores stream must be YUV420 on this Pi")
+            if lw > mw or lh > mh:
+                raise RuntimeError("lores stream dimensions may not exceed main stream")
+            if lw % 2 or lh % 2:
+                raise RuntimeError("lores stream dimensions must be even")
         self.config = config
         self.configured = True
 
@@ -93,6 +107,19 @@ class FakePicamera2:
         image[:] = x[None, :, None]
         image[..., 0] //= 2  # blue channel first in memory, as picamera2's RGB888
         return image
+
+    @staticmethod
+    def _to_yuv420(gray: np.ndarray) -> np.ndarray:
+        h, w = gray.shape
+        out = np.full((h * 3 // 2, w), 128, np.uint8)  # neutral chroma
+        out[:h] = gray
+        return out
+
+    def lores_array(self, image: np.ndarray) -> np.ndarray:
+        """The lores stream's YUV420 buffer: the ISP's downscale of the main image."""
+        width, height = self.config["lores"]["size"]
+        small = cv2.resize(image, (width, height), interpolation=cv2.INTER_AREA)
+        return self._to_yuv420(cv2.cvtColor(small, cv2.COLOR_BGR2GRAY))
 
     def capture_request(self, wait: float | bool | None = None, **_: Any) -> FakeRequest:
         if not self.started:

@@ -33,12 +33,18 @@ class Frame:
     with the moment of a button press. ``metadata`` holds the camera's own figures under
     libcamera's control names (``ExposureTime`` in µs, ``AnalogueGain``, ``LensPosition``,
     ``FocusFoM``, ...), whatever the backend has.
+
+    ``lores`` is the same moment from the camera's small second stream (picamera2's
+    ``lores``: the ISP's downscale of the whole field, gray, HxW uint8), when the camera has
+    one (``camera.lores_width``): frame choice scores it instead of the full frame, which at
+    12 MP would cost a hundred times more per frame. None: choice scores ``image``.
     """
 
     image: np.ndarray
     timestamp: float
     sequence: int
     metadata: dict[str, Any] = field(default_factory=dict)
+    lores: np.ndarray | None = None
 
 
 class Camera(ABC):

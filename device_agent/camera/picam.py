@@ -27,7 +27,8 @@ def _import_picamera2() -> Callable[[int], Any]:
 
 
 class PicameraCamera(Camera):
-    """Streams the main output of a Pi camera (IMX477 HQ, IMX708 Camera Module 3, ...)."""
+    """Streams the main output of a Pi camera (IMX477 HQ, IMX708 Camera Module 3, ...), and
+    with ``lores`` (w, h) its lores output too, whose gray plane frame choice scores."""
 
     def __init__(
         self,
@@ -36,8 +37,10 @@ class PicameraCamera(Camera):
         fps: float,
         camera_num: int = 0,
         factory: Callable[[int], Any] | None = None,
+        lores: tuple[int, int] | None = None,
     ) -> None:
         self._size = (width, height)
+        self._lores = lores
         self._fps = fps
         self._camera_num = camera_num
         self._factory = factory
@@ -52,8 +55,13 @@ class PicameraCamera(Camera):
             raise CameraError(f"cannot open camera {self._camera_num}: {err}") from err
         self.model = str(cam.camera_properties.get("Model", "unknown"))
         # RGB888 is BGR in memory: exactly what OpenCV expects, no conversion per frame.
+        # The lores stream is YUV420, the only format the Pi's ISP gives it on every model
+        # (Pi 4 and Zero 2 W included); its Y plane is the gray image the scores read, made
+        # by the ISP's own scaler at no cost to the CPU.
+        lores = {"size": self._lores, "format": "YUV420"} if self._lores else None
         config = cam.create_video_configuration(
             main={"size": self._size, "format": "RGB888"},
+            lores=lores,
             buffer_count=4,
             controls={"FrameRate": self._fps},
         )
@@ -76,8 +84,13 @@ class PicameraCamera(Camera):
             # A timed-out job stays queued inside picamera2; flush it so the next call is clean.
             cam.cancel_all_and_flush()
             raise FrameTimeout(f"no frame from the camera within {timeout:.1f} s") from err
+        lores = None
         try:
             image = request.make_array("main")
+            if self._lores:
+                # YUV420 as one (h * 3/2, w) array: the Y plane is its first h rows. A copy,
+                # so the ring does not keep the chroma planes alive with it.
+                lores = request.make_array("lores")[: self._lores[1]].copy()
             metadata = request.get_metadata()
         finally:
             request.release()
@@ -85,7 +98,8 @@ class PicameraCamera(Camera):
         # SensorTimestamp is CLOCK_MONOTONIC in ns, the clock time.monotonic() reads on Linux.
         stamp_ns = metadata.get("SensorTimestamp")
         timestamp = stamp_ns / 1e9 if stamp_ns else time.monotonic()
-        return Frame(image=image, timestamp=timestamp, sequence=self._sequence, metadata=metadata)
+        return Frame(image=image, timestamp=timestamp, sequence=self._sequence, metadata=metadata,
+                     lores=lores)
 
     def autofocus(self, timeout: float) -> bool:
         cam = self._camera()
