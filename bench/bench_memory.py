@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import queue
 import statistics
 import subprocess
@@ -35,7 +36,7 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-from common import emit
+from common import emit, unit_environment
 
 from device_agent.camera.base import Camera, CameraError, Frame
 
@@ -119,7 +120,8 @@ def start_to_ready(tmp: Path, repeat: int = 3) -> dict:
         launched = time.monotonic()
         proc = subprocess.Popen([sys.executable, "-m", "device_agent", "run", "--config",
                                  str(config)], stdout=subprocess.PIPE,
-                                stderr=subprocess.DEVNULL, text=True, cwd=ROOT)
+                                stderr=subprocess.DEVNULL, text=True, cwd=ROOT,
+                                env={**os.environ, **unit_environment()})
         seen: queue.Queue = queue.Queue()
         threading.Thread(target=_events, args=(proc.stdout, seen), daemon=True).start()
         marks: dict[str, float] = {}
@@ -254,8 +256,9 @@ def run_agent(tmp: Path, clips: Path, size: tuple[int, int], lores_width: int,
     script = _AGENT.format(bench=str(Path(__file__).parent), width=size[0], height=size[1],
                            lores=lores_width, budget=budget, state=str(tmp / name),
                            clips=str(clips))
+    # With the systemd unit's environment (its malloc settings), as the agent runs on a Pi.
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                         timeout=600, cwd=ROOT)
+                         timeout=600, cwd=ROOT, env={**os.environ, **unit_environment()})
     if out.returncode != 0:
         raise RuntimeError(f"the {name} agent failed: {out.stderr[-2000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])

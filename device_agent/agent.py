@@ -94,7 +94,7 @@ class Agent(CommandHandlers):
         self.supervisor = CameraSupervisor(cam, camera, self.ring, self.lights,
                                            lambda: self._light_for(self.session.mode))
         self.judge = Judge(cam, self.ring, self.calibration, self._light_for,
-                           self.supervisor.first_frame)
+                           self.supervisor.first_frame, lambda: self.supervisor.ring_started_at)
         self._last_retake: Retake | None = None
         #: set when :meth:`run` ended because a thread died
         self.failed = False
@@ -212,6 +212,10 @@ class Agent(CommandHandlers):
         under the other light), judge them, keep them if they are good. With ``released_at``
         (a press of the button) a kept capture is held while a double press may follow."""
         self.lights.show(Signal.CAPTURING)
+        # A new press supersedes the last retake: a hold overrides the latest capture's
+        # verdict, never an older one. Let go now, its frames are not held while this
+        # capture's are judged (9 MB each at 2028x1520, 35 MB at 12 MP).
+        self._last_retake = None
         try:
             with self.supervisor.capturing():
                 shots = self.judge.take(pressed_at, self.session.mode, self.thresholds)
@@ -228,7 +232,6 @@ class Agent(CommandHandlers):
             outcome = rejected(shots, reasons)
             self.lights.show(Signal.RETAKE)
             return outcome
-        self._last_retake = None
         return self._keep(shots, overridden=False, released_at=released_at)
 
     def override(self) -> CaptureOutcome | None:

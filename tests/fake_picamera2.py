@@ -110,9 +110,13 @@ class FakePicamera2:
 
     @staticmethod
     def _to_yuv420(gray: np.ndarray) -> np.ndarray:
+        """picamera2's YUV420 array: (h * 3/2, stride), rows padded to a multiple of 64
+        bytes (the padding is garbage: 255 here, so reading it shows)."""
         h, w = gray.shape
-        out = np.full((h * 3 // 2, w), 128, np.uint8)  # neutral chroma
-        out[:h] = gray
+        stride = -(-w // 64) * 64
+        out = np.full((h * 3 // 2, stride), 128, np.uint8)  # neutral chroma
+        out[:h, w:] = 255
+        out[:h, :w] = gray
         return out
 
     def lores_array(self, image: np.ndarray) -> np.ndarray:

@@ -19,7 +19,7 @@ from device_agent.camera.picam import PicameraCamera
 from device_agent.camera.quality import assess
 from device_agent.camera.ring import FrameRing, lores_size, ring_size
 from device_agent.camera.select import choose_frame
-from device_agent.config import ConfigError, parse_config
+from device_agent.config import CameraConfig, ConfigError, parse_config
 from sim.camera import SimCamera
 from tests.fake_picamera2 import FakePicamera2
 
@@ -52,7 +52,7 @@ def test_a_ring_that_fits_the_budget_is_accepted():
 
 def test_the_shipped_example_camera_fits_the_default_budget():
     camera = tomllib.loads(EXAMPLE.read_text())["camera"]
-    assert "memory_budget_mb" not in camera  # the default budget is what is tested
+    assert camera["memory_budget_mb"] == CameraConfig().memory_budget_mb  # the default
     parsed = parse_config(bench(**{**camera, "backend": "sim"})).camera
     assert ring_size(parsed.width, parsed.height, parsed.fps, parsed.ring_seconds,
                      parsed.lores_width).megabytes <= parsed.memory_budget_mb
@@ -85,15 +85,16 @@ def test_the_picamera2_backend_streams_the_lores_y_plane():
         opened.append(FakePicamera2(num))
         return opened[-1]
 
-    lores = lores_size(640, 480, 321)
-    assert lores == (320, 240)  # even sides, as YUV420 needs
+    lores = lores_size(640, 480, 331)
+    assert lores == (330, 248)  # even sides, as YUV420 needs
     camera = PicameraCamera(640, 480, 30.0, factory=factory, lores=lores)
     with camera:
-        assert opened[0].config["lores"] == {"size": (320, 240), "format": "YUV420"}
+        assert opened[0].config["lores"] == {"size": (330, 248), "format": "YUV420"}
         frame = camera.next_frame(timeout=1.0)
         assert opened[0].outstanding == 0
     assert frame.image.shape == (480, 640, 3)
-    assert frame.lores.shape == (240, 320)
+    assert frame.lores.shape == (248, 330)  # without the rows' padding to 384 bytes
+    assert frame.lores.max() < 255
     assert frame.lores.base is None  # its own copy: the chroma planes are not kept alive
     # The gray of the same picture: the fake's gradient runs left to right.
     assert frame.lores[0, 0] < frame.lores[0, -1]
@@ -136,3 +137,21 @@ def test_choosing_on_the_lores_stream_gives_the_verdict_of_the_full_frames(defec
         assert old_reasons  # the scene's defect is caught either way
     if defect is None:
         assert old_reasons == []
+
+
+def test_a_new_press_lets_the_last_retake_go(tmp_path):
+    """A retake's frames are held for a hold to override it; the next press supersedes it,
+    even one that finds no frame, so two captures' frames are never held at once."""
+    from sim.broker import free_port
+    from sim.device import SimDevice, sim_config
+
+    config = sim_config(tmp_path / "device", free_port())
+    with SimDevice(config, with_uplink=False) as device:
+        device.show("underexposed")
+        agent = device.agent
+        retake = agent.capture(agent.ring.latest().timestamp - config.camera.window_after)
+        assert retake.verdict == "retake"
+        # Pressed long before anything the ring holds: no frame around it.
+        failed = agent.capture(agent.ring_started_at - 60.0)
+        assert failed.verdict == "failed"
+        assert agent.override() is None  # nothing left to override

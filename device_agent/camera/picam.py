@@ -88,9 +88,11 @@ class PicameraCamera(Camera):
         try:
             image = request.make_array("main")
             if self._lores:
-                # YUV420 as one (h * 3/2, w) array: the Y plane is its first h rows. A copy,
-                # so the ring does not keep the chroma planes alive with it.
-                lores = request.make_array("lores")[: self._lores[1]].copy()
+                # YUV420 comes as one (h * 3/2, stride) array, rows padded to the stride: the
+                # Y plane is the first h rows' first w columns. A copy, so the ring keeps
+                # neither the padding nor the chroma planes alive.
+                width, height = self._lores
+                lores = request.make_array("lores")[:height, :width].copy()
             metadata = request.get_metadata()
         finally:
             request.release()
