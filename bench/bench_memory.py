@@ -218,15 +218,16 @@ def rss(key):
     return next(int(l.split()[1]) for l in open('/proc/self/status')
                 if l.startswith(key + ':')) / 1024
 
-width, height, lores_width, budget = {width}, {height}, {lores}, {budget}
+width, height, lores_width, budget, main_format = {width}, {height}, {lores}, {budget}, {fmt!r}
 config = parse_config({{
     "device": {{"id": "bench-12mp", "state_dir": {state!r}}},
     "camera": {{"backend": "picamera2", "width": width, "height": height, "fps": FPS,
-                "lores_width": lores_width, "ring_seconds": 0.4, "memory_budget_mb": budget}},
+                "lores_width": lores_width, "ring_seconds": 0.4, "memory_budget_mb": budget,
+                "main_format": main_format}},
     "pins": {{"pin_factory": "mock"}}, "outbox": {{"quota_mb": 4096}},
     "uplink": {{"insecure_dev_mode": True}}, "security": {{"insecure_dev_mode": True}}}})
 imported = rss("VmRSS")
-camera = ReplayCamera(Path({clips!r}), (width, height), lores_width, FPS)
+camera = ReplayCamera(Path({clips!r}), (width, height), lores_width, FPS, main_format)
 agent = Agent(config, camera, Outbox(config.outbox_dir, 4 << 30),
               pin_factory=MockFactory(pin_class=MockPWMPin))
 agent.start()
@@ -252,10 +253,10 @@ print(json.dumps({{"verdicts": verdicts, "peak_rss_mb": rss("VmHWM"),
 
 
 def run_agent(tmp: Path, clips: Path, size: tuple[int, int], lores_width: int,
-              budget: float, name: str) -> dict:
+              budget: float, name: str, main_format: str) -> dict:
     script = _AGENT.format(bench=str(Path(__file__).parent), width=size[0], height=size[1],
                            lores=lores_width, budget=budget, state=str(tmp / name),
-                           clips=str(clips))
+                           clips=str(clips), fmt=main_format)
     # With the systemd unit's environment (its malloc settings), as the agent runs on a Pi.
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                          timeout=600, cwd=ROOT, env={**os.environ, **unit_environment()})
@@ -272,7 +273,9 @@ class ReplayCamera(Camera):
 
     model = "replay-imx477"
 
-    def __init__(self, clips: Path, size: tuple[int, int], lores_width: int, fps: float):
+    def __init__(self, clips: Path, size: tuple[int, int], lores_width: int, fps: float,
+                 main_format: str = "RGB888"):
+        self._main_format = main_format
         self._clips = clips
         self._size = size
         self._lores_width = lores_width
@@ -318,6 +321,13 @@ class ReplayCamera(Camera):
                      metadata={"SensorTimestamp": int(stamp * 1e9), "ExposureTime": 8000},
                      lores=_lores(drawn, self._size, self._lores_width))
 
+    def stream_frame(self, timeout: float) -> Frame:
+        frame = self.next_frame(timeout)
+        if self._main_format != "YUV420":
+            return frame
+        return replace(frame, image=cv2.cvtColor(frame.image, cv2.COLOR_BGR2YUV_I420),
+                       yuv420=True)
+
     def close(self) -> None:
         self._closed.set()
 
@@ -328,13 +338,19 @@ def sensor_12mp(tmp: Path) -> dict:
     draw_clips(clips)
     binned = (SENSOR[0] // 2, SENSOR[1] // 2)
     results = {}
-    for name, size, budget in (("binned", binned, 128.0), ("full", SENSOR, 200.0)):
-        reference = reference_verdicts(clips, size)
-        agent = run_agent(tmp, clips, size, 1014, budget, name)
-        results[name] = {**agent, "width": size[0], "height": size[1],
+    references = {}
+    for name, size, fmt, budget in (("binned", binned, "YUV420", 128.0),
+                                    ("full", SENSOR, "YUV420", 128.0),
+                                    ("full_rgb888", SENSOR, "RGB888", 200.0)):
+        if size not in references:
+            references[size] = reference_verdicts(clips, size)
+        reference = references[size]
+        agent = run_agent(tmp, clips, size, 1014, budget, name, fmt)
+        results[name] = {**agent, "width": size[0], "height": size[1], "main_format": fmt,
                          "reference_verdicts": reference,
                          "same_verdicts": agent["verdicts"] == reference,
-                         "frame_mb": size[0] * size[1] * 3 / 2**20}
+                         "frame_mb": size[0] * size[1] * (1.5 if fmt == "YUV420" else 3)
+                         / 2**20}
     return results
 
 
@@ -346,9 +362,12 @@ def main(argv: list[str] | None = None) -> int:
         imp = imports()
         start = start_to_ready(tmp)
         sensor = sensor_12mp(tmp)
-    binned, full = sensor["binned"], sensor["full"]
+    binned = sensor["binned"]
     lean_ok = not imp["heavy_modules_loaded"]
-    memory_ok = binned["peak_rss_mb"] <= RSS_GOAL_MB and binned["same_verdicts"]
+    # The goal is the design for a Pi Zero 2 W (the binned mode); every run, 12 MP too,
+    # must give the old ring's verdicts.
+    memory_ok = (binned["peak_rss_mb"] <= RSS_GOAL_MB
+                 and all(run["same_verdicts"] for run in sensor.values()))
     lines = [
         f"import agent      : {imp['agent_import_s']:.2f} s, {imp['agent_rss_mb']:.0f} MB RSS; "
         f"{imp['import_time_ratio']:.1f}x the time and {imp['import_rss_ratio']:.2f}x the "
@@ -360,20 +379,23 @@ def main(argv: list[str] | None = None) -> int:
         f"ready) {start['ready_s']:.2f} s after exec = {start['ready_ratio']:.1f}x python + "
         f"numpy + cv2 starting ({start['baseline_python_numpy_cv2_s']:.2f} s); RSS "
         f"{start['ready_rss_mb']:.0f} MB (simulated camera included)",
-        f"4056x3040 sensor  : 2x2-binned {binned['width']}x{binned['height']} + lores 1014: "
-        f"peak RSS {binned['peak_rss_mb']:.0f} MB (ring {binned['ring_frames']} frames, "
+        f"4056x3040 sensor  : 2x2-binned {binned['width']}x{binned['height']} YUV420 + lores "
+        f"1014: peak RSS {binned['peak_rss_mb']:.0f} MB (ring {binned['ring_frames']} frames, "
         f"{binned['ring_mb']:.0f} MB), verdicts "
-        f"{'the same as' if binned['same_verdicts'] else 'NOT the same as'} "
-        f"the old ring's in {len(SCENES)} scenes (goal <= {RSS_GOAL_MB:.0f} MB, same: "
+        f"{'the same as' if binned['same_verdicts'] else 'NOT the same as'} the old ring's "
+        f"in {len(SCENES)} scenes (goal <= {RSS_GOAL_MB:.0f} MB, same: "
         f"{'met' if memory_ok else 'NOT met'})",
-        f"  full 12 MP main : peak RSS {full['peak_rss_mb']:.0f} MB, verdicts "
-        f"{'the same' if full['same_verdicts'] else 'NOT the same'}; profile: imported "
-        f"{full['imported_rss_mb']:.0f} MB + ring {full['ring_frames']} x "
-        f"{full['frame_mb']:.1f} MB = {full['ring_mb']:.0f} MB (streaming "
-        f"{full['streaming_rss_mb']:.0f} MB) + the frame in flight and the capture's "
-        f"copies -> {full['peak_rss_mb']:.0f} MB: a 0.4 s window of 12 MP frames alone "
-        f"exceeds the goal",
     ]
+    for name in ("full", "full_rgb888"):
+        run = sensor[name]
+        lines.append(
+            f"  all 12 MP {run['main_format']:6s}: peak RSS {run['peak_rss_mb']:.0f} MB, verdicts "
+            f"{'the same' if run['same_verdicts'] else 'NOT the same'}; profile: imported "
+            f"{run['imported_rss_mb']:.0f} MB + ring {run['ring_frames']} x "
+            f"{run['frame_mb']:.1f} MB = {run['ring_mb']:.0f} MB (streaming "
+            f"{run['streaming_rss_mb']:.0f} MB) + the frame in flight and the chosen frame in "
+            f"BGR ({SENSOR[0] * SENSOR[1] * 3 / 2**20:.0f} MB each) -> "
+            f"{'within' if run['peak_rss_mb'] <= RSS_GOAL_MB else 'over'} the goal")
     emit("memory", lines, {"imports": imp, "start": start, "sensor_12mp": sensor,
                            "goals": {"lean_imports": lean_ok, "memory_12mp": memory_ok}})
     return 0 if lean_ok and memory_ok else 1

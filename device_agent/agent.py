@@ -66,7 +66,8 @@ class Agent(CommandHandlers):
         self.thresholds = config.thresholds()
         self.calibration = load_device_calibration(config.device.state_dir)
         cam = config.camera
-        self.ring = FrameRing(ring_size(cam.width, cam.height, cam.fps, cam.ring_seconds).frames)
+        self.ring = FrameRing(ring_size(cam.width, cam.height, cam.fps, cam.ring_seconds,
+                                        cam.lores_width, cam.main_format).frames)
         self.session = Session(config.illumination.mode, config.case.timeout_s)
         self.brightness = config.illumination.brightness
         self.override_window = config.button.override_window

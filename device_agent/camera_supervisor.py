@@ -116,7 +116,7 @@ class CameraSupervisor:
                     return
                 continue
             try:
-                frame = self.camera.next_frame(timeout)
+                frame = self.camera.stream_frame(timeout)
             except FrameTimeout as err:
                 self.fault = True
                 log_event(log, "camera.timeout", logging.WARNING, error=str(err))

@@ -166,6 +166,7 @@ class Judge:
         if choice is None:
             return None
         frame, offset = choice
+        frame = frame.bgr()
         if self.calibration is not None:
             frame = replace(frame, image=self.calibration.apply(frame.image, mode))
         report = assess(frame.image, thresholds)

@@ -68,6 +68,10 @@ class CameraConfig(_Section):
     # A press while the camera is still starting (or waking) waits this long for the first
     # frames, then captures from them, instead of failing with no frame (s).
     start_wait_s: Annotated[float, Field(ge=0, le=30)] = 5.0
+    # The format the ring keeps frames in: "RGB888" (BGR in memory, 3 bytes a pixel) or
+    # "YUV420" (picamera2's, 1.5 bytes a pixel: twice the frames in the same memory; only
+    # the chosen frame is converted to BGR).
+    main_format: Literal["RGB888", "YUV420"] = "RGB888"
     # Width of the camera's second, small stream (picamera2's lores, gray) that frame choice
     # scores instead of the full frames; 0 = no lores stream, choice scores the frames.
     lores_width: Annotated[int, Field(ge=0, le=4096)] = 0
@@ -94,6 +98,9 @@ class CameraConfig(_Section):
 
     @model_validator(mode="after")
     def _lores_is_smaller(self) -> CameraConfig:
+        if self.main_format == "YUV420" and (self.width % 2 or self.height % 2):
+            raise ValueError(f"camera.width and camera.height ({self.width}x{self.height}) "
+                             "must be even for camera.main_format = \"YUV420\" (it halves them)")
         if self.lores_width and not 64 <= self.lores_width < self.width:
             raise ValueError(f"camera.lores_width ({self.lores_width}) must be at least 64 and "
                              f"less than camera.width ({self.width}), or 0 for no lores stream")
@@ -104,16 +111,17 @@ class CameraConfig(_Section):
         from device_agent.camera.ring import ring_size  # it imports base, which is light
 
         size = ring_size(self.width, self.height, self.fps, self.ring_seconds,
-                         self.lores_width)
+                         self.lores_width, self.main_format)
         if size.megabytes > self.memory_budget_mb:
             raise ValueError(
                 f"camera.memory_budget_mb: the frame ring needs {size.megabytes:.0f} MB "
-                f"({size.frames} frames of {self.width}x{self.height}: camera.ring_seconds "
+                f"({size.frames} {self.main_format} frames of {self.width}x{self.height}: "
+                f"camera.ring_seconds "
                 f"{self.ring_seconds:g} s at camera.fps {self.fps:g}) but "
                 f"camera.memory_budget_mb allows {self.memory_budget_mb:g} MB; shorten "
-                "camera.ring_seconds, lower camera.fps, or stream a smaller camera.width x "
-                "camera.height (the sensor's 2x2-binned mode), or raise the budget on a "
-                "device that has the memory")
+                "camera.ring_seconds, lower camera.fps, use camera.main_format = "
+                "\"YUV420\", or stream a smaller camera.width x camera.height (the sensor's "
+                "2x2-binned mode), or raise the budget on a device that has the memory")
         return self
 
     @model_validator(mode="after")

@@ -28,6 +28,7 @@ def open_backend(camera: CameraConfig, sim: SimConfig) -> SimCamera:
         camera.width, camera.height, camera.fps, seed=sim.seed, defect=sim.defect,
         severity=sim.severity, autofocus=sim.autofocus, start_delay=sim.start_delay_s,
         lores_width=camera.lores_width, render_width=sim.render_width,
+        main_format=camera.main_format,
     )
 
 
@@ -46,7 +47,10 @@ class SimCamera(Camera):
         start_delay: float = 0.0,
         lores_width: int = 0,
         render_width: int = 0,
+        main_format: str = "RGB888",
     ) -> None:
+        #: "YUV420": the ring gets compact frames (stream_frame), as picamera2 gives them
+        self.main_format = main_format
         self._period = 1.0 / fps
         self._size = (width, height)
         #: (w, h) of the lores stream (gray, as picamera2's Y plane), None without one
@@ -163,6 +167,13 @@ class SimCamera(Camera):
             metadata["LensPosition"] = 7.5  # dioptres, as libcamera reports it
         return Frame(image=image, timestamp=now, sequence=self._sequence, metadata=metadata,
                      lores=lores)
+
+    def stream_frame(self, timeout: float) -> Frame:
+        frame = self.next_frame(timeout)
+        if self.main_format != "YUV420":
+            return frame
+        return replace(frame, image=cv2.cvtColor(frame.image, cv2.COLOR_BGR2YUV_I420),
+                       yuv420=True)
 
     def close(self) -> None:
         self._closed.set()

@@ -31,6 +31,8 @@ class FakeRequest:
             raise RuntimeError(f"Stream {name!r} is not defined")
         if name == "lores":
             return self._camera.lores_array(self._image)
+        if self._camera.config["main"]["format"] == "YUV420":
+            return self._camera.yuv420_array(self._image)
         return self._image.copy()  # picamera2 copies out of the camera buffer
 
     def get_metadata(self) -> dict[str, Any]:
@@ -100,8 +102,9 @@ class FakePicamera2:
 
     def _image(self) -> np.ndarray:
         width, height = self.config["main"]["size"]
-        if self.config["main"]["format"] != "RGB888":
-            raise AssertionError("the fake serves the format the backend asks for: RGB888")
+        if self.config["main"]["format"] not in ("RGB888", "YUV420"):
+            raise AssertionError("the fake serves the formats the backend asks for: RGB888, "
+                                 "YUV420")
         x = np.linspace(0, 255, width, dtype=np.uint8)
         image = np.empty((height, width, 3), np.uint8)
         image[:] = x[None, :, None]
@@ -118,6 +121,25 @@ class FakePicamera2:
         out[:h, w:] = 255
         out[:h, :w] = gray
         return out
+
+    @staticmethod
+    def yuv420_array(image: np.ndarray) -> np.ndarray:
+        """The main stream in YUV420 as picamera2's make_array gives it: (h * 3/2, stride),
+        the three planes one after the other, each row padded (Y to a multiple of 64 bytes,
+        U and V to half of that); padding bytes are garbage (255)."""
+        h, w = image.shape[:2]
+        stride = -(-w // 64) * 64
+        i420 = cv2.cvtColor(image, cv2.COLOR_BGR2YUV_I420)  # packed: (h * 3/2, w)
+        flat = np.full(stride * h * 3 // 2, 255, np.uint8)
+        flat[: stride * h].reshape(h, stride)[:, :w] = i420[:h]
+        chroma = i420[h:].reshape(-1)
+        quarter = (h // 2) * (w // 2)
+        for plane in range(2):
+            start = stride * h + plane * (h // 2) * (stride // 2)
+            rows = flat[start: start + (h // 2) * (stride // 2)].reshape(h // 2, stride // 2)
+            rows[:, : w // 2] = chroma[plane * quarter: (plane + 1) * quarter].reshape(
+                h // 2, w // 2)
+        return flat.reshape(h * 3 // 2, stride)
 
     def lores_array(self, image: np.ndarray) -> np.ndarray:
         """The lores stream's YUV420 buffer: the ISP's downscale of the main image."""

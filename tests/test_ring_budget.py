@@ -33,7 +33,7 @@ def bench(**camera: object) -> dict:
 
 def test_a_12_mp_ring_of_a_second_is_refused_naming_the_field_and_the_megabytes():
     with pytest.raises(ConfigError, match=r"camera.memory_budget_mb: the frame ring needs "
-                                          r"388 MB \(11 frames of 4056x3040.*allows 128 MB"):
+                                          r"388 MB \(11 RGB888 frames of 4056x3040.*allows 128 MB"):
         parse_config(bench(width=4056, height=3040))
 
 
@@ -46,7 +46,7 @@ def test_a_ring_that_fits_the_budget_is_accepted():
     assert size.megabytes == pytest.approx(5 * (4056 * 3040 * 3 + 1014 * 760) / 2**20)
     assert size.megabytes <= config.camera.memory_budget_mb
     # ... and the same ring one frame longer does not.
-    with pytest.raises(ConfigError, match=r"needs 212 MB \(6 frames"):
+    with pytest.raises(ConfigError, match=r"needs 212 MB \(6 RGB888 frames"):
         parse_config(bench(width=4056, height=3040, ring_seconds=0.5, memory_budget_mb=200))
 
 
@@ -155,3 +155,67 @@ def test_a_new_press_lets_the_last_retake_go(tmp_path):
         failed = agent.capture(agent.ring_started_at - 60.0)
         assert failed.verdict == "failed"
         assert agent.override() is None  # nothing left to override
+
+
+def test_a_yuv420_ring_keeps_half_the_bytes_and_gives_back_the_frame():
+    """picamera2's YUV420 main stream, rows padded to the stride: the ring keeps the packed
+    I420 frame (1.5 bytes a pixel); the chosen one converts back to the BGR picture, while
+    calibration and doctor reading next_frame get BGR as before."""
+    opened: list[FakePicamera2] = []
+
+    def factory(num: int) -> FakePicamera2:
+        opened.append(FakePicamera2(num))
+        return opened[-1]
+
+    camera = PicameraCamera(330, 248, 30.0, factory=factory, main_format="YUV420")
+    with camera:
+        assert opened[0].config["main"]["format"] == "YUV420"
+        compact = camera.stream_frame(timeout=1.0)
+        plain = camera.next_frame(timeout=1.0)
+    assert compact.yuv420
+    assert compact.image.shape == (372, 330)  # no stride padding (384) kept
+    assert compact.image.nbytes == ring_size(330, 248, 10, 0, 0, "YUV420").frame_bytes
+    assert not plain.yuv420
+    assert plain.image.shape == (248, 330, 3)
+    back = compact.bgr()
+    assert back.image.shape == (248, 330, 3)
+    # The fake's picture (a left-to-right gradient) survives the round trip, padding unread.
+    reference = opened[0]._image().astype(int)
+    assert abs(back.image.astype(int) - reference).max() <= 3
+    assert compact.gray().shape == (248, 330)
+
+
+def test_a_12_mp_yuv420_ring_of_the_press_window_fits_the_default_budget():
+    config = parse_config(bench(width=4056, height=3040, ring_seconds=0.4,
+                                main_format="YUV420", lores_width=1014))
+    size = ring_size(4056, 3040, 10, 0.4, 1014, "YUV420")
+    assert size.megabytes == pytest.approx(5 * (4056 * 3040 * 1.5 + 1014 * 760) / 2**20)
+    assert size.megabytes <= config.camera.memory_budget_mb
+
+
+@pytest.mark.parametrize("defect", [None, "underexposed", "colour_cast"])
+def test_an_agent_with_a_compact_ring_gives_the_verdicts_of_a_bgr_one(tmp_path, defect):
+    """The whole press, from the button: the ring keeps YUV420 frames and scores lores, the
+    verdict and the stored image come from the chosen frame converted to BGR."""
+    from sim.broker import free_port
+    from sim.device import SimDevice, sim_config
+
+    outcomes = {}
+    for fmt in ("RGB888", "YUV420"):
+        config = sim_config(tmp_path / fmt, free_port(),
+                            camera={"main_format": fmt, "lores_width": 508})
+        device = SimDevice(config, with_uplink=False)
+        # SimDevice makes its camera without these two (sim.camera.open_backend passes them).
+        device.camera.main_format = fmt
+        device.camera.lores_size = lores_size(1014, 760, 508)
+        with device:
+            device.show(defect)
+            outcome = device.press()
+            kept = device.agent.ring.window(0, float("inf"))
+            assert all(f.yuv420 == (fmt == "YUV420") for f in kept)
+            assert all(f.lores is not None for f in kept)
+            assert device.agent.ring.latest().image.shape == (760, 1014, 3)
+        assert outcome is not None
+        outcomes[fmt] = (outcome.verdict, outcome.reasons)
+    assert outcomes["YUV420"] == outcomes["RGB888"]
+    assert outcomes["RGB888"][0] == ("accept" if defect is None else "retake")

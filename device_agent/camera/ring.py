@@ -27,7 +27,7 @@ class RingSize:
     """What a ring of frames holds, and costs."""
 
     frames: int
-    #: one full frame, BGR
+    #: one full frame as kept: BGR, or YUV420
     frame_bytes: int
     #: one lores copy (gray), 0 without a lores stream
     lores_bytes: int
@@ -46,13 +46,15 @@ def lores_size(width: int, height: int, lores_width: int) -> tuple[int, int]:
 
 
 def ring_size(width: int, height: int, fps: float, ring_seconds: float,
-              lores_width: int = 0) -> RingSize:
-    """The frames a ring of ``ring_seconds`` holds at ``fps``, and their bytes."""
+              lores_width: int = 0, main_format: str = "RGB888") -> RingSize:
+    """The frames a ring of ``ring_seconds`` holds at ``fps``, and their bytes: 3 a pixel
+    in RGB888 (BGR in memory), 1.5 in YUV420."""
     lores = 0
     if lores_width:
         lw, lh = lores_size(width, height, lores_width)
         lores = lw * lh
-    return RingSize(math.ceil(ring_seconds * fps) + 1, width * height * 3, lores)
+    frame = width * height * 3 // 2 if main_format == "YUV420" else width * height * 3
+    return RingSize(math.ceil(ring_seconds * fps) + 1, frame, lores)
 
 
 class FrameRing:
@@ -74,11 +76,14 @@ class FrameRing:
             self._changed.notify_all()
 
     def latest(self) -> Frame | None:
+        """The newest frame, in BGR."""
         with self._changed:
-            return self._frames[-1] if self._frames else None
+            latest = self._frames[-1] if self._frames else None
+        return latest.bgr() if latest is not None else None
 
     def window(self, start: float, end: float) -> list[Frame]:
-        """Frames with ``start <= timestamp <= end``, oldest first."""
+        """Frames with ``start <= timestamp <= end``, oldest first, as kept: compact ones
+        (``yuv420``) need :meth:`Frame.bgr` before their pixels are read as BGR."""
         with self._changed:
             return [f for f in self._frames if start <= f.timestamp <= end]
 

@@ -98,7 +98,7 @@ def worst_blur(image: np.ndarray) -> float:
 def scored(frame: Frame) -> np.ndarray:
     """What the scores read: the frame's low-resolution stream when the camera has one (the
     scores look at a 256-px centre, which a 1014-px lores holds in full), else the frame."""
-    return frame.lores if frame.lores is not None else frame.image
+    return frame.lores if frame.lores is not None else frame.gray()
 
 
 def choose_frame(
