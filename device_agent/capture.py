@@ -142,9 +142,8 @@ class Judge:
     def take(self, pressed_at: float, mode: str, thresholds: Thresholds) -> tuple[Shot, ...]:
         """The judged image(s) of a press in ``mode``; NoFrame when one is missing."""
         cam = self.config
-        pressed_at = self._after_start(pressed_at)
-        first = self._shoot(pressed_at, "polarised" if mode == "pair" else mode,
-                            cam.window_before, cam.window_after, thresholds)
+        first = self._shoot(self._after_start(pressed_at), "polarised" if mode == "pair" else mode,
+                            cam.window_before, cam.window_after, thresholds, pressed_at)
         if first is None:
             raise NoFrame(uuid.uuid4().hex)
         if mode != "pair":
@@ -155,8 +154,9 @@ class Judge:
         return first, second
 
     def _shoot(self, moment: float, mode: str, before: float, after: float,
-               thresholds: Thresholds) -> Shot | None:
-        """The best frame in [moment - before, moment + after], calibrated and judged."""
+               thresholds: Thresholds, pressed_at: float | None = None) -> Shot | None:
+        """The best frame in [moment - before, moment + after], calibrated and judged; its
+        offset is from ``pressed_at`` (the press, when the moment had to wait for frames)."""
         self.ring.wait_until(moment + after, timeout=self.config.frame_timeout)
         choice = choose_frame(self.ring.window(moment - before, moment + after), moment,
                               before, after)
@@ -166,6 +166,8 @@ class Judge:
         if choice is None:
             return None
         frame, offset = choice
+        if pressed_at is not None:
+            offset = frame.timestamp - pressed_at
         frame = frame.bgr()
         if self.calibration is not None:
             frame = replace(frame, image=self.calibration.apply(frame.image, mode))

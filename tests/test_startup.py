@@ -55,6 +55,8 @@ def test_a_press_right_after_start_waits_for_frames_and_is_captured(events, slow
     waited = events.named("capture.waited_for_frames")
     assert len(waited) == 1
     assert waited[0]["waited_s"] > 0
+    # The offset is the chosen frame's time from the press itself: after the camera's start.
+    assert outcome.frame_offset >= waited[0]["waited_s"]
     # The kept frame is one of the stream's first window, not one from before it.
     streaming = events.wait_for("camera.streaming", timeout=5)[0]
     assert streaming["first_frame_s"] >= START_DELAY * 0.9
