@@ -8,9 +8,9 @@
 - a simulated 4056x3040 sensor: the agent running its zero-shutter-lag ring and judging a
   press in each of several scenes, in a process of its own; its peak RSS (goal <= 200 MB)
   and its verdicts against the reference path (the old ring: choice scored on the full
-  frames), computed here on the very same frames. Twice: streaming the sensor's 2x2-binned
-  mode (2028x1520, the design for a Pi Zero 2 W) and streaming all 12 MP (its profile
-  shows why that cannot fit).
+  frames), computed here on the very same frames. Three times: the sensor's 2x2-binned
+  mode (2028x1520) kept in YUV420, the design for a Pi Zero 2 W and the goal; and all
+  12 MP, in YUV420 and in RGB888, whose profiles show why they do not fit.
 
 The agent's process draws no scene: the frames are drawn here first, saved, and replayed by
 a camera that reads one file a frame (the simulator's drawing caches would otherwise be

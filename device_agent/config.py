@@ -113,15 +113,17 @@ class CameraConfig(_Section):
         size = ring_size(self.width, self.height, self.fps, self.ring_seconds,
                          self.lores_width, self.main_format)
         if size.megabytes > self.memory_budget_mb:
+            halve = ('use camera.main_format = "YUV420" (half the bytes), '
+                     if self.main_format == "RGB888" else "")
             raise ValueError(
                 f"camera.memory_budget_mb: the frame ring needs {size.megabytes:.0f} MB "
                 f"({size.frames} {self.main_format} frames of {self.width}x{self.height}: "
                 f"camera.ring_seconds "
                 f"{self.ring_seconds:g} s at camera.fps {self.fps:g}) but "
-                f"camera.memory_budget_mb allows {self.memory_budget_mb:g} MB; shorten "
-                "camera.ring_seconds, lower camera.fps, use camera.main_format = "
-                "\"YUV420\", or stream a smaller camera.width x camera.height (the sensor's "
-                "2x2-binned mode), or raise the budget on a device that has the memory")
+                f"camera.memory_budget_mb allows {self.memory_budget_mb:g} MB; {halve}shorten "
+                "camera.ring_seconds, lower camera.fps, or stream a smaller camera.width x "
+                "camera.height (the sensor's 2x2-binned mode), or raise the budget on a device "
+                "that has the memory")
         return self
 
     @model_validator(mode="after")
