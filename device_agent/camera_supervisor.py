@@ -45,8 +45,29 @@ class CameraSupervisor:
         self._last_activity = time.monotonic()
         self._autofocus_due_at = 0.0
         self._capturing = threading.Event()
+        # Timestamp of the first frame since the camera (re)started; None until it came.
+        self._first_frame_at: float | None = None
+        self._first_frame = threading.Condition()
+
+    @property
+    def streaming(self) -> bool:
+        """Frames flow since the camera last (re)started."""
+        with self._first_frame:
+            return self._first_frame_at is not None
+
+    def first_frame(self, timeout: float) -> float | None:
+        """Timestamp of the first frame since the camera (re)started, waiting up to
+        ``timeout`` s for it; None when none came in that time."""
+        with self._first_frame:
+            self._first_frame.wait_for(lambda: self._first_frame_at is not None, timeout)
+            return self._first_frame_at
+
+    def _restarting(self) -> None:
+        with self._first_frame:
+            self._first_frame_at = None
 
     def start(self) -> None:
+        self._restarting()
         self.ring_started_at = time.monotonic()
         self.camera.start()
         self.relight()
@@ -95,7 +116,7 @@ class CameraSupervisor:
                     return
                 continue
             try:
-                frame = self.camera.next_frame(timeout)
+                frame = self.camera.stream_frame(timeout)
             except FrameTimeout as err:
                 self.fault = True
                 log_event(log, "camera.timeout", logging.WARNING, error=str(err))
@@ -107,6 +128,12 @@ class CameraSupervisor:
                 return
             self.fault = False
             self.ring.push(frame)
+            if self._first_frame_at is None:
+                with self._first_frame:
+                    self._first_frame_at = frame.timestamp
+                    self._first_frame.notify_all()
+                log_event(log, "camera.streaming",
+                          first_frame_s=round(time.monotonic() - self.ring_started_at, 3))
             if self._autofocus_due():
                 self._autofocus()
 
@@ -143,6 +170,7 @@ class CameraSupervisor:
         self._wake.clear()
         if self._stop.is_set():
             return
+        self._restarting()
         self.ring_started_at = time.monotonic()
         self.camera.start()
         self._autofocus_due_at = 0.0  # the lens may have moved while the camera slept

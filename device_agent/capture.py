@@ -109,19 +109,41 @@ def load_device_calibration(state_dir: Path) -> Calibration | None:
 
 class Judge:
     def __init__(self, config: CameraConfig, ring: FrameRing, calibration: Calibration | None,
-                 light_for: Callable[[str], None]) -> None:
+                 light_for: Callable[[str], None],
+                 first_frame: Callable[[float], float | None] | None = None,
+                 started_at: Callable[[], float] | None = None) -> None:
         """``light_for(mode)`` lights the ring for an illumination mode (a pair switches it
-        for its second image)."""
+        for its second image). ``first_frame(timeout)`` is the timestamp of the first frame
+        since the camera (re)started, waiting up to ``timeout`` s (None: none came), and
+        ``started_at()`` when it (re)started."""
         self.config = config
         self.ring = ring
         self.calibration = calibration
         self.light_for = light_for
+        self.first_frame = first_frame
+        self.started_at = started_at
+
+    def _after_start(self, pressed_at: float) -> float:
+        """The moment to take the press's frames from. A press before the camera's first
+        frames (the agent starting, the camera waking) has none around it: it waits, up to
+        ``camera.start_wait_s``, and takes its frames from the first window of the stream,
+        rather than failing while the LED still says "starting"."""
+        if self.first_frame is None or self.started_at is None:
+            return pressed_at
+        if pressed_at < self.started_at():
+            return pressed_at  # from before this stream: its frames are gone (no_frame)
+        cam = self.config
+        first = self.first_frame(cam.start_wait_s)
+        if first is None or first <= pressed_at + cam.window_after:
+            return pressed_at  # streaming before the window closed (or never: no_frame)
+        log_event(log, "capture.waited_for_frames", waited_s=round(first - pressed_at, 3))
+        return first + cam.window_before
 
     def take(self, pressed_at: float, mode: str, thresholds: Thresholds) -> tuple[Shot, ...]:
         """The judged image(s) of a press in ``mode``; NoFrame when one is missing."""
         cam = self.config
-        first = self._shoot(pressed_at, "polarised" if mode == "pair" else mode,
-                            cam.window_before, cam.window_after, thresholds)
+        first = self._shoot(self._after_start(pressed_at), "polarised" if mode == "pair" else mode,
+                            cam.window_before, cam.window_after, thresholds, pressed_at)
         if first is None:
             raise NoFrame(uuid.uuid4().hex)
         if mode != "pair":
@@ -132,14 +154,21 @@ class Judge:
         return first, second
 
     def _shoot(self, moment: float, mode: str, before: float, after: float,
-               thresholds: Thresholds) -> Shot | None:
-        """The best frame in [moment - before, moment + after], calibrated and judged."""
+               thresholds: Thresholds, pressed_at: float | None = None) -> Shot | None:
+        """The best frame in [moment - before, moment + after], calibrated and judged; its
+        offset is from ``pressed_at`` (the press, when the moment had to wait for frames)."""
         self.ring.wait_until(moment + after, timeout=self.config.frame_timeout)
-        window = self.ring.window(moment - before, moment + after)
-        choice = choose_frame(window, moment, before, after)
+        choice = choose_frame(self.ring.window(moment - before, moment + after), moment,
+                              before, after)
+        # Only the chosen frame stays referenced from here: the camera goes on filling the
+        # ring while the frame is judged, and a window kept alive would hold the frames the
+        # ring lets go (10 MB each at 3 MP, 35 MB at 12 MP).
         if choice is None:
             return None
         frame, offset = choice
+        if pressed_at is not None:
+            offset = frame.timestamp - pressed_at
+        frame = frame.bgr()
         if self.calibration is not None:
             frame = replace(frame, image=self.calibration.apply(frame.image, mode))
         report = assess(frame.image, thresholds)

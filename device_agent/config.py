@@ -65,6 +65,20 @@ class CameraConfig(_Section):
     window_after: Annotated[float, Field(ge=0, le=1)] = 0.1
     jpeg_quality: Annotated[int, Field(ge=50, le=100)] = 95
     frame_timeout: Annotated[float, Field(gt=0, le=30)] = 2.0
+    # A press while the camera is still starting (or waking) waits this long for the first
+    # frames, then captures from them, instead of failing with no frame (s).
+    start_wait_s: Annotated[float, Field(ge=0, le=30)] = 5.0
+    # The format the ring keeps frames in: "RGB888" (BGR in memory, 3 bytes a pixel) or
+    # "YUV420" (picamera2's, 1.5 bytes a pixel: twice the frames in the same memory; only
+    # the chosen frame is converted to BGR).
+    main_format: Literal["RGB888", "YUV420"] = "RGB888"
+    # Width of the camera's second, small stream (picamera2's lores, gray) that frame choice
+    # scores instead of the full frames; 0 = no lores stream, choice scores the frames.
+    lores_width: Annotated[int, Field(ge=0, le=4096)] = 0
+    # The most the frame ring may take (MB): ring_seconds x fps + 1 frames of width x height
+    # x 3 bytes, plus their lores copies. The default leaves a Pi Zero 2 W (512 MB) room for
+    # the system, the agent and the capture it is judging.
+    memory_budget_mb: Annotated[float, Field(gt=0, le=65536)] = 128.0
     # Cameras with autofocus: a cycle when the camera starts or wakes, after a "focus"
     # retake, and when the last cycle is older than this (s).
     autofocus_every_s: Annotated[float, Field(gt=0, le=24 * 3600)] = 60.0
@@ -83,6 +97,36 @@ class CameraConfig(_Section):
         return name
 
     @model_validator(mode="after")
+    def _lores_is_smaller(self) -> CameraConfig:
+        if self.main_format == "YUV420" and (self.width % 2 or self.height % 2):
+            raise ValueError(f"camera.width and camera.height ({self.width}x{self.height}) "
+                             "must be even for camera.main_format = \"YUV420\" (it halves them)")
+        if self.lores_width and not 64 <= self.lores_width < self.width:
+            raise ValueError(f"camera.lores_width ({self.lores_width}) must be at least 64 and "
+                             f"less than camera.width ({self.width}), or 0 for no lores stream")
+        return self
+
+    @model_validator(mode="after")
+    def _ring_fits_the_budget(self) -> CameraConfig:
+        from device_agent.camera.ring import ring_size  # it imports base, which is light
+
+        size = ring_size(self.width, self.height, self.fps, self.ring_seconds,
+                         self.lores_width, self.main_format)
+        if size.megabytes > self.memory_budget_mb:
+            halve = ('use camera.main_format = "YUV420" (half the bytes), '
+                     if self.main_format == "RGB888" else "")
+            raise ValueError(
+                f"camera.memory_budget_mb: the frame ring needs {size.megabytes:.0f} MB "
+                f"({size.frames} {self.main_format} frames of {self.width}x{self.height}: "
+                f"camera.ring_seconds "
+                f"{self.ring_seconds:g} s at camera.fps {self.fps:g}) but "
+                f"camera.memory_budget_mb allows {self.memory_budget_mb:g} MB; {halve}shorten "
+                "camera.ring_seconds, lower camera.fps, or stream a smaller camera.width x "
+                "camera.height (the sensor's 2x2-binned mode), or raise the budget on a device "
+                "that has the memory")
+        return self
+
+    @model_validator(mode="after")
     def _window_fits_the_ring(self) -> CameraConfig:
         # A window longer than the ring would silently choose among fewer frames.
         if self.window_before + self.window_after > self.ring_seconds:
@@ -99,6 +143,13 @@ class SimConfig(_Section):
     severity: Annotated[float, Field(ge=0)] = 1.0
     # The simulated camera has an autofocus lens (as the Camera Module 3), else fixed focus.
     autofocus: bool = False
+    # Seconds from starting the simulated camera to its first frame (a real sensor takes
+    # most of a second to start and settle its exposure).
+    start_delay_s: Annotated[float, Field(ge=0, le=10)] = 0.0
+    # Draw the scene this wide and scale it up to camera.width x camera.height, as a large
+    # sensor behind a soft lens; 0 = draw at the camera's size. A 12 MP simulated sensor
+    # needs it: drawing 12 MP takes seconds a frame.
+    render_width: Annotated[int, Field(ge=0, le=8192)] = 0
 
 
 class PinsConfig(_Section):

@@ -12,9 +12,11 @@ import threading
 import time
 from dataclasses import replace
 
+import cv2
 import numpy as np
 
 from device_agent.camera.base import Camera, CameraError, Frame, FrameTimeout
+from device_agent.camera.ring import lores_size
 from device_agent.config import CameraConfig, SimConfig
 from sim.scene import DEFECTS, SceneSpec, render
 
@@ -24,7 +26,9 @@ def open_backend(camera: CameraConfig, sim: SimConfig) -> SimCamera:
     the simulator's distribution): what ``camera.backend = "sim"`` opens."""
     return SimCamera(
         camera.width, camera.height, camera.fps, seed=sim.seed, defect=sim.defect,
-        severity=sim.severity, autofocus=sim.autofocus,
+        severity=sim.severity, autofocus=sim.autofocus, start_delay=sim.start_delay_s,
+        lores_width=camera.lores_width, render_width=sim.render_width,
+        main_format=camera.main_format,
     )
 
 
@@ -40,8 +44,23 @@ class SimCamera(Camera):
         defect: str | None = None,
         severity: float = 1.0,
         autofocus: bool = False,
+        start_delay: float = 0.0,
+        lores_width: int = 0,
+        render_width: int = 0,
+        main_format: str = "RGB888",
     ) -> None:
+        #: "YUV420": the ring gets compact frames (stream_frame), as picamera2 gives them
+        self.main_format = main_format
         self._period = 1.0 / fps
+        self._size = (width, height)
+        #: (w, h) of the lores stream (gray, as picamera2's Y plane), None without one
+        self.lores_size = lores_size(width, height, lores_width) if lores_width else None
+        # The scene is drawn this wide and scaled up to the sensor's size, as a soft lens
+        # would: drawing 12 MP takes seconds a frame and a gigabyte of caches.
+        if render_width and render_width < width:
+            width, height = render_width, round(height * render_width / width)
+        #: seconds from start() to the first frame, as a real sensor starting up
+        self.start_delay = start_delay
         self.has_autofocus = autofocus
         # How far the lens has drifted from focus (a defocus severity), until a cycle.
         self._drift = 0.0
@@ -105,13 +124,16 @@ class SimCamera(Camera):
     def start(self) -> None:
         self._closed.clear()
         self._started = True
-        self._next_due = time.monotonic()
+        self._next_due = time.monotonic() + self.start_delay
 
     def next_frame(self, timeout: float) -> Frame:
         if not self._started:
             raise CameraError("camera is not started")
         wait = self._next_due - time.monotonic()
         if wait > timeout:
+            # As a real sensor: the caller waited the whole timeout for nothing.
+            if self._closed.wait(timeout):
+                raise CameraError("camera closed")
             raise FrameTimeout(f"no frame from the camera within {timeout:.1f} s")
         # Wait out the frame period like a sensor does; close() interrupts the wait.
         if wait > 0 and self._closed.wait(wait):
@@ -125,6 +147,16 @@ class SimCamera(Camera):
         length = shake[2] if shake and shake[0] <= now <= shake[1] else 0.0
         self._sequence += 1
         image = still.copy() if still is not None else render(spec, self._sequence, length)
+        drawn = image
+        if image.shape[1::-1] != self._size:
+            image = cv2.resize(image, self._size, interpolation=cv2.INTER_LINEAR)
+        lores = None
+        if self.lores_size is not None:
+            # The ISP's downscale of the whole field; of the drawn scene when that is already
+            # lores-sized (the same picture, without scaling 12 MP down again every frame).
+            small = drawn if drawn.shape[1::-1] == self.lores_size else cv2.resize(
+                image, self.lores_size, interpolation=cv2.INTER_AREA)
+            lores = cv2.cvtColor(small, cv2.COLOR_BGR2GRAY)
         metadata = {
             "SensorTimestamp": int(now * 1e9),
             "ExposureTime": 8000,
@@ -133,7 +165,15 @@ class SimCamera(Camera):
         }
         if self.has_autofocus:
             metadata["LensPosition"] = 7.5  # dioptres, as libcamera reports it
-        return Frame(image=image, timestamp=now, sequence=self._sequence, metadata=metadata)
+        return Frame(image=image, timestamp=now, sequence=self._sequence, metadata=metadata,
+                     lores=lores)
+
+    def stream_frame(self, timeout: float) -> Frame:
+        frame = self.next_frame(timeout)
+        if self.main_format != "YUV420":
+            return frame
+        return replace(frame, image=cv2.cvtColor(frame.image, cv2.COLOR_BGR2YUV_I420),
+                       yuv420=True)
 
     def close(self) -> None:
         self._closed.set()

@@ -48,5 +48,9 @@ def open_picamera2(camera: CameraConfig, sim: SimConfig) -> Camera:
             "Raspberry Pi OS only: apt install python3-picamera2); a developer's machine "
             "runs the simulator's backend, sim, instead") from None
     from device_agent.camera.picam import PicameraCamera
+    from device_agent.camera.ring import lores_size
 
-    return PicameraCamera(camera.width, camera.height, camera.fps)
+    lores = (lores_size(camera.width, camera.height, camera.lores_width)
+             if camera.lores_width else None)
+    return PicameraCamera(camera.width, camera.height, camera.fps, lores=lores,
+                          main_format=camera.main_format)

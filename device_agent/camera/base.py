@@ -9,7 +9,7 @@ Pi) and the simulator's ``sim.camera``. Both are chosen by name (``camera.backen
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from types import TracebackType
 from typing import Any
 
@@ -33,12 +33,38 @@ class Frame:
     with the moment of a button press. ``metadata`` holds the camera's own figures under
     libcamera's control names (``ExposureTime`` in µs, ``AnalogueGain``, ``LensPosition``,
     ``FocusFoM``, ...), whatever the backend has.
+
+    ``lores`` is the same moment from the camera's small second stream (picamera2's
+    ``lores``: the ISP's downscale of the whole field, gray, HxW uint8), when the camera has
+    one (``camera.lores_width``): frame choice scores it instead of the full frame, which at
+    12 MP would cost a hundred times more per frame. None: choice scores ``image``.
+
+    ``yuv420`` marks the ring's compact form (:meth:`Camera.stream_frame`): ``image`` is
+    then the I420 buffer picamera2's YUV420 format gives, (h * 3/2) x w uint8, half the
+    bytes of BGR; :meth:`bgr` converts the one frame that is chosen.
     """
 
     image: np.ndarray
     timestamp: float
     sequence: int
     metadata: dict[str, Any] = field(default_factory=dict)
+    lores: np.ndarray | None = None
+    yuv420: bool = False
+
+    def bgr(self) -> Frame:
+        """This frame with ``image`` in BGR (itself when it already is)."""
+        if not self.yuv420:
+            return self
+        import cv2  # base is imported by the config; only frames need OpenCV
+
+        return replace(self, image=cv2.cvtColor(self.image, cv2.COLOR_YUV2BGR_I420),
+                       yuv420=False)
+
+    def gray(self) -> np.ndarray:
+        """The luma of the frame without converting it: the Y plane of a compact frame."""
+        if self.yuv420:
+            return self.image[: self.image.shape[0] * 2 // 3]
+        return self.image
 
 
 class Camera(ABC):
@@ -55,7 +81,12 @@ class Camera(ABC):
 
     @abstractmethod
     def next_frame(self, timeout: float) -> Frame:
-        """Block until the next frame; raise FrameTimeout after ``timeout`` seconds."""
+        """Block until the next frame (BGR); raise FrameTimeout after ``timeout`` seconds."""
+
+    def stream_frame(self, timeout: float) -> Frame:
+        """The next frame as the frame ring keeps it: compact (YUV420) on a camera streaming
+        that format, BGR otherwise. Only the ring's reader converts, once, what it chose."""
+        return self.next_frame(timeout)
 
     @abstractmethod
     def close(self) -> None:

@@ -95,6 +95,12 @@ def worst_blur(image: np.ndarray) -> float:
     return float(np.nanmax(per_dir))
 
 
+def scored(frame: Frame) -> np.ndarray:
+    """What the scores read: the frame's low-resolution stream when the camera has one (the
+    scores look at a 256-px centre, which a 1014-px lores holds in full), else the frame."""
+    return frame.lores if frame.lores is not None else frame.gray()
+
+
 def choose_frame(
     frames: Sequence[Frame], press_time: float, before: float, after: float
 ) -> tuple[Frame, float] | None:
@@ -109,9 +115,9 @@ def choose_frame(
     candidates = [f for f in frames if lo <= f.timestamp <= hi]
     if not candidates:
         return None
-    ranked = sorted(((gradient_energy(f.image), f) for f in candidates),
+    ranked = sorted(((gradient_energy(scored(f)), f) for f in candidates),
                     key=lambda pair: pair[0], reverse=True)[:SHORTLIST]
-    blurs = [worst_blur(f.image) for _, f in ranked]
+    blurs = [worst_blur(scored(f)) for _, f in ranked]
     # inf + BLUR_TIE is inf: when no frame shows an edge, all of them tie.
     limit = min(blurs) + BLUR_TIE
     tied = [pair for pair, blur in zip(ranked, blurs, strict=True) if blur <= limit]

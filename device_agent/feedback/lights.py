@@ -24,6 +24,7 @@ log = logging.getLogger(__name__)
 
 class Signal(enum.Enum):
     READY = "ready"
+    STARTING = "starting"
     CAPTURING = "capturing"
     ACCEPTED = "accepted"
     RETAKE = "retake"
@@ -47,6 +48,8 @@ class Pattern:
 
 PATTERNS: dict[Signal, Pattern] = {
     Signal.READY: Pattern(((True, 1.0),), standing=True),
+    # The camera is starting (or waking): no frames yet. A press now waits for them.
+    Signal.STARTING: Pattern(((True, 0.3), (False, 0.3)), standing=True),
     Signal.OFFLINE: Pattern(((True, 1.0), (False, 1.0)), standing=True),
     Signal.STORAGE_FULL: Pattern(((True, 0.1), (False, 0.9)), standing=True),
     Signal.FAULT: Pattern(((True, 0.05), (False, 0.05)), standing=True),
@@ -75,14 +78,18 @@ class Lights:
         ring_plain_pin: int,
         *,
         pin_factory: Factory | None = None,
+        standing: Signal = Signal.READY,
     ) -> None:
+        """``standing`` is the pattern shown from the start (the agent starts "starting")."""
         self._status = LED(status_pin, pin_factory=pin_factory)
         self._ring = {
             "polarised": PWMLED(ring_polarised_pin, pin_factory=pin_factory),
             "non_polarised": PWMLED(ring_plain_pin, pin_factory=pin_factory),
         }
         self._signals: queue.Queue[Signal | None] = queue.Queue()
-        self._standing = Signal.READY
+        if not PATTERNS[standing].standing:
+            raise ValueError(f"{standing.value} is not a standing pattern")
+        self._standing = standing
         self._closed = False
         self._thread = threads.start("feedback", self._play, log)
 
