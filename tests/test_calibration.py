@@ -103,10 +103,14 @@ def test_capture_from_the_camera_averages_frames():
     white = render_white(Response(noise=6.0), 320, 240)
     camera.show_image(white)
     prompts: list[str] = []
-    got_white, _ = from_camera(camera, prompts.append)
-    assert len(prompts) == 2
+    got = from_camera(camera, prompts.append)
+    assert len(prompts) == 4
     assert "WHITE" in prompts[0]
-    np.testing.assert_array_equal(got_white, white)  # a still image averages to itself
+    assert "GREY" in prompts[1]
+    assert "TURNED" in prompts[3]
+    np.testing.assert_array_equal(got.white, white)  # a still image averages to itself
+    assert got.grey is not None
+    assert got.check_chart is not None
     camera.start()
     try:
         assert average_frames(camera, 4).shape == white.shape
