@@ -43,7 +43,8 @@ def held_out_figures(calibration, camera: cm.Camera, seed: int = 77) -> dict[str
     for name, level in (("white", 0.9), ("grey", 0.2)):
         flat = calibration.apply(camera.shoot(cm.flat_scene(level), seed + 5), "polarised")
         flats[name] = cm.worst_sector(cm.to_linear(flat))
-    return {"chart_mean": float(de[board.chart].mean()), "skin_mean": float(de[board.skin].mean()),
+    return {"chart_mean": float(de[board.chart].mean()), "chart_max": float(de[board.chart].max()),
+            "skin_mean": float(de[board.skin].mean()), "skin_max": float(de[board.skin].max()),
             "worst_in_gamut": float(de[inside].max()), "flat_white": flats["white"],
             "flat_grey": flats["grey"]}
 
