@@ -43,16 +43,34 @@ class ToneData:
     white_at_grey: np.ndarray
 
 
-def _prior_log(codes: np.ndarray) -> np.ndarray:
-    """The shape the curve takes where the data say nothing: sRGB's power law in the mid
-    tones and highlights, straight (linear light) below code 20, the toe BT.709's OETF and
-    the Raspberry Pi's gamma curve both have (sRGB's is shorter)."""
+def _srgb_log(codes: np.ndarray) -> np.ndarray:
+    """sRGB's power law in the mid tones and highlights, straight (linear light) below code
+    20, the toe BT.709's OETF and the Raspberry Pi's gamma curve both have (sRGB's own is
+    shorter)."""
     v = np.maximum(codes, 20.0) / 255.0
     srgb = np.log(((v + 0.055) / 1.055) ** 2.4)
     return srgb + np.log(np.minimum(codes, 20.0) / 20.0)
 
 
-_PRIOR = _prior_log(2.0 ** _KNOTS)
+#: rpi.contrast gamma_curve of Raspberry Pi's libcamera tuning files (linear in, encoded
+#: out, 0..65535)
+PI_GAMMA = np.array([
+    0, 0, 1024, 5040, 2048, 9338, 3072, 12356, 4096, 15312, 5120, 18051, 6144, 20790,
+    7168, 23193, 8192, 25744, 9216, 27942, 10240, 30035, 11264, 32005, 12288, 33975,
+    13312, 35815, 14336, 37600, 15360, 39168, 16384, 40642, 18432, 43379, 20480, 45749,
+    22528, 47753, 24576, 49621, 26624, 51253, 28672, 52698, 30720, 53925, 32768, 54979,
+    36864, 57012, 40960, 58656, 45056, 59954, 49152, 61183, 53248, 62355, 57344, 63419,
+    61440, 64476, 65535, 65535], float).reshape(-1, 2) / 65535.0
+
+
+def _pi_log(codes: np.ndarray) -> np.ndarray:
+    return np.log(np.interp(codes / 255.0, PI_GAMMA[:, 1], PI_GAMMA[:, 0]))
+
+
+# Where the data say nothing (between the measured levels), the curve bends as the mean, in
+# log light, of sRGB and of the Raspberry Pi's default gamma curve: the two ends of what a
+# camera here delivers. The data decide the rest.
+_PRIOR = 0.5 * _pi_log(2.0 ** _KNOTS) + 0.5 * _srgb_log(2.0 ** _KNOTS)
 
 
 def _basis(codes: np.ndarray) -> np.ndarray:
@@ -101,8 +119,8 @@ def fit_tone(data: ToneData) -> np.ndarray:
         for j in range(1, k - 1):
             h0, h1 = _KNOTS[j] - _KNOTS[j - 1], _KNOTS[j + 1] - _KNOTS[j]
             row = np.zeros(n_unknowns)
-            # change of slope against sRGB's, weighted as the integral of the squared
-            # second derivative: between the measured levels the curve bends as sRGB does
+            # change of slope against the prior's, weighted as the integral of the squared
+            # second derivative
             bend = _SMOOTH / np.sqrt((h0 + h1) / 2) * np.array([1 / h0, -1 / h0 - 1 / h1,
                                                                  1 / h1])
             row[c * k + j - 1:c * k + j + 2] = bend
