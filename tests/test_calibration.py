@@ -244,3 +244,13 @@ def test_a_calibration_from_before_the_tone_fit_still_applies_and_doctor_asks_ag
     check = check_calibration(config)
     assert check.level == "warn"
     assert "no held-out Delta E" in check.detail
+
+
+def test_clipped_targets_are_refused_clearly():
+    """A clipped white or black carries no level: the tone response cannot be measured."""
+    bright = Response(exposure=1.4, seed=2)
+    with pytest.raises(CalibrationError, match="white target: clipped"):
+        calibrate_mode(render_white(bright), render_chart(bright))
+    dark_chart = np.clip(render_chart(Response(seed=2)).astype(int) - 60, 0, 255).astype(np.uint8)
+    with pytest.raises(CalibrationError, match="black patch is clipped"):
+        calibrate_mode(render_white(Response(seed=2)), dark_chart)

@@ -297,6 +297,13 @@ def calibrate_mode(white_bgr: np.ndarray, chart_bgr: np.ndarray,
         raise CalibrationError("colour chart: its white patch is far darker than the white "
                                "target; seat the chart in the cap, patches towards the lens, "
                                "the dark row at the bottom")
+    # A clipped end carries no level: the curve there cannot be measured, nor undone.
+    if float(windows_white.max()) >= 250:
+        raise CalibrationError("white target: clipped (code 250 or more); lower the exposure "
+                               "or the LED current and capture again")
+    if float(chart_codes[NEUTRALS][-1].min()) < 3:
+        raise CalibrationError("colour chart: the black patch is clipped to black; raise "
+                               "the exposure or check the camera's black level")
     grey_codes, white_at_grey = ((np.empty((0, 3)), np.empty((0, 3))) if grey_bgr is None
                                  else _grey_pairs(white_bgr, grey_bgr, cx, cy, radius))
     identity = np.eye(3)
