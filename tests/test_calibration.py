@@ -254,3 +254,9 @@ def test_clipped_targets_are_refused_clearly():
     dark_chart = np.clip(render_chart(Response(seed=2)).astype(int) - 60, 0, 255).astype(np.uint8)
     with pytest.raises(CalibrationError, match="black patch is clipped"):
         calibrate_mode(render_white(Response(seed=2)), dark_chart)
+
+
+def test_a_chart_seated_upside_down_is_refused_clearly():
+    r = Response(cast="magenta", seed=12)
+    with pytest.raises(CalibrationError, match="upside down"):
+        calibrate_mode(render_white(r), render_chart(r, turned=True))

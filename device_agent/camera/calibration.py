@@ -226,6 +226,15 @@ def _neutral_ratios(camera_from_reference: np.ndarray) -> np.ndarray:
     return seen / np.maximum(np.ones(3) @ camera_from_reference.T, 1e-4)
 
 
+def _neutral_row_on_top(chart_codes: np.ndarray, white_codes: np.ndarray) -> bool:
+    """True when the chart's grey row is at the top: against the white target at the same
+    places (a rough white balance, whatever the curve), the grey row's patches have the
+    least spread between channels."""
+    ratio = np.log(np.maximum(chart_codes, 1.0) / np.maximum(white_codes, 1.0))
+    spread = ratio.std(axis=1)
+    return float(spread[:6].mean()) < float(spread[18:].mean())
+
+
 def _check_frame(image: np.ndarray, shape: tuple[int, ...], what: str) -> None:
     if image.shape != shape:
         raise CalibrationError(f"{what}: {image.shape[1]}x{image.shape[0]} is not the white "
@@ -297,6 +306,10 @@ def calibrate_mode(white_bgr: np.ndarray, chart_bgr: np.ndarray,
         raise CalibrationError("colour chart: its white patch is far darker than the white "
                                "target; seat the chart in the cap, patches towards the lens, "
                                "the dark row at the bottom")
+    if _neutral_row_on_top(chart_codes, windows_white):
+        raise CalibrationError("colour chart: it is upside down (the grey row is at the top); "
+                               "seat it with the dark row at the bottom for this capture, and "
+                               "turn it only for the check capture")
     # A clipped end carries no level: the curve there cannot be measured, nor undone.
     if float(windows_white.max()) >= 250:
         raise CalibrationError("white target: clipped (code 250 or more); lower the exposure "
