@@ -311,8 +311,8 @@ def calibrate_mode(white_bgr: np.ndarray, chart_bgr: np.ndarray,
                                "seat it with the dark row at the bottom for this capture, and "
                                "turn it only for the check capture")
     # A clipped end carries no level: the curve there cannot be measured, nor undone.
-    if float(windows_white.max()) >= 250:
-        raise CalibrationError("white target: clipped (code 250 or more); lower the exposure "
+    if float(windows_white.max()) >= 253:
+        raise CalibrationError("white target: clipped (code 253 or more); lower the exposure "
                                "or the LED current and capture again")
     if float(chart_codes[NEUTRALS][-1].min()) < 3:
         raise CalibrationError("colour chart: the black patch is clipped to black; raise "
