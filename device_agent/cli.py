@@ -169,7 +169,12 @@ def _doctor(args: argparse.Namespace) -> int:
 
 
 def _calibrate(args: argparse.Namespace) -> int:
-    from device_agent.calibrate import from_camera, load_frames, run_calibration
+    from device_agent.calibrate import (
+        from_camera,
+        load_frames,
+        run_calibration,
+        summary_lines,
+    )
     from device_agent.camera.backends import open_camera
     from device_agent.camera.base import CameraError
     from device_agent.camera.calibration import CalibrationError
@@ -179,14 +184,17 @@ def _calibrate(args: argparse.Namespace) -> int:
     ensure_state_dir(config)  # the calibration is stored there
     try:
         if args.white and args.chart:
-            white, chart = load_frames(args.white, args.chart)
-        elif args.white or args.chart:
-            print("device-agent calibrate: give both --white and --chart, or neither "
-                  "(then the camera is used)", file=sys.stderr)
+            targets = load_frames(args.white, args.chart, args.grey, args.check_chart)
+        elif args.white or args.chart or args.grey or args.check_chart:
+            print("device-agent calibrate: give --white and --chart (and, for the full "
+                  "procedure, --grey and --check-chart), or none of them (then the camera "
+                  "is used)", file=sys.stderr)
             return EXIT_BAD_INPUT
         else:
-            white, chart = from_camera(open_camera(config.camera, config.sim), input)
-        outcome = run_calibration(config, args.mode, white, chart, args.report)
+            targets = from_camera(open_camera(config.camera, config.sim), input)
+        outcome = run_calibration(config, args.mode, targets.white, targets.chart,
+                                  args.report, grey=targets.grey,
+                                  check_chart=targets.check_chart)
     except (ImageError, CalibrationError, CameraError) as err:
         print(f"device-agent calibrate: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
@@ -199,12 +207,8 @@ def _calibrate(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(record))
     else:
-        f = outcome.figures
-        print(f"calibration {record['calibration_id']} ({args.mode})")
-        print(f"colour      Delta E 2000 mean {f['delta_e_mean']:.2f}, max "
-              f"{f['delta_e_max']:.2f} (uncalibrated mean {f['delta_e_before_mean']:.1f})")
-        print(f"flat field  fall-off to the field edge {100 * f['falloff_after']:.1f} % "
-              f"(uncalibrated {100 * f['falloff_before']:.1f} %)")
+        for line in summary_lines(record["calibration_id"], args.mode, outcome.figures):
+            print(line)
         if args.report:
             print(f"report      {args.report}")
     return EXIT_OK
@@ -291,6 +295,10 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument("--mode", choices=("polarised", "non_polarised"), default="polarised")
     cal.add_argument("--white", type=Path, help="white-target image (else: the camera)")
     cal.add_argument("--chart", type=Path, help="24-patch chart image (else: the camera)")
+    cal.add_argument("--grey", type=Path, help="grey (~20 %%) target image: the flat field "
+                     "is checked at that level too")
+    cal.add_argument("--check-chart", type=Path, help="the chart turned half a turn: scored "
+                     "only, for the held-out Delta E")
     cal.add_argument("--report", type=Path, help="write the calibration report picture here")
     cal.add_argument("--json", action="store_true")
     cal.set_defaults(func=_calibrate)

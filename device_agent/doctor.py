@@ -194,7 +194,8 @@ def check_sealing(config: Config) -> Check:
 
 
 CALIBRATION_WARN_DAYS = 180
-DELTA_E_WARN = 3.0
+DELTA_E_WARN = 2.0  # held-out mean Delta E 2000: the colour goal
+FLAT_WARN = 0.02
 
 
 def check_calibration(config: Config) -> Check:
@@ -214,10 +215,21 @@ def check_calibration(config: Config) -> Check:
     mode = config.illumination.mode
     missing = [m for m in ("polarised", "non_polarised") if m not in calibration.modes]
     age = calibration.age_days()
-    worst = max(m.delta_e_mean for m in calibration.modes.values())
-    detail = (f"{calibration.calibration_id}, {age:.0f} days old, mean Delta E {worst:.2f}"
+    # The held-out figure (patches the fit did not see), never the fit's own.
+    held = [m.heldout_delta_e_mean for m in calibration.modes.values()]
+    unscored = any(h is None for h in held)
+    worst = max((h for h in held if h is not None), default=None)
+    flat = [v for m in calibration.modes.values()
+            for v in (m.flat_white_worst_sector, m.flat_grey_worst_sector) if v is not None]
+    methods = sorted({m.heldout_method for m in calibration.modes.values() if m.heldout_method})
+    detail = (f"{calibration.calibration_id}, {age:.0f} days old, "
+              + ("no held-out Delta E (calibrated before it was measured)" if worst is None
+                 else f"held-out mean Delta E {worst:.2f} ({', '.join(methods)})")
+              + (f", flat field worst sector {100 * max(flat):.1f} %" if flat else "")
               + (f"; {', '.join(missing)} not calibrated" if missing else ""))
-    if mode in missing or age > CALIBRATION_WARN_DAYS or worst > DELTA_E_WARN:
+    if (mode in missing or age > CALIBRATION_WARN_DAYS or unscored
+            or (worst is not None and worst > DELTA_E_WARN)
+            or (flat and max(flat) > FLAT_WARN)):
         return Check("calibration", "warn", detail, "calibrate again: device-agent calibrate")
     return Check("calibration", "ok", detail)
 

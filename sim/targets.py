@@ -1,6 +1,7 @@
-"""Calibration targets as the simulated camera sees them: a white target and a 24-patch
-colour chart in the lens field, through a device response with known colour cast,
-vignetting and noise, so the calibration tests have ground truth.
+"""Calibration targets as the simulated camera sees them: a white target, a grey target and
+a 24-patch colour chart (upright, and turned half a turn) in the lens field, through a
+device response with known colour cast, vignetting and noise, so the calibration tests have
+ground truth.
 
 The device response is linear light x vignetting x a 3x3 colour mix (white balance error
 and channel crosstalk), a slightly non-linear tone curve, then sRGB encoding, sensor noise
@@ -72,12 +73,20 @@ def render_white(response: Response, width: int = 1014, height: int = 760) -> np
     return _expose(np.full((height, width, 3), 0.9), response, width, height)
 
 
-def render_chart(response: Response, width: int = 1014, height: int = 760) -> np.ndarray:
-    """The 24-patch chart in the calibration cap, on a black (5 %) surround."""
+def render_grey(response: Response, width: int = 1014, height: int = 760) -> np.ndarray:
+    """The grey calibration target (20 % reflectance, spectrally flat) filling the field."""
+    return _expose(np.full((height, width, 3), 0.2), response, width, height)
+
+
+def render_chart(response: Response, width: int = 1014, height: int = 760,
+                 turned: bool = False) -> np.ndarray:
+    """The 24-patch chart in the calibration cap, on its black (3 %) card; ``turned``: half
+    a turn (180 degrees), as for the held-out capture."""
     cx, cy, radius = _geometry(width, height)
-    linear = np.full((height, width, 3), 0.05)
+    linear = np.full((height, width, 3), 0.03)
     half = 0.4 * chart_patch_size(radius)
-    for (x, y), rgb in zip(chart_patch_centres(cx, cy, radius), chart_reference_linear(),
-                           strict=True):
+    reference = chart_reference_linear()
+    for (x, y), rgb in zip(chart_patch_centres(cx, cy, radius),
+                           reference[::-1] if turned else reference, strict=True):
         linear[int(y - half):int(y + half), int(x - half):int(x + half)] = rgb
     return _expose(linear, response, width, height)

@@ -22,7 +22,7 @@ from device_agent.camera.colour import chart_reference_linear, srgb_to_linear
 from device_agent.config import parse_config
 from sim.camera import SimCamera
 from sim.device import SimDevice, sim_config
-from sim.targets import CASTS, Response, render_chart, render_white
+from sim.targets import CASTS, Response, render_chart, render_grey, render_white
 
 DELTA_E_MEAN_GOAL, DELTA_E_MAX_GOAL, FALLOFF_GOAL = 3.0, 6.0, 0.02
 
@@ -103,10 +103,14 @@ def test_capture_from_the_camera_averages_frames():
     white = render_white(Response(noise=6.0), 320, 240)
     camera.show_image(white)
     prompts: list[str] = []
-    got_white, _ = from_camera(camera, prompts.append)
-    assert len(prompts) == 2
+    got = from_camera(camera, prompts.append)
+    assert len(prompts) == 4
     assert "WHITE" in prompts[0]
-    np.testing.assert_array_equal(got_white, white)  # a still image averages to itself
+    assert "GREY" in prompts[1]
+    assert "TURNED" in prompts[3]
+    np.testing.assert_array_equal(got.white, white)  # a still image averages to itself
+    assert got.grey is not None
+    assert got.check_chart is not None
     camera.start()
     try:
         assert average_frames(camera, 4).shape == white.shape
@@ -189,3 +193,70 @@ def test_applying_a_calibration_does_not_load_colour_science(tmp_path):
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                          timeout=60, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_the_check_chart_must_be_turned(tmp_path):
+    r = Response(cast="warm", seed=6)
+    with pytest.raises(CalibrationError, match="turn the chart half a turn"):
+        calibrate_mode(render_white(r), render_chart(r), render_grey(r),
+                       render_chart(Response(cast="warm", seed=7)))
+
+
+def test_full_procedure_stores_held_out_figures_and_doctor_shows_them(tmp_path):
+    from device_agent.doctor import check_calibration
+
+    config = bench_config(tmp_path)
+    r = Response(cast="green", seed=8)
+    for mode in ("polarised", "non_polarised"):
+        outcome = run_calibration(config, mode, render_white(r), render_chart(r),
+                                  grey=render_grey(r),
+                                  check_chart=render_chart(Response(cast="green", seed=11),
+                                                           turned=True))
+    f = outcome.figures
+    assert f["heldout_method"] == "second chart, turned"
+    assert f["heldout_delta_e_mean"] <= 2.0
+    assert f["flat_grey_worst_sector"] <= FALLOFF_GOAL
+    loaded = load_calibration(calibration_path(tmp_path)).modes["non_polarised"]
+    assert loaded.heldout_delta_e_mean == pytest.approx(f["heldout_delta_e_mean"], abs=1e-3)
+    check = check_calibration(config)
+    assert check.level == "ok", check
+    assert f"held-out mean Delta E {f['heldout_delta_e_mean']:.2f}" in check.detail
+
+
+def test_a_calibration_from_before_the_tone_fit_still_applies_and_doctor_asks_again(tmp_path):
+    """Files written before the tone response was measured: sRGB is assumed, and doctor
+    says there is no held-out figure."""
+    from device_agent.doctor import check_calibration
+
+    config = bench_config(tmp_path)
+    r = Response(seed=3)
+    outcome = run_calibration(config, "polarised", render_white(r), render_chart(r))
+    data = outcome.calibration.to_dict()
+    for m in data["modes"].values():
+        for key in ("tone", "heldout_delta_e_mean", "heldout_delta_e_max", "heldout_method",
+                    "flat_white_worst_sector", "flat_grey_worst_sector"):
+            del m[key]
+    calibration_path(tmp_path).write_text(json.dumps(data))
+    old = load_calibration(calibration_path(tmp_path))
+    assert old.modes["polarised"].tone is None
+    out = old.apply(np.full((32, 32, 3), 128, np.uint8), "polarised")
+    assert out.shape == (32, 32, 3)
+    check = check_calibration(config)
+    assert check.level == "warn"
+    assert "no held-out Delta E" in check.detail
+
+
+def test_clipped_targets_are_refused_clearly():
+    """A clipped white or black carries no level: the tone response cannot be measured."""
+    bright = Response(exposure=1.4, seed=2)
+    with pytest.raises(CalibrationError, match="white target: clipped"):
+        calibrate_mode(render_white(bright), render_chart(bright))
+    dark_chart = np.clip(render_chart(Response(seed=2)).astype(int) - 60, 0, 255).astype(np.uint8)
+    with pytest.raises(CalibrationError, match="black patch is clipped"):
+        calibrate_mode(render_white(Response(seed=2)), dark_chart)
+
+
+def test_a_chart_seated_upside_down_is_refused_clearly():
+    r = Response(cast="magenta", seed=12)
+    with pytest.raises(CalibrationError, match="upside down"):
+        calibrate_mode(render_white(r), render_chart(r, turned=True))
