@@ -394,8 +394,27 @@ class Outbox:
         _magic, _created, _size, digest, id_len = _HEAD.unpack_from(data)
         return data[_HEAD.size + id_len:], digest
 
+    def read_for_sending(self, entry: OutboxEntry) -> tuple[memoryview, bytes]:
+        """The payload (a view: no copy) and the SHA-256 its header recorded, with the
+        header and the length checked but not the hash: the uplink checks the hash as the
+        chunks go out (``transfer.Transfer.chunk``), one pass over a large capture instead
+        of two. A bad header quarantines the entry and raises CorruptEntry, as ``read``."""
+        try:
+            data = entry.path.read_bytes()
+        except FileNotFoundError:
+            raise
+        except OSError as err:
+            self._quarantine_entry(entry.capture_id, f"unreadable: {err.strerror}")
+            raise CorruptEntry(f"{entry.capture_id}: unreadable: {err.strerror}") from None
+        problem = self._check(data, entry.capture_id, hashed=False)
+        if problem:
+            self._quarantine_entry(entry.capture_id, problem)
+            raise CorruptEntry(f"{entry.capture_id}: {problem}")
+        _magic, _created, _size, digest, id_len = _HEAD.unpack_from(data)
+        return memoryview(data)[_HEAD.size + id_len:], digest
+
     @staticmethod
-    def _check(data: bytes, capture_id: str) -> str | None:
+    def _check(data: bytes, capture_id: str, hashed: bool = True) -> str | None:
         if len(data) < _HEAD.size:
             return "truncated header"
         magic, _created, size, digest, id_len = _HEAD.unpack_from(data)
@@ -403,21 +422,28 @@ class Outbox:
             return "bad magic"
         if data[_HEAD.size:_HEAD.size + id_len] != capture_id.encode():
             return "capture id mismatch"
-        payload = data[_HEAD.size + id_len:]
+        payload = memoryview(data)[_HEAD.size + id_len:]
         if len(payload) != size:
             return f"payload length {len(payload)} != {size}"
-        if hashlib.sha256(payload).digest() != digest:
+        if hashed and hashlib.sha256(payload).digest() != digest:
             return "sha256 mismatch"
         return None
 
-    def remove(self, capture_id: str) -> None:
-        """Delete a delivered entry durably. Unknown ids are ignored (idempotent)."""
+    def remove(self, capture_id: str, *, durable: bool = True) -> None:
+        """Delete an entry (durably unless told otherwise). Unknown ids are ignored
+        (idempotent).
+
+        ``durable=False``, for a capture the gateway committed: no directory fsync, which
+        would hold up the next transfer; the next entry stored (its fsync of this same
+        directory) makes the removal durable. A power cut before that brings the entry
+        back, it is sent again and the gateway answers ``committed`` from its ledger."""
         with self._lock:
             entry = self._forget(capture_id)
             if entry is None:
                 return
             entry.path.unlink(missing_ok=True)
-            fsync_dir(self.root)
+            if durable:
+                fsync_dir(self.root)
             (self._announced / capture_id).unlink(missing_ok=True)
 
     def _forget(self, capture_id: str) -> OutboxEntry | None:
