@@ -143,3 +143,21 @@ def test_a_cut_after_a_healthy_connection_reconnects_quickly(
             assert scheduled["after_healthy"] is True
             assert scheduled["delay"] <= QUICK_RECONNECT  # not retry_min's 1-2 s
             events.wait_for("uplink.connected", count=2, timeout=10)
+
+
+def test_the_first_manifest_does_not_wait_for_the_suback(broker, outbox, events) -> None:
+    """The broker takes a connection's packets in order, so a manifest sent right after the
+    SUBSCRIBE finds the ack subscription in place: no round trip waits for the SUBACK. With
+    the way back delayed, the SUBACK comes that delay after the CONNACK, and the manifest
+    has gone out before it."""
+    put(outbox, 1, size=1000)
+    with FaultProxy(broker.host, broker.port) as proxy:
+        proxy.delay(to_client=0.5)
+        up = Uplink(uplink_config(broker, host=proxy.host, port=proxy.port, ack_timeout=30.0),
+                    DEVICE, outbox, "test-1.0")
+        with up:
+            events.wait_for("uplink.subscribed")
+            events.wait_for("uplink.manifest_sent")
+    order = [r["event"] for r in events.records
+             if r["event"] in ("uplink.subscribed", "uplink.manifest_sent")]
+    assert order[:2] == ["uplink.manifest_sent", "uplink.subscribed"]

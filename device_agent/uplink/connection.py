@@ -186,7 +186,7 @@ class Connection:
     @property
     def online(self) -> bool:
         with self.cond:
-            return self._connected and self._subscribed
+            return self._connected and (self._subscribed or self._sub_pending)
 
     def wait_online(self, timeout: float) -> bool:
         with self.cond:
@@ -369,6 +369,7 @@ class Connection:
             with self.cond:
                 self._sub_pending = False
             return
+        log_event(log, "uplink.subscribed", level=logging.DEBUG)
         with self.cond:
             self._subscribed = True
             self.cond.notify_all()
