@@ -186,7 +186,7 @@ class Connection:
     @property
     def online(self) -> bool:
         with self.cond:
-            return self._connected and (self._subscribed or self._sub_pending)
+            return self._connected and self._subscribed
 
     def wait_online(self, timeout: float) -> bool:
         with self.cond:
