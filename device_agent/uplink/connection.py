@@ -188,6 +188,11 @@ class Connection:
         with self.cond:
             return self._connected and self._subscribed
 
+    def connected_for(self) -> float:
+        """Seconds since the current connection's CONNACK (0 when not connected)."""
+        with self.cond:
+            return time.monotonic() - self._up_since if self._connected else 0.0
+
     def wait_online(self, timeout: float) -> bool:
         with self.cond:
             return self.cond.wait_for(lambda: self._connected and self._subscribed, timeout)
