@@ -8,8 +8,12 @@ ours is the real uplink (manifest, chunks, final) to the reference gateway proce
 verifies, stores (fsync) and only then acknowledges; its DICOM export of each capture
 follows the ack in the gateway's exporter process (clinic_gateway/exporter.py), so with
 captures back to back it overlaps the next transfer, as on a busy gateway.
-Goal (issue 5): ours >= 0.5x the raw throughput. The uplink's own protocol events split a
-delivery into phases, so a shortfall shows where the time goes.
+Goal (issues 5 and 14): ours >= 0.5x the raw throughput. The uplink's own protocol events
+split a delivery into phases, so a shortfall shows where the time goes: reading the outbox
+entry (no hashing: its SHA-256 is checked as the chunks go out), the chunks (they follow the
+manifest at once; its answer, manifest_answer_ms, comes back meanwhile), the gateway's
+verify, store and ack after the final (with what it still had to take of the chunks), and
+the outbox entry's removal.
 
     python bench/bench_uplink.py [--repeat 5]
 """
