@@ -530,9 +530,16 @@ class Connection:
     def wait_window(self, generation: int,
                     interrupt: Callable[[], bool] | None = None) -> bool:
         """Until fewer chunks than the window await their PUBACK, or ``interrupt`` (called
-        under the lock) is true; False after ack_timeout."""
+        under the lock) is true; False after ack_timeout. A full window is waited on until
+        half of it is acknowledged: the sender then wakes once per half window, not once per
+        PUBACK (each wake-up is a thread switch, costly on a busy device), and at least half
+        a window stays in flight."""
         window = max(1, min(self.window_cap, self._receive_max - 2))
-        return self.wait(lambda: len(self._inflight) < window
+        with self.cond:
+            if len(self._inflight) < window:
+                return True
+        low = window // 2
+        return self.wait(lambda: len(self._inflight) <= low
                          or (interrupt is not None and interrupt()),
                          self.config.ack_timeout, generation)
 
