@@ -183,9 +183,10 @@ def uplink_delivery(port: int, workdir: Path, capture: bytes, repeat: int,
         cpu: dict[str, float] = {}
         previous = None
         for n in range(repeat + 1):
-            if spaced and previous is not None:
+            if previous is not None and (spaced or n == 1):
+                # n == 1: the warm-up's export has started the exporter, whose CPU counts
                 _wait_exported(workdir / "store", previous)
-            if n == 1:  # after the warm-up (which starts the gateway's exporter)
+            if n == 1:
                 exporter = list(child_pids(gateway.pid))
                 sides["after_ack"] = exporter
                 cpu = {side: _cpu_ms(pids) for side, pids in sides.items()}
