@@ -37,6 +37,20 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def child_pids(pid: int) -> dict[int, str]:
+    """The processes whose parent is ``pid``, with their command names (from /proc)."""
+    children = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = stat.read_text()
+        except OSError:
+            continue  # gone meanwhile
+        comm = text[text.index("(") + 1:text.rindex(")")]
+        if int(text.rsplit(")", 1)[1].split()[1]) == pid:
+            children[int(stat.parent.name)] = comm
+    return children
+
+
 UNIT = Path(__file__).resolve().parent.parent / "systemd" / "device-agent.service"
 
 

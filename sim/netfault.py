@@ -12,6 +12,7 @@ a NAT or firewall resets a connection mid-transfer; a weak link crawls. ::
         proxy.resume()
         proxy.cut()              # RST both ways
         proxy.throttle(200_000)  # bytes per second, each direction
+        proxy.delay(to_server=0.02, to_client=0.02)  # one-way seconds: a 40 ms RTT
 
 One thread (``netfault-<port>``) owns every socket and moves the bytes with select(). The
 controls change its state under a lock, wake it and wait (bounded) until it has taken the
@@ -27,6 +28,7 @@ import socket
 import struct
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from types import TracebackType
@@ -34,6 +36,9 @@ from types import TracebackType
 _BUF = 64 * 1024  # bytes held per direction of a connection; beyond that TCP pushes back
 _PACE = 0.05  # a throttled direction reads at most this many seconds' worth at once
 _TICK = 1.0  # the thread also wakes this often, although every change wakes it at once
+#: Bytes a direction's delay line may hold: at least a link's bandwidth-delay product (a
+#: cap of _BUF would cap a delayed link's rate at _BUF per delay), still bounded.
+_HELD = 32 * 1024 * 1024
 
 
 def mqtt_packet_length(data: bytes | bytearray) -> int | None:
@@ -67,6 +72,9 @@ class _Link:
     ending: bool = False  # a side closed (or we answered for the broker): flush, then close
     closed: bool = False
     ready_at: dict[socket.socket, float] = field(default_factory=dict)  # throttle: next read
+    #: delay: per destination, (due time, bytes) read but not yet passed on, oldest first
+    held: dict[socket.socket, deque[tuple[float, bytes]]] = field(default_factory=dict)
+    held_bytes: dict[socket.socket, int] = field(default_factory=dict)
 
     def peer(self, sock: socket.socket) -> socket.socket:
         return self.server if sock is self.client else self.client
@@ -74,6 +82,26 @@ class _Link:
     def owed(self, dst: socket.socket) -> bytearray:
         """The bytes waiting to be written to ``dst``."""
         return self.to_client if dst is self.client else self.to_server
+
+    def hold(self, dst: socket.socket, due: float, data: bytes) -> None:
+        """Pass ``data`` on to ``dst`` at ``due`` (never before what was held earlier)."""
+        line = self.held.setdefault(dst, deque())
+        if line:
+            due = max(due, line[-1][0])
+        line.append((due, data))
+        self.held_bytes[dst] = self.held_bytes.get(dst, 0) + len(data)
+
+    def release(self, now: float) -> float | None:
+        """Move what is due into the write buffers; when the next held bytes are due."""
+        nxt = None
+        for dst, line in self.held.items():
+            while line and line[0][0] <= now:
+                _due, data = line.popleft()
+                self.owed(dst).extend(data)
+                self.held_bytes[dst] -= len(data)
+            if line:
+                nxt = line[0][0] if nxt is None else min(nxt, line[0][0])
+        return nxt
 
 
 class FaultProxy:
@@ -101,6 +129,8 @@ class FaultProxy:
         self._lock = threading.Lock()
         self._stalled = False
         self._rate: float | None = None
+        self._delay_to_server = 0.0
+        self._delay_to_client = 0.0
         self._refusing = False
         self._strike: tuple[str, int] | None = None  # ("stall" | "cut", bytes still let through)
         self._taken: list[threading.Event] = []  # controls waiting for the thread to see them
@@ -142,6 +172,16 @@ class FaultProxy:
         if bytes_per_second is not None and bytes_per_second <= 0:
             raise ValueError("bytes_per_second must be positive (or None)")
         self._set(rate=bytes_per_second)
+
+    def delay(self, to_server: float = 0.0, to_client: float = 0.0) -> None:
+        """Hold each byte this many seconds before passing it on, per direction (a link's
+        one-way delays; their sum is its round-trip time). With :meth:`throttle`, bytes are
+        paced as they are read and then delayed: a link of that rate and that latency. A
+        cut loses what is held; a stall keeps it. The first packet of a connection seen by
+        ``first_packet`` is not delayed."""
+        if to_server < 0 or to_client < 0:
+            raise ValueError("delays must be >= 0 seconds")
+        self._set(delay_to_server=float(to_server), delay_to_client=float(to_client))
 
     def unthrottle(self) -> None:
         self.throttle(None)
@@ -225,12 +265,17 @@ class FaultProxy:
             if not self._stalled:
                 readers.append(self._listener)
                 for link in self._links:
+                    held = link.release(now)
+                    if held is not None:
+                        due = min(due, held)
                     for sock in (link.client, link.server):
                         self._owner[sock] = link
                         if link.owed(sock) and not (sock is link.server and link.greeting):
                             writers.append(sock)
                         at = link.ready_at.get(sock, now)
-                        if link.ending or len(link.owed(link.peer(sock))) >= _BUF:
+                        dst = link.peer(sock)
+                        if (link.ending or len(link.owed(dst)) >= _BUF
+                                or link.held_bytes.get(dst, 0) >= _HELD):
                             continue
                         if at <= now:
                             readers.append(sock)
@@ -257,7 +302,8 @@ class FaultProxy:
             self._end_if_done(link)
 
     def _end_if_done(self, link: _Link) -> None:
-        if link.ending and not link.closed and not link.to_server and not link.to_client:
+        if (link.ending and not link.closed and not link.to_server and not link.to_client
+                and not any(link.held.values())):
             self._drop(link, reset=False)
 
     def _accept(self) -> None:
@@ -281,7 +327,8 @@ class FaultProxy:
         self._links.append(_Link(client, server, greeting=self.first_packet is not None))
 
     def _read(self, link: _Link, src: socket.socket) -> None:
-        buf = link.owed(link.peer(src))
+        dst = link.peer(src)
+        buf = link.owed(dst)
         size = _BUF - len(buf)
         if self._rate:
             size = min(size, max(1, int(self._rate * _PACE)))
@@ -295,7 +342,13 @@ class FaultProxy:
         if not data:
             link.ending = True
             return
-        buf += data
+        delay = self._delay_to_server if dst is link.server else self._delay_to_client
+        if link.greeting and src is link.client:
+            buf += data
+        elif delay > 0 or link.held.get(dst):
+            link.hold(dst, time.monotonic() + delay, data)
+        else:
+            buf += data
         if self._rate:
             now = time.monotonic()
             link.ready_at[src] = max(now, link.ready_at.get(src, now)) + len(data) / self._rate

@@ -152,6 +152,42 @@ def test_throttle_paces_each_direction(proxy, target) -> None:
         assert recv_exactly(client, 25_000) == b"u" * 25_000
 
 
+def test_delay_holds_each_direction_for_its_own_one_way_time(proxy, target) -> None:
+    with connected(proxy, target) as (client, server):
+        proxy.delay(to_server=0.3, to_client=0.0)
+        start = time.monotonic()
+        client.sendall(b"d" * 100_000)
+        assert recv_exactly(server, 100_000) == b"d" * 100_000
+        assert time.monotonic() - start >= 0.3  # a lower bound: the injector's promise
+        proxy.delay(to_server=0.0, to_client=0.4)
+        start = time.monotonic()
+        server.sendall(b"e" * 10)
+        assert recv_exactly(client, 10) == b"e" * 10
+        assert time.monotonic() - start >= 0.4
+        proxy.delay()
+        client.sendall(b"f")
+        assert recv_exactly(server, 1) == b"f"
+
+
+def test_delay_keeps_the_order_of_bytes_and_a_cut_drops_what_is_held(proxy, target) -> None:
+    with connected(proxy, target) as (client, server):
+        proxy.delay(to_server=0.2)
+        client.sendall(b"1" * 1000)
+        proxy.delay(to_server=0.0)  # later bytes never overtake held ones
+        client.sendall(b"2" * 1000)
+        assert recv_exactly(server, 2000) == b"1" * 1000 + b"2" * 1000
+        proxy.delay(to_server=5.0)
+        client.sendall(b"lost")
+        proxy.cut()
+        with pytest.raises(ConnectionResetError):
+            server.recv(10)  # reset, and the held bytes never came
+
+
+def test_delay_refuses_a_negative_time(proxy) -> None:
+    with pytest.raises(ValueError, match="delays"):
+        proxy.delay(to_client=-0.1)
+
+
 def test_first_packet_hook_answers_for_the_broker(target) -> None:
     seen: list[bytes] = []
 

@@ -20,6 +20,7 @@ from device_agent.uplink.transfer import (
     AwaitAck,
     Backoff,
     ChunkSizeLearner,
+    CorruptPayload,
     Done,
     SendChunks,
     SendFinal,
@@ -51,8 +52,9 @@ def kinds(actions: list) -> list[type]:
 
 
 class Gateway:
-    """A gateway in memory: keeps the chunks it is sent, answers with the ones it lacks
-    (dropping those in ``lose`` the first time they come), commits when it has them all."""
+    """A gateway in memory: keeps the chunks it is sent, answers a manifest with the ones it
+    lacks then and a final with the ones it lacks (or commits), dropping those in ``lose``
+    the first time they come (as a receiver that had not staged the manifest yet)."""
 
     def __init__(self, lose: set[int] = frozenset()) -> None:
         self.chunks: dict[int, bytes] = {}
@@ -67,7 +69,13 @@ class Gateway:
         while True:
             answer = None
             for action in actions:
-                if isinstance(action, SendChunks):
+                if isinstance(action, SendManifest):
+                    # Answered as the manifest comes, before any chunk behind it.
+                    missing = tuple(i for i in range(t.chunk_count) if i not in self.chunks)
+                    answer = ack(t, "incomplete", missing)
+                elif isinstance(action, SendFinal):
+                    answer = None
+                elif isinstance(action, SendChunks):
                     self.sent.append(action.indexes)
                     for index in action.indexes:
                         if index in self.lose:
@@ -77,7 +85,7 @@ class Gateway:
                         assert chunk.sha256 == t.sha256
                         self.chunks[chunk.index] = chunk.data
                 elif isinstance(action, AwaitAck):
-                    answer = self.answer(t)
+                    answer = answer or self.answer(t)
                     assert t.answers(answer)
                 elif isinstance(action, Done):
                     return action
@@ -88,28 +96,92 @@ class Gateway:
 # -- one round at a time ------------------------------------------------------------------
 
 
-def test_a_fresh_transfer_sends_a_manifest_then_every_chunk_then_a_final():
+def test_a_fresh_transfer_sends_every_chunk_right_behind_its_manifest_then_a_final():
     t = transfer()
     first = t.start()
-    assert kinds(first) == [SendManifest, AwaitAck]
+    assert kinds(first) == [SendManifest, SendChunks, AwaitAck]
     manifest = first[0].manifest
     assert (manifest.capture_id, manifest.size, manifest.chunk_size, manifest.chunk_count,
             manifest.sha256) == (CAPTURE, len(DATA), 1024, 10, SHA.hex())
     assert manifest.content_type == "application/octet-stream"  # neither bundle nor sealed
-    assert first[1] == AwaitAck(manifest.req)
+    # Before the manifest's answer: the gateway cannot hold any chunk of a new transfer.
+    assert first[1] == SendChunks(tuple(range(10)), until_answered=True)
+    assert first[2] == AwaitAck(manifest.req)
+    for index in first[1].indexes:
+        t.chunk(index)
+    assert t.exposed  # chunks out, no ack yet
 
+    # The manifest's answer lists what the gateway lacked when the manifest came: all sent.
     actions = t.on_ack(ack(t, "incomplete", tuple(range(10))))
-    assert kinds(actions) == [SendChunks, SendFinal, AwaitAck]
-    assert actions[0].indexes == tuple(range(10))
-    final = actions[1].final
+    assert kinds(actions) == [SendFinal, AwaitAck]
+    final = actions[0].final
     assert (final.capture_id, final.sha256, final.chunk_count) == (CAPTURE, SHA.hex(), 10)
     assert final.req > manifest.req
-    assert actions[1].resent == 10
-    assert actions[2] == AwaitAck(final.req)
-    assert t.exposed  # chunks out, no ack yet
+    assert actions[0].resent == 0
+    assert actions[1] == AwaitAck(final.req)
 
     assert t.on_ack(ack(t, "committed")) == [Done("committed")]
     assert not t.exposed
+
+
+def test_an_answer_that_stops_the_early_chunks_gets_the_rest_it_lists_sent():
+    t = transfer()
+    early = t.start()[1]
+    for index in early.indexes[:4]:  # the answer came in after four chunks
+        t.chunk(index)
+    actions = t.on_ack(ack(t, "incomplete", tuple(range(10))))
+    assert actions[0] == SendChunks(tuple(range(4, 10)))
+    assert actions[1].resent == 6
+
+
+def test_early_chunks_a_receiver_dropped_are_sent_after_the_finals_answer():
+    """A receiver that had not staged the manifest when the first chunks came drops them
+    (docs/protocol.md §3.2) and lists them in its answer to the final."""
+    t = transfer()
+    gateway = Gateway(lose={0, 1})
+    assert gateway.run(t, t.start()) == Done("committed")
+    assert gateway.sent == [tuple(range(10)), (0, 1)]
+    assert b"".join(gateway.chunks[i] for i in range(10)) == DATA
+
+
+def test_a_resume_sends_early_only_the_chunks_never_published():
+    """After a reconnect the transfer starts again: chunks it published may be at the gateway
+    (their answer decides), those it never published cannot be."""
+    t = transfer()
+    first = t.start()
+    for index in first[1].indexes[:6]:
+        t.chunk(index)  # then the connection went
+    again = t.start()
+    assert kinds(again) == [SendManifest, SendChunks, AwaitAck]
+    assert again[1] == SendChunks((6, 7, 8, 9), until_answered=True)
+    for index in again[1].indexes:
+        t.chunk(index)
+    actions = t.on_ack(ack(t, "incomplete", (4, 5, 6, 7, 8, 9)))  # 4 and 5 were lost
+    assert actions[0] == SendChunks((4, 5))
+
+
+def test_after_a_failed_round_the_gateway_is_asked_before_any_chunk():
+    t = transfer()
+    t.start()
+    assert t.on_ack(ack(t, "retry", reason="no_key"))[0] == Backoff(0, "gateway: retry no_key")
+    assert kinds(t.start()) == [SendManifest, AwaitAck]
+
+
+def test_a_payload_that_does_not_match_its_sha256_is_caught_before_its_last_chunk():
+    bad = bytearray(DATA)
+    bad[5000] ^= 1
+    t = Transfer(CAPTURE, bytes(bad), SHA, 1024)
+    for index in range(9):
+        t.chunk(index)
+    with pytest.raises(CorruptPayload, match="SHA-256"):
+        t.chunk(9)
+
+
+def test_chunks_sent_again_or_out_of_order_do_not_upset_the_sha256_check():
+    t = transfer()
+    for index in (0, 1, 1, 0, 2, 5, 3, 4, 5, 6, 7, 8, 9):
+        t.chunk(index)  # no CorruptPayload: the in-order pass adds up
+    assert t.published == set(range(10))
 
 
 def test_chunks_are_the_payloads_slices_and_the_last_one_is_short():
@@ -145,6 +217,8 @@ def test_a_gateway_that_has_it_all_already_commits_at_the_manifest():
 
 def test_against_a_gateway_in_memory_lost_chunks_are_sent_again():
     t = transfer()
+    t.start()
+    t.on_ack(None)  # a failed round: the next one asks before sending
     gateway = Gateway(lose={2, 9})
     assert gateway.run(t, t.start()) == Done("committed")
     assert gateway.sent == [tuple(range(10)), (2, 9)]

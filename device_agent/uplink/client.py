@@ -50,6 +50,7 @@ from device_agent.uplink.transfer import (
     AwaitAck,
     Backoff,
     ChunkSizeLearner,
+    CorruptPayload,
     Done,
     SendChunks,
     SendFinal,
@@ -95,6 +96,11 @@ class Uplink:
         self._busy = False
         self._req = 0
         self._sender: threads.Supervised | None = None
+        # The transfer in progress, kept across reconnects: what it already published
+        # tells which chunks may go before the gateway's answer when it resumes.
+        self._transfer: Transfer | None = None
+        #: Chunks published so far, every transfer and round (benches count resends by it).
+        self.chunks_published = 0
 
     # The agent sets these after construction; the connection uses them.
     @property
@@ -251,22 +257,12 @@ class Uplink:
 
     def _send_entry(self, entry: OutboxEntry) -> None:
         conn = self.connection
-        try:
-            data, digest = self.outbox.read_verified(entry)
-        except CorruptEntry as err:
-            # The outbox already quarantined it and logged; the next entry goes next.
-            conn.last_error = f"corrupt outbox entry {entry.capture_id}"
-            log_event(log, "uplink.skipped_corrupt", level=logging.WARNING,
-                      capture_id=entry.capture_id, detail=str(err))
-            return
-        except FileNotFoundError:
-            return
         with conn.cond:
             generation = conn.generation
             max_packet = conn.max_packet
         try:
             chunk_size = choose_chunk_size(
-                len(data), self._chunk_sizes.limit(self.config.chunk_size), max_packet,
+                entry.size, self._chunk_sizes.limit(self.config.chunk_size), max_packet,
                 len(conn.topics.up(entry.capture_id, "chunk")))
         except ProtocolError as err:
             conn.last_error = err.detail
@@ -277,10 +273,27 @@ class Uplink:
         if chunk_size is None:
             self.outbox.quarantine(entry.capture_id, "too large for the broker's packet cap")
             return
-        transfer = Transfer(entry.capture_id, data, digest, chunk_size, self._next_req)
-        conn.expect_acks(entry.capture_id, digest.hex())
+        transfer = self._transfer
+        if (transfer is None or transfer.capture_id != entry.capture_id
+                or transfer.chunk_size != chunk_size):
+            self._transfer = None
+            try:
+                data, digest = self.outbox.read_for_sending(entry)
+            except CorruptEntry as err:
+                # The outbox already quarantined it and logged; the next entry goes next.
+                self._skip_corrupt(entry.capture_id, str(err))
+                return
+            except FileNotFoundError:
+                return
+            transfer = self._transfer = Transfer(entry.capture_id, data, digest, chunk_size,
+                                                 self._next_req)
+        conn.expect_acks(entry.capture_id, transfer.sha256.hex())
         try:
             self._drive(transfer, generation)
+        except CorruptPayload as err:
+            self._transfer = None
+            self.outbox.quarantine(entry.capture_id, "sha256 mismatch")
+            self._skip_corrupt(entry.capture_id, str(err))
         except Aborted:
             # Disconnected or stopping: the sender loop resumes after reconnect.
             if transfer.exposed and not conn.stopping.is_set():
@@ -291,6 +304,11 @@ class Uplink:
                               capture_id=entry.capture_id, chunk_size=reduced)
         finally:
             conn.expect_acks(None)
+
+    def _skip_corrupt(self, capture_id: str, detail: str) -> None:
+        self.connection.last_error = f"corrupt outbox entry {capture_id}"
+        log_event(log, "uplink.skipped_corrupt", level=logging.WARNING, capture_id=capture_id,
+                  detail=detail)
 
     def _drive(self, t: Transfer, generation: int) -> None:
         """Carry out the transfer's actions until its verdict (Aborted: the connection went)."""
@@ -309,10 +327,21 @@ class Uplink:
                           chunk_size=t.chunk_size, chunks=t.chunk_count)
             elif isinstance(action, SendChunks):
                 topic = conn.topics.up(capture_id, "chunk")
+                answered = None
+                if action.until_answered:
+                    def answered() -> bool:
+                        return conn.has_ack(capture_id, t.answers)
                 for index in action.indexes:
-                    if not conn.wait_window(generation):
-                        raise Aborted()  # no PUBACK for a whole ack_timeout: the link is stuck
+                    if not conn.wait_window(generation, answered):
+                        # No PUBACK for a whole ack_timeout: the link is stuck. A round
+                        # without an answer: back off, then ask before sending again.
+                        actions.clear()
+                        actions.extend(t.on_ack(None))
+                        break
+                    if answered is not None and answered():
+                        break  # the manifest's answer: it says what else to send
                     conn.publish(topic, t.chunk(index), kind="chunk")
+                    self.chunks_published += 1
             elif isinstance(action, SendFinal):
                 req = action.final.req
                 conn.publish(conn.topics.up(capture_id, "final"), action.final.encode(),
@@ -337,9 +366,10 @@ class Uplink:
                 self._verdict(t, action)
 
     def _verdict(self, t: Transfer, done: Done) -> None:
+        self._transfer = None
         if done.state == "committed":
             # verify_ack let it through: signed for this transfer's SHA-256.
-            self.outbox.remove(t.capture_id)
+            self.outbox.remove(t.capture_id, durable=False)
             log_event(log, "capture.delivered", capture_id=t.capture_id, size=len(t.data),
                       chunk_size=t.chunk_size, chunks=t.chunk_count)
             return

@@ -63,6 +63,13 @@ CommandSink = Callable[[bytes, Reply], None]
 #: CONNACK reason "Unsupported Protocol Version" (paho maps a 3.1.1 broker's refusal to it).
 _UNSUPPORTED_PROTOCOL_VERSION = 0x84
 _PACKET_TOO_LARGE = 0x95
+#: A connection that lasted this long (seconds) was healthy: the broker took us, and what
+#: ended it (a cut, a NAT, Wi-Fi roaming) is likely over. Shorter ones back off as usual, so
+#: a broker that closes us at once is not hammered.
+HEALTHY_AFTER = 1.0
+#: The first reconnect after a healthy connection comes within this many seconds (random,
+#: so a fleet that lost the broker together does not return in one burst).
+QUICK_RECONNECT = 0.1
 
 
 class Aborted(Exception):
@@ -77,6 +84,16 @@ def backoff_delay(attempt: int, lo: float, hi: float, rng: random.Random) -> flo
     """
     cap = min(hi, lo * (2 ** min(attempt, 30)))
     return cap / 2 + rng.uniform(0, cap / 2)
+
+
+def reconnect_delay(attempt: int, healthy: bool, lo: float, hi: float,
+                    rng: random.Random) -> float:
+    """The wait before reconnecting: right after a healthy connection ended (``attempt`` 0),
+    a short random one (QUICK_RECONNECT, or less when ``lo`` is smaller): a transfer cut mid-
+    way loses little more than the reconnect; after that, ``backoff_delay``."""
+    if healthy and attempt == 0:
+        return rng.uniform(0, min(lo, QUICK_RECONNECT))
+    return backoff_delay(attempt - 1 if healthy else attempt, lo, hi, rng)
 
 
 class Connection:
@@ -100,6 +117,9 @@ class Connection:
         self.stopping = threading.Event()
         self._connected = False  # CONNACK success seen, not yet disconnected
         self._subscribed = False  # ack subscription granted on this connection
+        # Asked for on this connection and not refused (yet): the broker takes our packets
+        # in order, so a manifest sent now finds the subscription in place for its answer.
+        self._sub_pending = False
         self.generation = 0  # bumps on every connect: in-flight state of older ones is void
         self.max_packet: int | None = None
         #: The last connection ended with MQTT 5 "Packet too large" (0x95).
@@ -119,6 +139,7 @@ class Connection:
         self._client: mqtt.Client | None = None
         self._connack: ReasonCode | None = None  # CONNACK of the current client, once seen
         self._conn_ended = False  # the current client's connection is over
+        self._up_since = 0.0  # monotonic time of the current connection's CONNACK
         self.last_error = ""
         self._net: threads.Supervised | None = None
         self._heartbeat: threads.Supervised | None = None
@@ -167,6 +188,11 @@ class Connection:
         with self.cond:
             return self._connected and self._subscribed
 
+    def connected_for(self) -> float:
+        """Seconds since the current connection's CONNACK (0 when not connected)."""
+        with self.cond:
+            return time.monotonic() - self._up_since if self._connected else 0.0
+
     def wait_online(self, timeout: float) -> bool:
         with self.cond:
             return self.cond.wait_for(lambda: self._connected and self._subscribed, timeout)
@@ -213,10 +239,13 @@ class Connection:
     def _net_main(self) -> None:
         attempt = 0
         silent = 0
+        healthy = False  # the last connection lasted (reconnect_delay)
         while not self._close.is_set():
             outcome = self._one_connection()
             if outcome == "connected":
                 attempt = silent = 0
+                with self.cond:
+                    healthy = time.monotonic() - self._up_since >= HEALTHY_AFTER
             elif self.mqtt5 and outcome in ("unsupported_version", "silent"):
                 # "Silent": some 3.1.1-only brokers neither accept nor refuse an MQTT 5
                 # CONNECT (amqtt reads it as 3.1.1 and waits for bytes that never come).
@@ -228,11 +257,11 @@ class Connection:
                     continue  # at once: this is not a failure to back off from
             if self._close.is_set():
                 break
-            delay = backoff_delay(attempt, self.config.retry_min, self.config.retry_max,
-                                  self.rng)
+            delay = reconnect_delay(attempt, healthy, self.config.retry_min,
+                                    self.config.retry_max, self.rng)
             attempt += 1
             log_event(log, "uplink.reconnect_scheduled", level=logging.DEBUG,
-                      delay=round(delay, 3), reason=outcome)
+                      delay=round(delay, 3), reason=outcome, after_healthy=healthy)
             self._close.wait(delay)
 
     def _one_connection(self) -> str:
@@ -288,7 +317,7 @@ class Connection:
             # connection, and disconnect() ends it otherwise.
             client.loop_stop()
             with self.cond:
-                self._connected = self._subscribed = False
+                self._connected = self._subscribed = self._sub_pending = False
                 self._inflight.clear()
                 self.cond.notify_all()
 
@@ -315,6 +344,7 @@ class Connection:
             self._inflight.clear()
             self._early.clear()
             self._connack = reason_code
+            self._up_since = time.monotonic()
             self.cond.notify_all()
         # Subscriptions do not survive a clean start: renew them on every connect. One
         # SUBACK for both: its first reason code is the ack topic's, the second the commands'.
@@ -322,6 +352,11 @@ class Connection:
                                          (self.topics.command, 1)])
         if result != MQTTErrorCode.MQTT_ERR_SUCCESS:
             log_event(log, "uplink.subscribe_failed", level=logging.WARNING, rc=str(result))
+        else:
+            with self.cond:
+                if client is self._client and self._connected:
+                    self._sub_pending = True
+                    self.cond.notify_all()
         log_event(log, "uplink.connected", host=self.config.host, port=self.config.port,
                   protocol="mqtt5" if self.mqtt5 else "mqtt311", max_packet=max_packet,
                   receive_max=receive_max)
@@ -336,7 +371,10 @@ class Connection:
             self.last_error = f"ack subscription refused: {reason_codes[0]}"
             log_event(log, "uplink.subscribe_refused", level=logging.ERROR,
                       reasons=[str(reason_codes[0])])
+            with self.cond:
+                self._sub_pending = False
             return
+        log_event(log, "uplink.subscribed", level=logging.DEBUG)
         with self.cond:
             self._subscribed = True
             self.cond.notify_all()
@@ -350,7 +388,7 @@ class Connection:
             was = self._connected
             self.dropped_for_size = reason_code == _PACKET_TOO_LARGE
             self._connected = False
-            self._subscribed = False
+            self._subscribed = self._sub_pending = False
             self._conn_ended = True
             self._inflight.clear()
             self.cond.notify_all()
@@ -471,8 +509,9 @@ class Connection:
     # ------------------------------------------------------------------------- for the sender
 
     def ready_to_send(self) -> bool:
-        """Connected and subscribed (call under :attr:`cond`)."""
-        return self._connected and self._subscribed
+        """Connected, and the ack subscription granted or asked for and not refused: the
+        sender need not wait a round trip for the SUBACK (call under :attr:`cond`)."""
+        return self._connected and (self._subscribed or self._sub_pending)
 
     def wait(self, predicate: Callable[[], bool], timeout: float, generation: int) -> bool:
         """Wait for ``predicate`` (called under the lock); raise Aborted on stop/disconnect."""
@@ -488,17 +527,34 @@ class Connection:
         delay = backoff_delay(attempt, self.config.retry_min, self.config.retry_max, self.rng)
         self.wait(lambda: False, delay, generation)
 
-    def wait_window(self, generation: int) -> bool:
-        """Until fewer chunks than the window await their PUBACK; False after ack_timeout."""
+    def wait_window(self, generation: int,
+                    interrupt: Callable[[], bool] | None = None) -> bool:
+        """Until fewer chunks than the window await their PUBACK, or ``interrupt`` (called
+        under the lock) is true; False after ack_timeout. A full window is waited on until
+        half of it is acknowledged: the sender then wakes once per half window, not once per
+        PUBACK (each wake-up is a thread switch, costly on a busy device), and at least half
+        a window stays in flight."""
         window = max(1, min(self.window_cap, self._receive_max - 2))
-        return self.wait(lambda: len(self._inflight) < window, self.config.ack_timeout,
-                         generation)
+        with self.cond:
+            if len(self._inflight) < window:
+                return True
+        low = window // 2
+        return self.wait(lambda: len(self._inflight) <= low
+                         or (interrupt is not None and interrupt()),
+                         self.config.ack_timeout, generation)
 
     def expect_acks(self, capture_id: str | None, sha256: str = "") -> None:
         """Acks about this transfer (capture id, SHA-256 hex) are taken from now on; None:
         no transfer is in progress."""
         with self.cond:
             self._current = None if capture_id is None else (capture_id, sha256)
+
+    def has_ack(self, capture_id: str, answers: Callable[[Ack], bool]) -> bool:
+        """Whether a verified ack of ``capture_id`` that ``answers`` is in (``wait_ack``
+        takes it)."""
+        with self.cond:
+            ack = self._acks.get(capture_id)
+            return ack is not None and answers(ack)
 
     def forget_ack(self, capture_id: str) -> None:
         with self.cond:

@@ -118,6 +118,8 @@ class Outbox:
         self._unannounced: set[str] = set()
         self._held: set[str] = set()
         self._next_seq = 1
+        # Removals of delivered entries still freeing their files (``remove``).
+        self._unlinking: list[threading.Thread] = []
         for d in (self.root, self._tmp, self._groups, self._announced, self._quarantine):
             d.mkdir(parents=True, exist_ok=True)
         self._recover()
@@ -394,8 +396,27 @@ class Outbox:
         _magic, _created, _size, digest, id_len = _HEAD.unpack_from(data)
         return data[_HEAD.size + id_len:], digest
 
+    def read_for_sending(self, entry: OutboxEntry) -> tuple[memoryview, bytes]:
+        """The payload (a view: no copy) and the SHA-256 its header recorded, with the
+        header and the length checked but not the hash: the uplink checks the hash as the
+        chunks go out (``transfer.Transfer.chunk``), one pass over a large capture instead
+        of two. A bad header quarantines the entry and raises CorruptEntry, as ``read``."""
+        try:
+            data = entry.path.read_bytes()
+        except FileNotFoundError:
+            raise
+        except OSError as err:
+            self._quarantine_entry(entry.capture_id, f"unreadable: {err.strerror}")
+            raise CorruptEntry(f"{entry.capture_id}: unreadable: {err.strerror}") from None
+        problem = self._check(data, entry.capture_id, hashed=False)
+        if problem:
+            self._quarantine_entry(entry.capture_id, problem)
+            raise CorruptEntry(f"{entry.capture_id}: {problem}")
+        _magic, _created, _size, digest, id_len = _HEAD.unpack_from(data)
+        return memoryview(data)[_HEAD.size + id_len:], digest
+
     @staticmethod
-    def _check(data: bytes, capture_id: str) -> str | None:
+    def _check(data: bytes, capture_id: str, hashed: bool = True) -> str | None:
         if len(data) < _HEAD.size:
             return "truncated header"
         magic, _created, size, digest, id_len = _HEAD.unpack_from(data)
@@ -403,22 +424,47 @@ class Outbox:
             return "bad magic"
         if data[_HEAD.size:_HEAD.size + id_len] != capture_id.encode():
             return "capture id mismatch"
-        payload = data[_HEAD.size + id_len:]
+        payload = memoryview(data)[_HEAD.size + id_len:]
         if len(payload) != size:
             return f"payload length {len(payload)} != {size}"
-        if hashlib.sha256(payload).digest() != digest:
+        if hashed and hashlib.sha256(payload).digest() != digest:
             return "sha256 mismatch"
         return None
 
-    def remove(self, capture_id: str) -> None:
-        """Delete a delivered entry durably. Unknown ids are ignored (idempotent)."""
+    def remove(self, capture_id: str, *, durable: bool = True) -> None:
+        """Delete an entry (durably unless told otherwise). Unknown ids are ignored
+        (idempotent).
+
+        ``durable=False``, for a capture the gateway committed: gone from the queue at once,
+        its file unlinked on a thread of its own (freeing a large file's blocks takes
+        milliseconds the next transfer need not wait for) and no directory fsync; the next
+        entry stored (its fsync of this same directory) makes the removal durable. A crash
+        before that brings the entry back, it is sent again and the gateway answers
+        ``committed`` from its ledger (``settle`` waits for the unlinks)."""
         with self._lock:
             entry = self._forget(capture_id)
             if entry is None:
                 return
-            entry.path.unlink(missing_ok=True)
-            fsync_dir(self.root)
             (self._announced / capture_id).unlink(missing_ok=True)
+            if durable:
+                entry.path.unlink(missing_ok=True)
+                fsync_dir(self.root)
+                return
+            self._unlinking = [t for t in self._unlinking if t.is_alive()]
+            unlink = threading.Thread(target=_unlink, args=(entry.path, capture_id),
+                                      name="outbox-unlink")
+            self._unlinking.append(unlink)
+            unlink.start()
+
+    def settle(self, timeout: float) -> bool:
+        """Wait (bounded) until the files of removed entries are unlinked; False if some
+        still are not after ``timeout`` seconds."""
+        deadline = time.monotonic() + timeout
+        with self._lock:
+            pending = list(self._unlinking)
+        for unlink in pending:
+            unlink.join(max(0.0, deadline - time.monotonic()))
+        return not any(t.is_alive() for t in pending)
 
     def _forget(self, capture_id: str) -> OutboxEntry | None:
         self._seq.pop(capture_id, None)
@@ -473,3 +519,14 @@ class Outbox:
             return
         log_event(log, "outbox.quarantined", level=logging.ERROR, capture_id=capture_id,
                   reason=reason, path=str(target))
+
+
+def _unlink(path: Path, capture_id: str) -> None:
+    """A delivered entry's file goes (``Outbox.remove``); one that stays is sent again."""
+    try:
+        path.unlink(missing_ok=True)
+    except OSError as err:
+        # Its capture is delivered: a leftover file is only delivered again (the gateway
+        # answers "committed") after the next start.
+        log_event(log, "outbox.unlink_failed", level=logging.WARNING, capture_id=capture_id,
+                  error=err.strerror)

@@ -6,6 +6,18 @@ and a bitmap), the device sends those and a final, and so on until a verdict: ``
 in time, ``retry``, no progress, an answer about another transfer of the capture): back off
 and start a new round. So after a reconnect or a restart only the missing chunks are sent.
 
+Chunks the gateway cannot hold yet go out right behind the manifest, before its answer
+(:class:`SendChunks` ``until_answered``): on a round with no failed one before it, every
+chunk this transfer never published. That saves the manifest's round trip on every fresh
+transfer and on every resume after a reconnect; the answer, once in, stops that stream,
+and only the chunks it lists and the stream has not sent follow. A receiver that drops such
+an early chunk (it has not staged the manifest yet) lists it in its answer to the final,
+and it is sent again then.
+
+The payload's SHA-256 (the outbox's record of it, in the manifest) is checked as the
+chunks go out in order, so a large capture is read and hashed once: a payload that does not
+match raises :class:`CorruptPayload` before its last chunk and its final go out.
+
 :class:`Transfer` takes the acks (or None: no ack within the timeout) and returns the next
 actions; ``client.Uplink`` carries them out over the MQTT connection (``connection``), and
 ``tests/test_transfer.py`` drives it with no broker. Beside it, the pure decisions of the
@@ -15,6 +27,7 @@ the device may act on an ack (:func:`verify_ack`).
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -27,7 +40,6 @@ from dermascope_wire.protocol import (
     Final,
     Manifest,
     chunk_count_for,
-    chunk_slice,
     encode_chunk,
     max_chunk_size,
 )
@@ -36,11 +48,12 @@ from dermascope_wire.protocol import (
 MAX_STALLED_ROUNDS = 3
 
 
-def content_type_of(payload: bytes) -> str:
+def content_type_of(payload: bytes | memoryview) -> str:
     """What an outbox entry holds, told by its magic: a sealed bundle or a plain one."""
-    if payload.startswith(seal.MAGIC):
+    head = bytes(payload[:16])
+    if head.startswith(seal.MAGIC):
         return seal.CONTENT_TYPE
-    if payload.startswith(bundle.MAGIC):
+    if head.startswith(bundle.MAGIC):
         return bundle.CONTENT_TYPE
     return "application/octet-stream"  # the gateway refuses it: quarantined, never lost
 
@@ -53,11 +66,18 @@ class SendManifest:
     manifest: Manifest
 
 
+class CorruptPayload(ValueError):
+    """The payload's bytes do not hash to the SHA-256 its outbox entry recorded."""
+
+
 @dataclass(frozen=True)
 class SendChunks:
     """Publish these chunks (``Transfer.chunk``), keeping the window of chunks in flight."""
 
     indexes: tuple[int, ...]
+    #: Sent before the manifest's answer: stop at once when an ack that ``Transfer.answers``
+    #: is in (the ``AwaitAck`` that follows takes it).
+    until_answered: bool = False
 
 
 @dataclass(frozen=True)
@@ -94,9 +114,11 @@ Action = SendManifest | SendChunks | SendFinal | AwaitAck | Backoff | Done
 
 
 class Transfer:
-    def __init__(self, capture_id: str, data: bytes, sha256: bytes, chunk_size: int,
-                 next_req: Callable[[], int] | None = None) -> None:
-        """``next_req`` numbers the requests (the uplink's counter, shared by transfers)."""
+    def __init__(self, capture_id: str, data: bytes | memoryview, sha256: bytes,
+                 chunk_size: int, next_req: Callable[[], int] | None = None) -> None:
+        """``sha256``: the payload's, as recorded when it was stored (checked as the chunks
+        go out). ``next_req`` numbers the requests (the uplink's counter, shared by
+        transfers)."""
         self.capture_id = capture_id
         self.data = data
         self.sha256 = sha256
@@ -113,6 +135,11 @@ class Transfer:
         self.after_final = False
         self._stalled = 0
         self._best = self.chunk_count + 1
+        #: chunks this transfer published (any round, any connection)
+        self.published: set[int] = set()
+        self._round_sent: set[int] = set()  # since this round's manifest
+        self._hasher = hashlib.sha256()
+        self._hashed = 0  # chunks hashed, in order from the first
 
     @property
     def manifest(self) -> Manifest:
@@ -122,17 +149,37 @@ class Transfer:
                         req=self.req)
 
     def chunk(self, index: int) -> bytes:
-        """Chunk ``index`` as published."""
-        return encode_chunk(self.sha256, self.chunk_size, index,
-                            chunk_slice(self.data, self.chunk_size, index))
+        """Chunk ``index`` as published now (it counts as sent). CorruptPayload when it
+        completes the in-order pass over the payload and the bytes do not match its
+        SHA-256."""
+        data = self.data[index * self.chunk_size:(index + 1) * self.chunk_size]
+        if index == self._hashed:
+            self._hasher.update(data)
+            self._hashed += 1
+            if self._hashed == self.chunk_count and self._hasher.digest() != self.sha256:
+                raise CorruptPayload(f"{self.capture_id}: the payload does not match its "
+                                     "SHA-256")
+        self.published.add(index)
+        self._round_sent.add(index)
+        self.exposed = True
+        return encode_chunk(self.sha256, self.chunk_size, index, data)
 
     def start(self) -> list[Action]:
-        """A new round: the manifest, then its ack."""
+        """A new round: the manifest, the chunks that may go before its answer (every one
+        never published, unless a round of this transfer failed: then the gateway is asked
+        first), then the manifest's ack."""
         self.req = self._next_req()
         self.after_final = False
         self._stalled = 0
         self._best = self.chunk_count + 1
-        return [SendManifest(self.manifest), AwaitAck(self.req)]
+        self._round_sent = set()
+        actions: list[Action] = [SendManifest(self.manifest)]
+        if not self.attempt:
+            early = tuple(i for i in range(self.chunk_count) if i not in self.published)
+            if early:
+                actions.append(SendChunks(early, until_answered=True))
+        actions.append(AwaitAck(self.req))
+        return actions
 
     def answers(self, ack: Ack) -> bool:
         """Whether ``ack`` is the one awaited: a verdict (committed/rejected) holds whenever
@@ -161,12 +208,18 @@ class Transfer:
         if len(missing) >= self._best:
             self._stalled += 1
         self._best = min(self._best, len(missing))
-        if missing:
-            self.exposed = True
+        if not self.after_final:
+            # The manifest's answer: what it lacked when the manifest came, less what went
+            # out since (a receiver that dropped some lists them in its answer to the final).
+            missing = tuple(i for i in missing if i not in self._round_sent)
         self.req = self._next_req()
         self.after_final = True
         final = Final(self.capture_id, self.sha256.hex(), self.chunk_count, self.req)
-        return [SendChunks(missing), SendFinal(final, len(missing)), AwaitAck(self.req)]
+        actions: list[Action] = []
+        if missing:
+            self.exposed = True
+            actions.append(SendChunks(missing))
+        return [*actions, SendFinal(final, len(missing)), AwaitAck(self.req)]
 
 
 # -- the chunk size ------------------------------------------------------------------------
