@@ -1,6 +1,7 @@
 """The picamera2 backend against a faithful fake of the Picamera2 calls it makes."""
 
 import json
+import sys
 import time
 
 import numpy as np
@@ -199,3 +200,29 @@ def test_a_malformed_lock_file_names_the_field(tmp_path):
     camera, _ = make(lock=None, lock_file=lock_file)
     with pytest.raises(CameraError, match=r"camera\.lock_file .*malformed"):
         camera.start()
+
+
+def test_the_configured_backend_uses_the_configs_tuning_file_and_lock_file(tmp_path,
+                                                                           monkeypatch):
+    """From the config through the backend's entry point to the camera: the tuning file and
+    the lock file the config names are the ones used."""
+    import types
+
+    from device_agent.camera.backends import open_camera
+    from device_agent.config import CameraConfig, SimConfig
+
+    factory, opened = fake_class()
+    monkeypatch.setitem(sys.modules, "picamera2", types.SimpleNamespace(Picamera2=factory))
+    lock_file = tmp_path / "state" / "camera-lock.json"
+    camera = open_camera(CameraConfig(backend="picamera2", width=640, height=480,
+                                      tuning_file="imx708.json", lock_file=lock_file,
+                                      settle_s=2.0), SimConfig())
+    with camera:
+        assert FakePicamera2.find_tuning_algo(opened[0].tuning, "rpi.ccm") == (
+            FakePicamera2.find_tuning_algo(FakePicamera2.load_tuning_file("imx708.json"),
+                                           "rpi.ccm"))
+    assert ExposureLock.from_dict(json.loads(lock_file.read_text())) == ExposureLock(
+        AWB_SETTLED, *AE_SETTLED)
+    with pytest.raises(CameraError, match=r"camera\.tuning_file.*'imx000\.json'"):
+        open_camera(CameraConfig(backend="picamera2", tuning_file="imx000.json",
+                                 lock_file=lock_file), SimConfig()).start()
