@@ -85,6 +85,18 @@ class CameraConfig(_Section):
     # Stop streaming (and darken the ring) after this long without a gesture; the next
     # press wakes the device. 0 = stream for as long as the agent runs.
     sleep_after_s: Annotated[float, Field(ge=0, le=24 * 3600)] = 300.0
+    # The picamera2 backend's colour-fixed camera (docs/operations.md, "Colour calibration").
+    # The sensor's libcamera tuning file, loaded with adaptive contrast off: "" = the one
+    # named after the sensor (imx477.json for the HQ camera), else a name libcamera's
+    # folders hold or an absolute path.
+    tuning_file: str = ""
+    # Fixed white balance and exposure, stored here by the first camera start that finds
+    # none (after AE/AWB settled on the calibration's white target) and used by calibration
+    # and capture alike. Keep it in device.state_dir; delete it to settle again, then
+    # recalibrate both modes.
+    lock_file: Path = Path("/var/lib/device-agent/camera-lock.json")
+    # The longest wait for auto exposure and white balance to settle before the lock (s).
+    settle_s: Annotated[float, Field(gt=0, le=30)] = 3.0
 
     @field_validator("backend")
     @classmethod

@@ -6,10 +6,22 @@ and not read after release, ``wait`` as a timeout in seconds that raises Timeout
 ``concurrent.futures.Future.result`` raises inside picamera2), RGB888 delivered as an
 HxWx3 uint8 array in BGR order with (width, height) sizes, SensorTimestamp in ns on
 CLOCK_MONOTONIC, and autofocus controls only on cameras that have them.
+
+Tuning and exposure as picamera2 and libcamera do them: ``load_tuning_file`` (a static
+method: a fresh dict per call, RuntimeError "Tuning file not found" for an unknown name),
+``find_tuning_algo`` (version 2 files: the algorithm's dict inside ``"algorithms"``),
+``global_camera_info`` (one dict per camera, with its "Model"), the ``tuning`` the camera was
+opened with (recorded), and auto exposure / auto white balance that converge over the first
+frames, report ColourGains, ExposureTime and AnalogueGain in every frame's metadata, and hold
+whatever ``set_controls`` (or the configuration's controls) fixed once AeEnable / AwbEnable
+are off.
 """
 
 from __future__ import annotations
 
+import copy
+import json
+import os
 import time
 from typing import Any
 
@@ -47,13 +59,68 @@ class FakeRequest:
         self._camera.outstanding -= 1
 
 
+# The shape of a Raspberry Pi tuning file (version 2.0): a list of algorithms, each a
+# one-key dict. The gamma curve is imx477.json's (input, output pairs on 16 bits).
+GAMMA_CURVE = [0, 0, 1024, 5040, 2048, 9338, 3072, 12356, 4096, 15312, 5120, 18051,
+               6144, 20790, 7168, 23193, 8192, 25744, 9216, 27942, 10240, 30035, 11264, 32005,
+               12288, 33975, 13312, 35815, 14336, 37600, 15360, 39168, 16384, 40642,
+               18432, 43379, 20480, 45749, 22528, 47753, 24576, 49621, 26624, 51253,
+               28672, 52698, 30720, 53796, 32768, 54876, 36864, 57012, 40960, 58656,
+               45056, 59954, 49152, 61183, 53248, 62355, 57344, 63419, 61440, 64476,
+               65535, 65535]
+TUNING_FILES = {
+    name: {"version": 2.0, "target": "bcm2835", "algorithms": [
+        {"rpi.black_level": {"black_level": 4096}},
+        {"rpi.agc": {"exposure_modes": {"normal": {"shutter": [100, 66666],
+                                                   "gain": [1.0, 8.0]}}}},
+        {"rpi.awb": {"bayes": 1}},
+        {"rpi.contrast": {"ce_enable": 1, "gamma_curve": GAMMA_CURVE}},
+        {"rpi.ccm": {"ccms": [{"ct": ct, "ccm": [1.6, -0.4, -0.2, -0.3, 1.6, -0.3,
+                                                 -0.1, -0.6, 1.7]}]}},
+    ]} for name, ct in (("imx477.json", 2850), ("imx708.json", 2498))}
+# Where the auto algorithms settle on the fake's scene, and where they start from.
+AE_SETTLED = (9000, 1.5)  # ExposureTime (us), AnalogueGain
+AWB_SETTLED = (1.9, 1.6)  # ColourGains (red, blue)
+_AUTO_START = (30000, 4.0, 1.2, 2.4)
+
+
 class FakePicamera2:
     """Stands in for ``picamera2.Picamera2``; one instance per opened camera."""
 
-    def __init__(self, camera_num: int = 0, *, model: str = "imx477", autofocus: bool = False,
-                 frames: int | None = None, af_result: bool = True) -> None:
+    # What global_camera_info reports: the cameras attached, by camera number.
+    attached_models: tuple[str, ...] = ("imx477",)
+
+    @staticmethod
+    def load_tuning_file(tuning_file: str, dir: str | None = None) -> dict[str, Any]:
+        if dir is not None:
+            path = os.path.join(dir, tuning_file)
+            if os.path.isfile(path):
+                with open(path, encoding="utf-8") as fp:
+                    return json.load(fp)
+        elif tuning_file in TUNING_FILES:
+            return copy.deepcopy(TUNING_FILES[tuning_file])  # read from disk each time
+        raise RuntimeError("Tuning file not found")
+
+    @staticmethod
+    def find_tuning_algo(tuning: dict, name: str) -> dict:
+        version = tuning.get("version", 1)
+        if version == 1:
+            return tuning[name]
+        return next(algo for algo in tuning["algorithms"] if name in algo)[name]
+
+    @classmethod
+    def global_camera_info(cls) -> list[dict[str, Any]]:
+        return [{"Model": model, "Location": 2, "Rotation": 180, "Num": num,
+                 "Id": f"/base/soc/i2c0mux/i2c@1/{model}@1a"}
+                for num, model in enumerate(cls.attached_models)]
+
+    def __init__(self, camera_num: int = 0, *, tuning: dict | str | None = None,
+                 model: str = "imx477", autofocus: bool = False, frames: int | None = None,
+                 af_result: bool = True, settle_frames: int | None = 3) -> None:
         if camera_num != 0:
             raise IndexError("list index out of range")  # what picamera2 raises: no such camera
+        # picamera2 writes a dict to a temporary file for libcamera, which reads it then.
+        self.tuning = copy.deepcopy(tuning)
         self.camera_properties = {"Model": model, "PixelArraySize": (4056, 3040)}
         self.camera_controls: dict[str, tuple[Any, Any, Any]] = {
             "ExposureTime": (1, 66666, None), "FrameRate": (1.0, 60.0, None)}
@@ -69,6 +136,10 @@ class FakePicamera2:
         self.af_result = af_result
         self._sequence = 0
         self._next_due = 0.0
+        # Frames the auto algorithms take to settle; None: they never do (a flickering scene).
+        self.settle_frames = settle_frames
+        self.controls: dict[str, Any] = {}  # the controls in force
+        self.set_controls_calls: list[dict[str, Any]] = []
 
     def create_video_configuration(self, main: dict | None = None, lores: dict | None = None,
                                    buffer_count: int = 6, controls: dict | None = None,
@@ -99,6 +170,7 @@ class FakePicamera2:
             raise RuntimeError("Camera has not been configured")
         self.started = True
         self._next_due = time.monotonic()
+        self.controls.update(self.config.get("controls", {}))
 
     def _image(self) -> np.ndarray:
         width, height = self.config["main"]["size"]
@@ -163,12 +235,52 @@ class FakePicamera2:
             time.sleep(wait)
         self._next_due = max(self._next_due + period, time.monotonic())
         self._sequence += 1
-        metadata = {"SensorTimestamp": time.monotonic_ns(), "ExposureTime": 9000,
-                    "AnalogueGain": 1.5, "FrameDuration": 100000}
+        metadata = {"SensorTimestamp": time.monotonic_ns(), "FrameDuration": 100000,
+                    **self._auto_results()}
         if "AfMode" in self.camera_controls:
             metadata["LensPosition"] = 7.5
         self.outstanding += 1
         return FakeRequest(self, self._image(), metadata)
+
+    def _auto_results(self) -> dict[str, Any]:
+        """What AE and AWB report for this frame: converging (or, with settle_frames None,
+        wandering) while enabled, the fixed controls once disabled."""
+        if self.settle_frames is None:
+            progress = 0.5 + 0.4 * (-1) ** self._sequence  # never stable
+        else:
+            progress = min(1.0, self._sequence / self.settle_frames)
+        exposure0, gain0, red0, blue0 = _AUTO_START
+
+        def toward(start: float, end: float) -> float:
+            return start + (end - start) * progress
+
+        out: dict[str, Any] = {
+            "ExposureTime": round(toward(exposure0, AE_SETTLED[0])),
+            "AnalogueGain": toward(gain0, AE_SETTLED[1]),
+            "ColourGains": (toward(red0, AWB_SETTLED[0]), toward(blue0, AWB_SETTLED[1]))}
+        if self.controls.get("AeEnable") is False:
+            for key in ("ExposureTime", "AnalogueGain"):
+                if key in self.controls:
+                    out[key] = self.controls[key]
+        if self.controls.get("AwbEnable") is False and "ColourGains" in self.controls:
+            out["ColourGains"] = tuple(self.controls["ColourGains"])
+        return out
+
+    def set_controls(self, controls: dict[str, Any]) -> None:
+        unknown = set(controls) - {"AeEnable", "AwbEnable", "ColourGains", "ExposureTime",
+                                   "AnalogueGain", "FrameRate", "AfMode", "LensPosition"}
+        if unknown:
+            raise RuntimeError(f"Control {sorted(unknown)[0]} is not advertised by libcamera")
+        self.set_controls_calls.append(dict(controls))
+        self.controls.update(controls)
+
+    def capture_metadata(self, wait: float | bool | None = None) -> dict[str, Any]:
+        """picamera2's: the next frame's metadata (the request is released inside)."""
+        request = self.capture_request(wait=wait)
+        try:
+            return request.get_metadata()
+        finally:
+            request.release()
 
     def cancel_all_and_flush(self) -> None:
         self.flushed += 1

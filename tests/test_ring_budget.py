@@ -81,9 +81,10 @@ def test_the_ring_holds_what_ring_size_counts():
 def test_the_picamera2_backend_streams_the_lores_y_plane():
     opened: list[FakePicamera2] = []
 
-    def factory(num: int) -> FakePicamera2:
-        opened.append(FakePicamera2(num))
-        return opened[-1]
+    class factory(FakePicamera2):  # stands in for the Picamera2 class
+        def __init__(self, num: int = 0, tuning: dict | None = None) -> None:
+            super().__init__(num, tuning=tuning)
+            opened.append(self)
 
     lores = lores_size(640, 480, 331)
     assert lores == (330, 248)  # even sides, as YUV420 needs
@@ -163,9 +164,10 @@ def test_a_yuv420_ring_keeps_half_the_bytes_and_gives_back_the_frame():
     calibration and doctor reading next_frame get BGR as before."""
     opened: list[FakePicamera2] = []
 
-    def factory(num: int) -> FakePicamera2:
-        opened.append(FakePicamera2(num))
-        return opened[-1]
+    class factory(FakePicamera2):  # stands in for the Picamera2 class
+        def __init__(self, num: int = 0, tuning: dict | None = None) -> None:
+            super().__init__(num, tuning=tuning)
+            opened.append(self)
 
     camera = PicameraCamera(330, 248, 30.0, factory=factory, main_format="YUV420")
     with camera:

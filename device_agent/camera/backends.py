@@ -53,4 +53,5 @@ def open_picamera2(camera: CameraConfig, sim: SimConfig) -> Camera:
     lores = (lores_size(camera.width, camera.height, camera.lores_width)
              if camera.lores_width else None)
     return PicameraCamera(camera.width, camera.height, camera.fps, lores=lores,
-                          main_format=camera.main_format)
+                          main_format=camera.main_format, tuning_file=camera.tuning_file,
+                          lock_file=camera.lock_file, settle_s=camera.settle_s)
