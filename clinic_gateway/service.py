@@ -27,6 +27,7 @@ this process (development).
 from __future__ import annotations
 
 import argparse
+import ctypes
 import logging
 import os
 import shutil
@@ -53,6 +54,27 @@ QUICK_DEATH = 10.0
 RESTART_DELAY = 2.0
 EXIT_CONFIG = 2
 _SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGCHLD}
+
+
+#: The supervisor's pid, for its children (``_go_with_the_supervisor``).
+SUPERVISOR_ENV = "CLINIC_GATEWAY_SUPERVISOR_PID"
+_PR_SET_PDEATHSIG = 1
+
+
+def _go_with_the_supervisor() -> None:
+    """A worker or the web process ends (SIGTERM, so it stops cleanly) when the supervisor
+    that started it dies, even by SIGKILL: the next supervisor starts its own, and an orphan
+    would hold the shared subscription, the web port or a metrics file meanwhile. Linux's
+    parent-death signal; the supervisor's pid closes the race of a death before it is set."""
+    supervisor = os.environ.get(SUPERVISOR_ENV)
+    if supervisor is None:
+        return  # started by hand, not by a supervisor
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:
+        log_event(log, "gateway.pdeathsig_failed", level=logging.WARNING,
+                  error=os.strerror(ctypes.get_errno()))
+    if str(os.getppid()) != supervisor:
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 @dataclass
@@ -159,7 +181,7 @@ class Supervisor:
         return [*run, "--worker", str(child.n)]
 
     def _spawn(self, worker: _Worker) -> None:
-        env = dict(os.environ)
+        env = {**os.environ, SUPERVISOR_ENV: str(os.getpid())}
         if self.multiproc_dir is not None:
             env["PROMETHEUS_MULTIPROC_DIR"] = str(self.multiproc_dir)
         worker.proc = subprocess.Popen(self._command(worker), env=env)
@@ -288,6 +310,8 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"clinic-gateway: {err}", file=sys.stderr)
         return EXIT_CONFIG
+    if args.worker is not None or args.web:
+        _go_with_the_supervisor()
     if args.worker is not None:
         return run_worker(config, args.worker)
     if args.web:

@@ -11,6 +11,7 @@ import threading
 from collections.abc import Sequence
 from importlib.metadata import entry_points
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from gpiozero.pins import Factory
 
@@ -26,6 +27,9 @@ from device_agent.config import (
     ensure_state_dir,
     load_config,
 )
+
+if TYPE_CHECKING:
+    from device_agent.calibrate import Targets
 
 log = logging.getLogger("device_agent.cli")
 
@@ -168,14 +172,31 @@ def _doctor(args: argparse.Namespace) -> int:
     return EXIT_OK if fit else EXIT_FAILED
 
 
+def _targets_under_the_ring(config: Config, mode: str) -> Targets:
+    """The targets from the camera, lit by the ring in ``mode`` at the agent's brightness:
+    the light the calibration corrects for, and the light the camera's exposure and white
+    balance settle under (picam.py locks them at the first start)."""
+    from device_agent.calibrate import from_camera
+    from device_agent.camera.backends import open_camera
+    from device_agent.feedback.lights import Lights
+
+    pins = config.pins
+    lights = Lights(pins.status_led, pins.ring_polarised, pins.ring_plain,
+                    pin_factory=pin_factory(pins.pin_factory))
+    try:
+        lights.illuminate(mode, config.illumination.brightness)
+        return from_camera(open_camera(config.camera, config.sim), input)
+    finally:
+        lights.dark()
+        lights.close()
+
+
 def _calibrate(args: argparse.Namespace) -> int:
     from device_agent.calibrate import (
-        from_camera,
         load_frames,
         run_calibration,
         summary_lines,
     )
-    from device_agent.camera.backends import open_camera
     from device_agent.camera.base import CameraError
     from device_agent.camera.calibration import CalibrationError
     from device_agent.camera.quality import ImageError
@@ -191,7 +212,7 @@ def _calibrate(args: argparse.Namespace) -> int:
                   "is used)", file=sys.stderr)
             return EXIT_BAD_INPUT
         else:
-            targets = from_camera(open_camera(config.camera, config.sim), input)
+            targets = _targets_under_the_ring(config, args.mode)
         outcome = run_calibration(config, args.mode, targets.white, targets.chart,
                                   args.report, grey=targets.grey,
                                   check_chart=targets.check_chart)

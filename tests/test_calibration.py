@@ -260,3 +260,34 @@ def test_a_chart_seated_upside_down_is_refused_clearly():
     r = Response(cast="magenta", seed=12)
     with pytest.raises(CalibrationError, match="upside down"):
         calibrate_mode(render_white(r), render_chart(r, turned=True))
+
+
+@pytest.mark.parametrize(("mode", "lit", "dark"), [("polarised", 12, 13),
+                                                    ("non_polarised", 13, 12)])
+def test_calibrating_from_the_camera_lights_the_ring_in_that_mode(
+        tmp_path, monkeypatch, mode, lit, dark):
+    """The targets are taken under the ring's own light (what the calibration corrects for,
+    and what the camera's exposure and white balance settle under), then the ring goes dark.
+    Whatever the simulated camera shows, the pins say what the ring did."""
+    from gpiozero.pins.mock import MockFactory, MockPWMPin
+
+    from device_agent import cli
+
+    factory = MockFactory(pin_class=MockPWMPin)
+    monkeypatch.setattr(cli, "pin_factory", lambda name: factory)
+    lit_during_capture: list[float] = []
+
+    def capture(camera, prompt):
+        lit_during_capture.append(factory.pin(lit).state)
+        raise EOFError  # the technician walked away: the ring must still go dark
+
+    monkeypatch.setattr("device_agent.calibrate.from_camera", capture)
+    config = tmp_path / "config.toml"
+    config.write_text(f'[device]\nid = "d1"\nstate_dir = "{tmp_path / "state"}"\n'
+                      '[camera]\nbackend = "sim"\n[pins]\npin_factory = "mock"\n'
+                      '[illumination]\nbrightness = 0.6\n'
+                      '[uplink]\ninsecure_dev_mode = true\n[security]\ninsecure_dev_mode = true\n')
+    assert cli.main(["calibrate", "--config", str(config), "--mode", mode]) == 2
+    assert lit_during_capture == [pytest.approx(0.6)]
+    assert factory.pin(lit).state == 0
+    assert all(s.state == 0 for s in factory.pin(dark).states)

@@ -243,6 +243,33 @@ def test_two_workers_one_sigkilled_mid_stream_store_every_capture_exactly_once(t
             os.kill(e["pid"], 0)
 
 
+def test_workers_go_when_their_supervisor_is_killed(tmp_path):
+    """A supervisor killed with SIGKILL (an OOM kill, a `kill -9`) leaves no worker behind
+    holding the shared subscription: each stops by itself, cleanly, and systemd's next
+    supervisor starts its own."""
+    with MosquittoBroker(tmp_path / "broker") as broker, \
+            Service(dev_config(tmp_path, broker.port, workers=2)) as service:
+        started = wait_events(tmp_path, "gateway.worker_started", count=2)
+        wait_events(tmp_path, "gateway.connected", count=2)
+        service.proc.kill()
+        service.proc.wait(timeout=10)
+        deadline = time.monotonic() + 30
+        alive = [e["pid"] for e in started]
+        while alive and time.monotonic() < deadline:
+            alive = [pid for pid in alive if _running(pid)]
+            threading.Event().wait(0.05)
+        assert alive == []
+
+
+def _running(pid: int) -> bool:
+    """Whether ``pid`` is a live process (an orphan's zombie, reaped by init, is not)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return state != "Z"
+
+
 # -- metrics ------------------------------------------------------------------------------
 def scrape(port: int) -> str:
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as answer:
