@@ -271,15 +271,37 @@ def test_evaluation_runs_and_reports(capsys: pytest.CaptureFixture[str]) -> None
                 "--no-photos",
                 "--workers",
                 "1",
+                "--group-seeds",
+                "0",
                 "--json",
             ]
         )
         == 0
     )
     result = json.loads(capsys.readouterr().out)
+    assert "groups" not in result
     sim = result["sim"]
     assert set(sim["per_check"]) == set(CHECK_NAMES)
     assert sim["pristine_frames"] == 2
     assert sim["false_retake_rate"] == 0.0
     assert sim["per_defect"]["defocus"]["1.0"]["recall"] == 1.0
     assert result["thresholds"] == Thresholds().as_dict()
+
+
+def test_evaluation_reports_every_group(capsys: pytest.CaptureFixture[str]) -> None:
+    from bench.evaluate import main
+
+    args = ["--groups-only", "--group-seeds", "6", "--width", "506", "--height", "380",
+            "--workers", "1"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    result = json.loads(out.strip().splitlines()[-1])
+    groups = result["groups"]
+    assert set(groups) == {"all:all", *(f"tone:{t}" for t in ("I", "II", "III", "IV", "V", "VI")),
+                           "hair:none", "hair:sparse", "hair:dense",
+                           "bubbles:no bubbles", "bubbles:bubbles"}
+    assert groups["all:all"]["pristine"] == 18  # every seed, every hair density
+    assert groups["tone:IV"]["single_defect_frames"] == 9  # 8 defects + sigma 8
+    assert set(groups["all:all"]["recall"]) == set(DEFECTS)
+    assert result["set"]["group_seeds"] == {"first": 1000, "count": 6, "held_out": True}
+    assert "| type VI |" in out  # the markdown table
