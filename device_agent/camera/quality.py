@@ -272,7 +272,7 @@ _CAUSE_ORDER = ("underexposed", "overexposed", "glare", "field", "colour")
 # When both blur checks fail, motion is the cause when the smear (widest minus narrowest
 # directional blur) is at least this share of the blur across it (the narrowest); below it
 # the blur is mostly the same in every direction: defocus, with a little anisotropy beside.
-_SMEAR_FIRST = 0.8
+_SMEAR_FIRST = 0.72
 
 
 def cause_order(smear: float) -> tuple[str, ...]:
@@ -378,7 +378,7 @@ _GROW_SE = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (3, 3))
 # hair 0.28-0.91 and 0.12-0.36 more; smeared frames 0.45-0.93 but at most 0.18 more (smeared
 # photographs 0.07); pristine frames without dense hair under 0.4.
 _STRAND_COHERENCE = 0.25
-_HAIR_ONE_WAY = 0.1
+_HAIR_ONE_WAY = 0.05
 
 
 def _coherence(rel: np.ndarray, mask: np.ndarray) -> float:
