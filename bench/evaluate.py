@@ -303,16 +303,16 @@ def group_cases(seeds: int, width: int, height: int, first_seed: int = HELD_OUT_
         bubbles = bool((i // 18) % 2)
         style = styles[(i // 36) % len(styles)]
         kind = "disc" if (i // 72) % 2 else "gaussian"
-        base = dict(tone=tone, bubbles=bubbles, hair_style=style)
+        # The defocus shape travels with every frame of the seed (it changes only the defocused
+        # ones) so that the per-renderer rows hold whole seeds.
+        base = dict(tone=tone, bubbles=bubbles, hair_style=style, defocus_kind=kind)
         for j, pristine_hair in enumerate(HAIRS):
             cases.append(Case("group", seed, None, 0.0, width, height, j, hair=pristine_hair,
                               **base))
         for defect in DEFECTS:
-            cases.append(Case("group", seed, defect, 1.0, width, height, hair=hair,
-                              defocus_kind=kind, **base))
+            cases.append(Case("group", seed, defect, 1.0, width, height, hair=hair, **base))
         for sev in (DEFOCUS_TWICE, DEFOCUS_BELOW):
-            cases.append(Case("group", seed, "defocus", sev, width, height, hair=hair,
-                              defocus_kind=kind, **base))
+            cases.append(Case("group", seed, "defocus", sev, width, height, hair=hair, **base))
         if tone <= 3:
             cases.append(Case("group", seed, None, 0.0, width, height, 7, hair=hair,
                               exposure=1.1, **base))
@@ -325,11 +325,13 @@ def _group_of(o: Outcome) -> dict[str, str]:
         "tone": _ROMAN[(c.tone or 1) - 1],
         "hair": c.hair or "none",
         "bubbles": "bubbles" if c.bubbles else "no bubbles",
+        "renderer": f"{c.hair_style} hair, {c.defocus_kind} defocus",
     }
 
 
 def summarise_groups(outcomes: Iterable[Outcome]) -> dict[str, Any]:
-    """Per group (every tone, hair density, bubble presence, and "all"): false retake on
+    """Per group (every tone, hair density, bubble presence, hair renderer and defocus shape,
+    and "all"): false retake on
     pristine frames, recall per defect at severity 1.0, first-reason accuracy on single-defect
     frames (severity >= 1), and the focus figures at sigma 8 / sigma 3.2 / fair +10 %."""
     from sim.scene import DEFECTS, expected_reasons
@@ -339,6 +341,7 @@ def summarise_groups(outcomes: Iterable[Outcome]) -> dict[str, Any]:
     keys += [("tone", t) for t in _ROMAN]
     keys += [("hair", h) for h in HAIRS]
     keys += [("bubbles", b) for b in ("no bubbles", "bubbles")]
+    keys += sorted({("renderer", _group_of(o)["renderer"]) for o in outs})
     result: dict[str, Any] = {}
     for dim, value in keys:
         group = [o for o in outs if dim == "all" or _group_of(o)[dim] == value]

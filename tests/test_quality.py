@@ -304,7 +304,8 @@ def test_evaluation_reports_every_group(capsys: pytest.CaptureFixture[str]) -> N
     groups = result["groups"]
     assert set(groups) == {"all:all", *(f"tone:{t}" for t in ("I", "II", "III", "IV", "V", "VI")),
                            "hair:none", "hair:sparse", "hair:dense",
-                           "bubbles:no bubbles", "bubbles:bubbles"}
+                           "bubbles:no bubbles", "bubbles:bubbles",
+                           "renderer:strands hair, gaussian defocus"}
     assert groups["all:all"]["pristine"] == 18  # every seed, every hair density
     assert groups["tone:IV"]["single_defect_frames"] == 9  # 8 defects + sigma 8
     assert set(groups["all:all"]["recall"]) == set(DEFECTS)
