@@ -114,8 +114,8 @@ class Thresholds:
 
     # Sharpness: 4 / (estimated blur sigma in the sharpest direction, px at 800 wide). 1.0 is
     # the blur the check must catch (sigma 4 px at 800x600); sharp frames score 2-3.5. Any
-    # frame blurred by sigma >= 4 scores <= 1.0 (blurs add); 1.25 leaves room for noise and
-    # for blurred hairs, which make a defocused frame with dense hair read up to 1.15.
+    # frame blurred by sigma >= 4 scores <= 1.0 (blurs add), so 1.15 leaves room for noise.
+    # (With dense hair, focus is read past the directions the hair fakes; see "Hair".)
     # Pass when score >= focus.
     focus: float = 1.15
     # Directional blur: widest minus narrowest directional blur sigma, px at 800 wide,
