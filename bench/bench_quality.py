@@ -3,7 +3,9 @@
 Issue 4's goal: the full verdict (every check, lens-field detection included) on a 12 MP frame
 (4056x3040, the HQ camera's full resolution) costs at most 40x one ``cv2.mean`` over the same
 frame, both measured in the same run on the same machine. Reporting a ratio rather than
-milliseconds makes the figure comparable between a laptop, CI and a Pi.
+milliseconds makes the figure comparable between a laptop, CI and a Pi. The goal must hold on
+a pristine frame and on a frame with dense hair lying one way (issue 18: the verdict's longest
+path, where strands are found and filled).
 
 Prints the figures for a person, then one JSON object (DESIGN.md section 10: bench/ prints
 JSON as well). Exit status 0 when the goal is met, 1 when it is not.
@@ -57,8 +59,13 @@ def main(argv: list[str] | None = None) -> int:
         cv2.setNumThreads(args.threads)
 
     frame_12mp = render(SceneSpec(seed=2, width=4056, height=3040))
+    # Dense hair lying one way takes the verdict's longest path (strands found and filled,
+    # issue 18), with bubbles and the darkest tone: the goal must hold there too.
+    frame_hair = render(SceneSpec(seed=2, width=4056, height=3040, tone=6, hair="dense",
+                                  bubbles=True))
     frame_stream = render(SceneSpec(seed=2))  # the simulated stream's 1014x760
     big = measure(frame_12mp, args.repeat)
+    hair = measure(frame_hair, args.repeat)
     small = measure(frame_stream, args.repeat)
     score_ms = median_seconds(lambda: frame_score(frame_stream), 3 * args.repeat) * 1000
     verdict = assess(frame_12mp)
@@ -67,17 +74,24 @@ def main(argv: list[str] | None = None) -> int:
         "goal_ratio": GOAL_RATIO,
         "opencv_threads": cv2.getNumThreads(),
         "frame_12mp": {"size": [4056, 3040], **{k: round(v, 3) for k, v in big.items()}},
+        "frame_12mp_dense_hair": {"size": [4056, 3040],
+                                  **{k: round(v, 3) for k, v in hair.items()}},
         "frame_stream": {"size": [1014, 760], **{k: round(v, 3) for k, v in small.items()}},
         "frame_score_ms_1014x760": round(score_ms, 3),
         "verdict_12mp": verdict.verdict,
-        "meets_goal": big["ratio"] <= GOAL_RATIO,
+        "meets_goal": max(big["ratio"], hair["ratio"]) <= GOAL_RATIO,
     }
     if not args.json:
         print(f"OpenCV threads: {result['opencv_threads']}")
         print(
             f"12 MP (4056x3040): assess {big['assess_ms']:.1f} ms, cv2.mean {big['mean_ms']:.2f} ms"
             f" -> ratio {big['ratio']:.1f}x (goal <= {GOAL_RATIO:.0f}x): "
-            + ("met" if result["meets_goal"] else "NOT met")
+            + ("met" if big["ratio"] <= GOAL_RATIO else "NOT met")
+        )
+        print(
+            f"12 MP, dense hair, type VI, bubbles: assess {hair['assess_ms']:.1f} ms, cv2.mean "
+            f"{hair['mean_ms']:.2f} ms -> ratio {hair['ratio']:.1f}x (goal <= {GOAL_RATIO:.0f}x): "
+            + ("met" if hair["ratio"] <= GOAL_RATIO else "NOT met")
         )
         print(
             f"1014x760: assess {small['assess_ms']:.1f} ms, cv2.mean {small['mean_ms']:.3f} ms"

@@ -92,20 +92,25 @@ def test_report_shape_and_json() -> None:
     assert [c.name for c in report.checks] == list(CHECK_NAMES)
 
 
-def test_reasons_follow_check_order() -> None:
-    # Severe overexposure and an off-centre field at once would list both, in vocabulary order.
+def test_reasons_put_the_cause_first() -> None:
+    # Severe overexposure and an off-centre field at once list both, the exposure first: it is
+    # what every other check sees through.
     img = render(SceneSpec(seed=1, defect="off_centre"))
     img = cv2.convertScaleAbs(img, alpha=3.5)
     report = assess(img)
-    assert report.reasons == [n for n in CHECK_NAMES if n in report.reasons]
-    assert {"overexposed", "field"} <= set(report.reasons)
+    assert report.reasons[0] == "overexposed"
+    assert "field" in report.reasons
+    assert report.to_dict()["primary_reason"] == "overexposed"
+    assert sorted(report.reasons) == sorted(set(report.reasons))
 
 
 def test_thresholds_are_applied() -> None:
     img = render(SceneSpec(seed=2))
     strict = Thresholds(focus=100.0, underexposed=250.0)
     report = assess(img, strict)
-    assert report.reasons == ["focus", "underexposed"]
+    # Cause first: a dark frame explains a soft one, not the other way round.
+    assert report.reasons == ["underexposed", "focus"]
+    assert report.primary_reason == "underexposed"
     assert report.thresholds["focus"] == 100.0
     with pytest.raises(TypeError, match="focus"):
         Thresholds(focus="sharp")  # type: ignore[arg-type]
@@ -271,15 +276,38 @@ def test_evaluation_runs_and_reports(capsys: pytest.CaptureFixture[str]) -> None
                 "--no-photos",
                 "--workers",
                 "1",
+                "--group-seeds",
+                "0",
                 "--json",
             ]
         )
         == 0
     )
     result = json.loads(capsys.readouterr().out)
+    assert "groups" not in result
     sim = result["sim"]
     assert set(sim["per_check"]) == set(CHECK_NAMES)
     assert sim["pristine_frames"] == 2
     assert sim["false_retake_rate"] == 0.0
     assert sim["per_defect"]["defocus"]["1.0"]["recall"] == 1.0
     assert result["thresholds"] == Thresholds().as_dict()
+
+
+def test_evaluation_reports_every_group(capsys: pytest.CaptureFixture[str]) -> None:
+    from bench.evaluate import main
+
+    args = ["--groups-only", "--group-seeds", "6", "--width", "506", "--height", "380",
+            "--workers", "1"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    result = json.loads(out.strip().splitlines()[-1])
+    groups = result["groups"]
+    assert set(groups) == {"all:all", *(f"tone:{t}" for t in ("I", "II", "III", "IV", "V", "VI")),
+                           "hair:none", "hair:sparse", "hair:dense",
+                           "bubbles:no bubbles", "bubbles:bubbles",
+                           "renderer:strands hair, gaussian defocus"}
+    assert groups["all:all"]["pristine"] == 18  # every seed, every hair density
+    assert groups["tone:IV"]["single_defect_frames"] == 9  # 8 defects + sigma 8
+    assert set(groups["all:all"]["recall"]) == set(DEFECTS)
+    assert result["set"]["group_seeds"] == {"first": 1000, "count": 6, "held_out": True}
+    assert "| type VI |" in out  # the markdown table

@@ -1,13 +1,16 @@
 """On-device image-quality checks for dermoscopic frames (DESIGN.md sections 4 and 10).
 
 Seven checks, each with a score, a threshold and pass/fail; the verdict is ``accept`` or
-``retake`` with every failed check named. Every check looks only inside the lens field
+``retake`` with every failed check named, the cause first (``reasons[0]``, the report's
+``primary_reason``: what the clinician acts on). Every check looks only inside the lens field
 (:mod:`device_agent.camera.lens`). docs/quality.md explains each measure and how the default
 thresholds were set from the simulator's labelled evaluation set.
 
 The measures are chosen to be content-independent: they compare the image with itself (ratios
 of gradient energy at two scales, in several directions), or use the field's own histogram, so
-that skin tone, a lesion or hairs do not move them much. All work happens on a copy whose
+that skin tone, a lesion or hairs do not move them much; dense hair lying one way, which would
+fake a smear, is found by a black-hat and filled before the blur is measured, and exposure is
+judged per channel. All work happens on a copy whose
 longer side is at most :data:`WORK_SIZE` pixels, which is what keeps a 12 MP frame cheap.
 
 Score directions (also in each ``Thresholds`` field's comment):
@@ -112,15 +115,17 @@ class Thresholds:
     # Sharpness: 4 / (estimated blur sigma in the sharpest direction, px at 800 wide). 1.0 is
     # the blur the check must catch (sigma 4 px at 800x600); sharp frames score 2-3.5. Any
     # frame blurred by sigma >= 4 scores <= 1.0 (blurs add), so 1.15 leaves room for noise.
+    # (With dense hair, focus is read past the directions the hair fakes; see "Hair".)
     # Pass when score >= focus.
     focus: float = 1.15
-    # Directional blur: widest minus narrowest directional blur sigma, px at 800 wide. Under
-    # 1 for sharp or defocused frames, about 3.3 for a 21 px straight smear. Pass when <=.
+    # Directional blur: widest minus narrowest directional blur sigma, px at 800 wide,
+    # discounted when it is a small share of the blur across (defocus). Under 1 for sharp
+    # frames, under 1.8 for defocused ones, about 3 for a 21 px straight smear. Pass when <=.
     motion: float = 1.8
     # Brightness: 90th percentile of luma inside the field, 0..255. Pass when >=.
     underexposed: float = 40.0
-    # Fraction of the field that is clipped (a channel >= 250 on a pixel with luma >= 200).
-    # Pass when <=.
+    # Fraction of the field that has lost its colour: two or more channels >= 250, plus half
+    # of the bright pixels (luma >= 200) with one. Pass when <=.
     overexposed: float = 0.25
     # Fraction of the field covered by saturated specular blobs (not tiny glints). Pass when <=.
     glare: float = 0.008
@@ -158,8 +163,12 @@ class CheckResult:
 
 @dataclass(frozen=True)
 class QualityReport:
+    """The checks' results. ``order`` is the cause-first order of the check names for this
+    frame (:func:`cause_order`); empty means the vocabulary's order."""
+
     checks: tuple[CheckResult, ...]
     field: LensField | None
+    order: tuple[str, ...] = ()
 
     @property
     def verdict(self) -> str:
@@ -167,8 +176,17 @@ class QualityReport:
 
     @property
     def reasons(self) -> list[str]:
+        """The failed checks, the cause first (the primary reason), then the others."""
         failed = {c.name for c in self.checks if not c.passed}
-        return [name for name in CHECK_NAMES if name in failed]
+        order = self.order or CHECK_NAMES
+        return [name for name in order if name in failed]
+
+    @property
+    def primary_reason(self) -> str | None:
+        """What the clinician acts on (hold still, refocus, press the lens flat, change the
+        light): the first reason; None when the frame is accepted."""
+        reasons = self.reasons
+        return reasons[0] if reasons else None
 
     @property
     def scores(self) -> dict[str, float]:
@@ -182,6 +200,7 @@ class QualityReport:
         return {
             "verdict": self.verdict,
             "reasons": self.reasons,
+            "primary_reason": self.primary_reason,
             "scores": {k: round(v, 4) for k, v in self.scores.items()},
             "thresholds": {k: round(v, 4) for k, v in self.thresholds.items()},
             "field": self.field.to_dict() if self.field is not None else None,
@@ -202,7 +221,11 @@ def assess(image: np.ndarray, thresholds: Thresholds | None = None) -> QualityRe
     # Working pixels per pixel of an 800-wide frame: blur limits are stated at 800x600.
     px_per_ref = work.shape[1] / REF_WIDTH
     inner = _inner_mask(mask, work)
-    sharp, aniso = _focus_and_motion(gray, inner, px_per_ref)
+    # Hairs are thin, dark, sharp and in dense hair lie mostly one way: left in, they make the
+    # direction across them look sharper than the skin is, which reads as a smear. They are
+    # filled from the skin around them before the blur is measured.
+    edges_gray, hair = without_strands(gray, mask)
+    sharp, aniso, smear = _focus_and_motion(edges_gray, inner, px_per_ref, hair)
     brightness = _brightness(gray, mask)
     # Focus and motion read edges. A field that is nearly all clipped, or so dark that its
     # edges drown in the noise, has none left to read, which says nothing about focus (the
@@ -236,7 +259,31 @@ def assess(image: np.ndarray, thresholds: Thresholds | None = None) -> QualityRe
         else _result(name, scores[name], getattr(t, name))
         for name in CHECK_NAMES
     )
-    return QualityReport(checks=checks, field=field.scaled(1.0 / factor) if field else None)
+    return QualityReport(
+        checks=checks,
+        field=field.scaled(1.0 / factor) if field else None,
+        order=cause_order(smear),
+    )
+
+
+# Which failure can be the consequence of which: exposure decides what every other check sees
+# (a dark frame has no field edge and no texture; a clipped one has flat patches and blob
+# edges), glare's blobs and a lifted lens's shadow add edges the blur measures read, and none
+# of the blur checks can cause the others. So the order of causes is exposure, then glare,
+# then the lens field, then colour, then blur.
+_CAUSE_ORDER = ("underexposed", "overexposed", "glare", "field", "colour")
+# When both blur checks fail, motion is the cause when the smear (widest minus narrowest
+# directional blur) is at least this share of the blur across it (the narrowest); below it
+# the blur is mostly the same in every direction: defocus, with a little anisotropy beside.
+_SMEAR_FIRST = 0.72
+
+
+def cause_order(smear: float) -> tuple[str, ...]:
+    """Every check name, in the order a failure of each is the cause of the others'.
+
+    ``smear`` is the motion spread over the narrowest directional blur (0 when unknown)."""
+    blur = ("motion", "focus") if smear >= _SMEAR_FIRST else ("focus", "motion")
+    return (*_CAUSE_ORDER, *blur)
 
 
 # Focus and motion are judged only when at least this fraction of the field is free of
@@ -298,25 +345,104 @@ def _field_mask(work: np.ndarray) -> tuple[LensField | None, np.ndarray]:
     return field, mask
 
 
-_BRIGHT_CLIP_LUMA = 170
-
-
 def _inner_mask(mask: np.ndarray, work: np.ndarray) -> np.ndarray:
     """Mask for the gradient measures: away from the rim (the coarse blur must not reach the
     black outside) and away from clipped pixels (a saturated blob's edge is not focus, and a
     clipped area has lost its detail). May be empty: then there is nothing to judge focus by."""
     k = math.ceil(3 * _COARSE_SIGMA) * 2 + 1
     inner = cv2.erode(mask, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (k, k)))
-    # Two or more clipped channels, or one on a bright pixel (overexposure): the pixel's detail
-    # is flattened, and the flattening has directions of its own. (One clipped channel on a
-    # pixel of moderate luma, as under a strong colour cast, leaves the luma's structure.)
-    n_clipped = _clipped_channels(work)
-    gray = cv2.cvtColor(work, cv2.COLOR_BGR2GRAY)
-    clipped = ((n_clipped >= 2) | ((n_clipped >= 1) & (gray >= _BRIGHT_CLIP_LUMA))).astype(np.uint8)
+    # Two or more clipped channels (overexposure, glare): the pixel's detail is flattened, and
+    # the flattening has directions of its own. One clipped channel (red on fair skin under a
+    # bright ring, or under a strong colour cast) leaves the other two carrying the structure.
+    clipped = (_clipped_channels(work) >= 2).astype(np.uint8)
     if clipped.any():
         clipped = cv2.dilate(clipped, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (k, k)))
         inner[clipped > 0] = 0
     return inner
+
+
+# --------------------------------------------------------------------------------------------
+# Hair
+
+# Black-hat (closing minus image) with a disc this wide (working px) finds dark structures
+# narrower than it: hairs are 1-2 working px wide (0.5 working px of blur included), lesion dots
+# up to 3. Skin furrows and a lesion's rim are wider or much fainter.
+_STRAND_KERNEL = 7
+# A strand pixel is darker than the closed (hair-free) image by at least this fraction of it
+# (contrast, so the same on every skin tone) and by this many noise deviations.
+_STRAND_CONTRAST = 0.15
+_STRAND_SNR = 4.0
+# Filling a strand: normalised Gaussian average of the skin around it, sigma in working px.
+_FILL_SIGMA = 2.5
+_STRAND_SE = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (_STRAND_KERNEL, _STRAND_KERNEL))
+_GROW_SE = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (3, 3))
+# Strands are filled when the black-hat lies one way (structure-tensor coherence, 0..1) at
+# least this much, and this much more than the white-hat does. On the tuning frames: dense
+# hair is 0.09-0.40 ahead of the white-hat; smeared photographs at most 0.065 (a smear streaks
+# dark and bright detail alike); sparse hair, skin lines and sharp photographs lie every way.
+_STRAND_COHERENCE = 0.25
+_HAIR_ONE_WAY = 0.08
+
+
+def _coherence(rel: np.ndarray, mask: np.ndarray) -> float:
+    """How much the structure in ``rel`` lies one way: the structure tensor's coherence over
+    the field, 0 (every way) to 1 (one way)."""
+    rel = np.where(mask > 0, rel, 0.0).astype(np.float32)
+    gx = cv2.Sobel(rel, cv2.CV_32F, 1, 0)
+    gy = cv2.Sobel(rel, cv2.CV_32F, 0, 1)
+    jxx, jyy = float(cv2.sumElems(gx * gx)[0]), float(cv2.sumElems(gy * gy)[0])
+    jxy = float(cv2.sumElems(gx * gy)[0])
+    return math.hypot(jxx - jyy, 2 * jxy) / (jxx + jyy) if jxx + jyy > 0 else 0.0
+
+
+def strand_mask(gray: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, float]:
+    """Thin dark high-contrast strands (hairs, lesion dots, a photograph's fine dark detail)
+    inside the field, uint8 0/255; and how much more the dark strands lie one way than the
+    bright ones do (0 when they do not lie one way at all).
+
+    The morphological black-hat that dermoscopic hair-removal methods (DullRazor and its
+    successors) use: the closing fills every dark structure narrower than the kernel, and what
+    it filled, relative to the closed level, is the strand. Grown by one pixel for its
+    anti-aliased flanks. Hair is dark: dense hair lying one way makes the black-hat lie one way
+    (coherence 0.3-0.9) well beyond the white-hat (thin bright detail). A smear streaks dark and
+    bright detail alike, and skin lines, a pigment network or sparse hair lie every way."""
+    closed = cv2.morphologyEx(gray, cv2.MORPH_CLOSE, _STRAND_SE)
+    level = np.maximum(closed.astype(np.float32), 1.0)
+    hat = cv2.subtract(closed, gray).astype(np.float32)
+    sigma_n = max(noise_sigma(gray, mask), 0.8)
+    strands = (hat >= _STRAND_CONTRAST * level) & (hat >= _STRAND_SNR * sigma_n) & (mask > 0)
+    dark = _coherence(hat / level, mask)
+    one_way = 0.0
+    if dark >= _STRAND_COHERENCE:
+        opened = cv2.morphologyEx(gray, cv2.MORPH_OPEN, _STRAND_SE)
+        bright = _coherence(cv2.subtract(gray, opened).astype(np.float32) / level, mask)
+        one_way = max(0.0, dark - bright)
+    return cv2.dilate(strands.astype(np.uint8) * 255, _GROW_SE), one_way
+
+
+def without_strands(gray: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, bool]:
+    """``gray`` (uint8) as float32, with hair lying one way replaced by the skin around it;
+    and whether there was such hair.
+
+    Only dark strands that lie one way (black-hat coherence at least
+    :data:`_STRAND_COHERENCE` and :data:`_HAIR_ONE_WAY` above the white-hat's) are filled: they
+    are what fakes a smear. Strands lying every way (sparse hair, skin lines, a pigment
+    network, a photograph's fine detail) fake none, and the focus measure's calibration counts
+    on them, so they stay. The fill is a normalised Gaussian average of the non-strand pixels
+    nearby: smooth, so it adds no edge of its own. Blur elsewhere is untouched: a defocused or
+    smeared frame keeps its evidence."""
+    g = gray.astype(np.float32)
+    strands, one_way = strand_mask(gray, mask)
+    if one_way < _HAIR_ONE_WAY or not strands.any():
+        return g, False
+    keep = (strands == 0).astype(np.float32)
+    num = cv2.GaussianBlur(g * keep, (0, 0), _FILL_SIGMA)
+    den = cv2.GaussianBlur(keep, (0, 0), _FILL_SIGMA)
+    filled = num / np.maximum(den, 1e-3)
+    # Where a strand is wider than the fill reaches (a tuft), fall back to the closed image.
+    closed = cv2.morphologyEx(gray, cv2.MORPH_CLOSE, _STRAND_SE).astype(np.float32)
+    filled = np.where(den > 0.05, filled, closed)
+    return np.where(strands > 0, filled, g).astype(np.float32), True
 
 
 # --------------------------------------------------------------------------------------------
@@ -501,10 +627,19 @@ def per_direction(blurs: np.ndarray) -> np.ndarray:
 
 
 _MIN_TILES = 2
+# The motion score is the spread, discounted when the spread is less than this share of the
+# blur across the smear: sharp frames show 0.1-0.3, defocused ones 0.05-0.7 (the high end with
+# dense hair), a 21 px smear 0.7-2.4.
+_SMEAR_SHARE = 0.6
+# With dense hair lying one way, focus is read from the third-sharpest direction: the hair
+# fakes sharpness in a band of directions across it, a smear leaves a band across it sharp.
+_HAIR_SKIP = 2
 
 
-def _focus_and_motion(gray: np.ndarray, mask: np.ndarray, px_per_ref: float) -> tuple[float, float]:
-    """(focus score, motion score) from the directional blur widths.
+def _focus_and_motion(
+    gray: np.ndarray, mask: np.ndarray, px_per_ref: float, hair: bool = False
+) -> tuple[float, float, float]:
+    """(focus score, motion score, smear ratio) from the directional blur widths.
 
     Each direction's blur is the median over the tiles that saw edges across it, in px of an
     800-wide frame. focus = 4 / (blur sigma in the sharpest direction): 1.0 is exactly the
@@ -517,15 +652,23 @@ def _focus_and_motion(gray: np.ndarray, mask: np.ndarray, px_per_ref: float) -> 
     per_dir = per_direction(directional_blur(gray, mask)) / px_per_ref
     seen = ~np.isnan(per_dir)
     if not seen.any():
-        return 0.0, 0.0  # no edge stands out from the noise: nothing in view can be called sharp
+        return 0.0, 0.0, 0.0  # no edge stands out from the noise: nothing in view is sharp
     if np.count_nonzero(seen) < 0.75 * len(per_dir):
         # Too few directions seen to call anything a smear: judge focus alone.
-        return 4.0 / max(float(np.nanmin(per_dir)), 0.25), 0.0
+        return 4.0 / max(float(np.nanmin(per_dir)), 0.25), 0.0, 0.0
     # Focus from the sharpest direction (a smear leaves the direction across it sharp); the
     # model's isotropic part reads about the same on defocus but is noisier on a smear.
     best = float(np.nanmin(per_dir))
     spread = float(np.nanmax(per_dir)) - best
-    return 4.0 / max(best, 0.25), spread
+    smear = spread / max(best, 0.25)
+    if hair:
+        # Blurred hairs (too faint for the fill) still read sharper than the skin across
+        # them: the focus is read from a direction they cannot reach as much.
+        best = float(np.sort(per_dir[seen])[min(_HAIR_SKIP, np.count_nonzero(seen) - 1)])
+    # A smear is a blur along one direction that the direction across it does not share. When
+    # the spread is a small share of the blur across (defocus: every direction blurred, the
+    # spread is estimation noise and the remains of blurred hairs), it is discounted.
+    return 4.0 / max(best, 0.25), spread * min(1.0, smear / _SMEAR_SHARE), smear
 
 
 # --------------------------------------------------------------------------------------------
@@ -548,19 +691,32 @@ def _brightness(gray: np.ndarray, mask: np.ndarray) -> float:
     return _percentile(_histogram(gray, mask), 90)
 
 
-def _clipped_fraction(work: np.ndarray, gray: np.ndarray, mask: np.ndarray) -> float:
-    """Fraction of field pixels that are clipped: a channel at the top of the range on a bright
-    pixel (luma >= 200).
+# A pixel with one clipped channel counts (half) only when it is this bright: a clipped red
+# channel on red or orange content of moderate luma is colour, not exposure.
+_ONE_CHANNEL_LUMA = 200
 
-    The luma condition keeps saturated colour (a clipped red channel on orange or red content)
-    from counting, while overexposed skin, even dark skin, is bright as well as clipped.
+
+def _clipped_fraction(work: np.ndarray, gray: np.ndarray, mask: np.ndarray) -> float:
+    """Fraction of field pixels that have lost their colour: two or more channels clipped,
+    and half of each bright pixel with one.
+
+    Judged per channel: skin under white light has red above green above blue, so a bright
+    ring on fair skin clips red first while green and blue still hold the texture and the hue
+    (a diagnostically fine frame); overexposure, on any tone, clips green as well. A single
+    clipped channel (red on fair skin, on orange or red content) does not count.
     """
     n = cv2.countNonZero(mask)
     if n == 0:
         return 0.0
-    top = cv2.max(cv2.max(work[..., 0], work[..., 1]), work[..., 2])
-    clipped = ((top >= 250) & (gray >= 200)).astype(np.uint8) * 255
-    return cv2.countNonZero(cv2.bitwise_and(clipped, mask)) / n
+    n_clipped = _clipped_channels(work)
+    lost = (n_clipped >= 2).astype(np.uint8) * 255
+    # One clipped channel on a bright pixel counts half: the frame is overexposed when that
+    # channel is clipped over most of the field (dark skin at x3.5 clips red everywhere and
+    # green in the middle), not when a bright ring clips red in the middle of fair skin.
+    one = ((n_clipped == 1) & (gray >= _ONE_CHANNEL_LUMA)).astype(np.uint8) * 255
+    lost_n = cv2.countNonZero(cv2.bitwise_and(lost, mask))
+    one_n = cv2.countNonZero(cv2.bitwise_and(one, mask))
+    return (lost_n + 0.5 * one_n) / n
 
 
 # --------------------------------------------------------------------------------------------

@@ -36,6 +36,12 @@ class Signal(enum.Enum):
     MODE_POLARISED = "mode_polarised"
     MODE_NON_POLARISED = "mode_non_polarised"
     MODE_PAIR = "mode_pair"
+    # A retake that says what to do: the retake's flashes, then slow blinks for the primary
+    # reason (see RETAKE_SIGNALS).
+    RETAKE_MOTION = "retake_motion"
+    RETAKE_FOCUS = "retake_focus"
+    RETAKE_FIELD = "retake_field"
+    RETAKE_LIGHT = "retake_light"
 
 
 @dataclass(frozen=True)
@@ -63,6 +69,42 @@ PATTERNS: dict[Signal, Pattern] = {
     Signal.MODE_NON_POLARISED: Pattern(((False, 0.25), (True, 0.25)) * 2, standing=False),
     Signal.MODE_PAIR: Pattern(((False, 0.25), (True, 0.25)) * 3, standing=False),
 }
+
+_RETAKE_FLASHES = ((False, 0.1), (True, 0.1)) * 5
+
+
+def _retake_then(blinks: int) -> Pattern:
+    """The retake's five quick flashes, a lit pause, then ``blinks`` slow dark blinks."""
+    return Pattern(_RETAKE_FLASHES + ((True, 0.4),) + ((False, 0.35), (True, 0.35)) * blinks,
+                   standing=False)
+
+
+# What the clinician does about a retake's primary reason (QualityReport.primary_reason):
+# one slow blink: hold still; two: refocus; three: press the lens flat and centred; four:
+# change the light (exposure, glare, colour). Checks that name the same action share one.
+PATTERNS.update({
+    Signal.RETAKE_MOTION: _retake_then(1),
+    Signal.RETAKE_FOCUS: _retake_then(2),
+    Signal.RETAKE_FIELD: _retake_then(3),
+    Signal.RETAKE_LIGHT: _retake_then(4),
+})
+
+RETAKE_SIGNALS: dict[str, Signal] = {
+    "motion": Signal.RETAKE_MOTION,
+    "focus": Signal.RETAKE_FOCUS,
+    "field": Signal.RETAKE_FIELD,
+    "underexposed": Signal.RETAKE_LIGHT,
+    "overexposed": Signal.RETAKE_LIGHT,
+    "glare": Signal.RETAKE_LIGHT,
+    "colour": Signal.RETAKE_LIGHT,
+}
+
+
+def retake_signal(primary_reason: str | None) -> Signal:
+    """The retake pattern for a retake whose first (primary) reason is ``primary_reason``;
+    the plain retake when there is none or it is not a quality check (e.g. ``no_frame``)."""
+    return RETAKE_SIGNALS.get(primary_reason or "", Signal.RETAKE)
+
 
 MODE_SIGNALS = {"polarised": Signal.MODE_POLARISED, "non_polarised": Signal.MODE_NON_POLARISED,
                 "pair": Signal.MODE_PAIR}

@@ -1,0 +1,58 @@
+"""The status LED shows a retake's primary reason (issue 18): the retake's five quick flashes,
+then one slow blink per action (1 hold still, 2 refocus, 3 press the lens flat, 4 light)."""
+
+import itertools
+import time
+
+import pytest
+
+from device_agent.camera.quality import CHECK_NAMES
+from device_agent.config import PinsConfig
+from device_agent.feedback.lights import PATTERNS, Lights, Signal, retake_signal
+from sim.board import SimBoard
+
+TIMEOUT = 8.0
+
+
+@pytest.fixture
+def rig():
+    board = SimBoard(PinsConfig())
+    lights = Lights(board.pins.status_led, board.pins.ring_polarised, board.pins.ring_plain,
+                    pin_factory=board.factory)
+    assert board.wait_for(board.pins.status_led, lambda t: bool(t) and t[-1].value == 1.0,
+                          TIMEOUT)
+    yield board, lights
+    lights.close()
+    board.close()
+
+
+def test_every_check_has_a_retake_pattern_and_others_get_the_plain_one():
+    for name in CHECK_NAMES:
+        assert retake_signal(name) is not Signal.RETAKE
+        assert retake_signal(name) in PATTERNS
+    assert retake_signal(None) is Signal.RETAKE
+    assert retake_signal("no_frame") is Signal.RETAKE
+    assert retake_signal("motion") is not retake_signal("focus")
+    assert retake_signal("overexposed") is retake_signal("glare")
+
+
+@pytest.mark.parametrize(("reason", "blinks"), [("motion", 1), ("field", 3)])
+def test_the_primary_reason_blinks_after_the_retake_flashes(rig, reason, blinks):
+    board, lights = rig
+    led = board.pins.status_led
+    start = time.monotonic()
+    lights.show(retake_signal(reason))
+    want = 10 + 2 * blinks
+    assert board.wait_for(led, lambda t: len([c for c in t if c.at >= start]) >= want, TIMEOUT)
+    # No further change once the pattern has ended lit.
+    assert not board.wait_for(led, lambda t: len([c for c in t if c.at >= start]) > want,
+                              timeout=0.8)
+    changes = [c for c in board.status_timeline() if c.at >= start]
+    assert [c.value for c in changes] == [0.0, 1.0] * (5 + blinks)
+    quick = changes[:10]
+    slow = changes[10:]
+    assert max(b.at - a.at for a, b in itertools.pairwise(quick)) < 0.3, quick
+    assert min(b.at - a.at for a, b in itertools.pairwise(slow)) >= 0.3, slow
+    assert slow[0].at - quick[-1].at >= 0.45  # the lit pause, then the first slow blink
+    assert board.pin(led).state == 1
+    assert lights.standing is Signal.READY
