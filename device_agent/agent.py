@@ -44,7 +44,7 @@ from device_agent.capture import (
     verdict,
 )
 from device_agent.config import Config
-from device_agent.feedback.lights import MODE_SIGNALS, Lights, Signal
+from device_agent.feedback.lights import MODE_SIGNALS, Lights, Signal, retake_signal
 from device_agent.packaging import Packager, not_stored
 from device_agent.remote import CommandHandlers, CommandQueue, QueuedCommand, UplinkLike
 from device_agent.session import Session
@@ -232,7 +232,7 @@ class Agent(CommandHandlers):
             if "focus" in reasons:
                 self.supervisor.focus_soon()  # before the clinician's retake, if it can help
             outcome = rejected(shots, reasons)
-            self.lights.show(Signal.RETAKE)
+            self.lights.show(retake_signal(reasons[0]))  # blinks what to do
             return outcome
         return self._keep(shots, overridden=False, released_at=released_at)
 

@@ -24,7 +24,7 @@ from device_agent.camera.calibration import (
     calibration_path,
     load_calibration,
 )
-from device_agent.camera.quality import CHECK_NAMES, Thresholds, assess
+from device_agent.camera.quality import Thresholds, assess
 from device_agent.camera.ring import FrameRing
 from device_agent.camera.select import choose_frame
 from device_agent.config import CameraConfig
@@ -75,9 +75,9 @@ class NoFrame(Exception):
 
 
 def verdict(shots: tuple[Shot, ...]) -> tuple[str, ...]:
-    """The checks any image of the capture failed, in the fixed order; () means accept."""
-    failed = {reason for shot in shots for reason in shot.reasons}
-    return tuple(name for name in CHECK_NAMES if name in failed)
+    """The checks any image of the capture failed, the cause first (the first failing
+    image's primary reason, docs/quality.md), then the others once each; () means accept."""
+    return tuple(dict.fromkeys(reason for shot in shots for reason in shot.reasons))
 
 
 def rejected(shots: tuple[Shot, ...], reasons: tuple[str, ...]) -> CaptureOutcome:

@@ -56,3 +56,35 @@ def test_the_primary_reason_blinks_after_the_retake_flashes(rig, reason, blinks)
     assert slow[0].at - quick[-1].at >= 0.45  # the lit pause, then the first slow blink
     assert board.pin(led).state == 1
     assert lights.standing is Signal.READY
+
+
+def test_a_captures_reasons_keep_the_cause_first_across_its_images():
+    """The verdict of a capture (a pair has two images) keeps each image's cause-first order
+    (docs/quality.md), the first image's cause leading, every reason once: the old fixed
+    vocabulary order put ``focus`` before ``overexposed`` whatever the cause."""
+    from device_agent.capture import Shot, verdict
+
+    first = Shot("c1", None, "polarised", {}, ("overexposed", "focus"))
+    second = Shot("c2", None, "non_polarised", {}, ("glare", "overexposed"))
+    assert verdict((first, second)) == ("overexposed", "focus", "glare")
+    assert verdict((Shot("c3", None, "polarised", {}, ()),)) == ()
+
+
+def test_a_pressed_retake_blinks_its_primary_reason(tmp_path):
+    """Through the agent: an underexposed scene is a retake whose primary reason is the
+    light, and the status LED plays that pattern (five quick flashes, then four slow
+    blinks), not the plain retake."""
+    from sim.broker import free_port
+    from sim.device import SimDevice, sim_config
+
+    with SimDevice(sim_config(tmp_path / "device", free_port())) as device:
+        device.show("underexposed")
+        led = device.board.pins.status_led
+        start = time.monotonic()
+        outcome = device.press()
+        assert outcome is not None
+        assert outcome.verdict == "retake"
+        assert outcome.reasons[0] == "underexposed"
+        want = 10 + 2 * 4
+        assert device.board.wait_for(
+            led, lambda t: len([c for c in t if c.at >= start]) >= want, TIMEOUT)
