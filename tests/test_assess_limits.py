@@ -4,7 +4,6 @@ decoded, and the rest of the call still done (issue 12, finding 6)."""
 from __future__ import annotations
 
 import json
-import os
 import struct
 import subprocess
 import sys
@@ -50,19 +49,32 @@ def flat_png(path: Path, width: int, height: int) -> Path:
     return path
 
 
+#: Runs the command as ``python -m device_agent`` does, and at exit writes its own peak
+#: resident memory (VmHWM: this program's address space only) to the file named in argv[1].
+_MEASURED = """
+import atexit, re, runpy, sys
+peak_file = sys.argv.pop(1)
+def report():
+    status = open("/proc/self/status").read()
+    open(peak_file, "w").write(re.search(r"VmHWM:\\s+(\\d+) kB", status).group(1))
+atexit.register(report)
+sys.argv[0] = "device_agent"
+runpy.run_module("device_agent", run_name="__main__", alter_sys=True)
+"""
+
+
 def assess(*args: str | Path, tmp_path: Path) -> tuple[int, list[dict], str, float]:
     """Run ``device-agent assess --json`` as a technician does: (exit status, JSON records,
-    stderr, the command's own peak resident memory in MB)."""
-    out, err = tmp_path / "assess.out", tmp_path / "assess.err"
+    stderr, the command's own peak resident memory in MB). The peak is the program's own
+    high-water mark: a child's rusage would carry over this (large) test process's memory
+    through fork and exec."""
+    out, err, peak = tmp_path / "assess.out", tmp_path / "assess.err", tmp_path / "peak.kb"
     with out.open("wb") as stdout, err.open("wb") as stderr:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "device_agent", "assess", "--json", *map(str, args)],
-            stdin=subprocess.DEVNULL, stdout=stdout, stderr=stderr)
-        # wait4 gives this one child's peak memory (getrusage would mix in every child so far).
-        _, status, usage = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)
+        proc = subprocess.run(
+            [sys.executable, "-c", _MEASURED, str(peak), "assess", "--json", *map(str, args)],
+            stdin=subprocess.DEVNULL, stdout=stdout, stderr=stderr, timeout=300, check=False)
     records = [json.loads(line) for line in out.read_text().splitlines()]
-    return proc.returncode, records, err.read_text(), usage.ru_maxrss / 1024
+    return proc.returncode, records, err.read_text(), int(peak.read_text()) / 1024
 
 
 def test_a_header_claiming_100000x100000_is_refused_and_the_batch_goes_on(tmp_path):
