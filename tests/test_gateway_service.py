@@ -5,7 +5,6 @@ nothing stored twice), the metrics endpoint scraped over HTTP, and the checks.""
 from __future__ import annotations
 
 import datetime as dt
-import json
 import os
 import re
 import shutil
@@ -33,6 +32,7 @@ from sim.broker import MosquittoBroker, free_port
 from sim.fleet import _sample_image, fleet_devices
 from sim.pki import TestCA
 from sim.secure_broker import SecureMosquitto
+from tests.jsonlog import read_events
 
 EXAMPLE = Path(__file__).parent.parent / "clinic_gateway" / "config.example.toml"
 
@@ -57,19 +57,7 @@ def dev_config(tmp_path: Path, port: int, workers: int = 2, metrics_port: int = 
 
 
 def events(tmp_path: Path, name: str, **match: object) -> list[dict]:
-    log = tmp_path / "events.jsonl"
-    if not log.exists():
-        return []
-    found = []
-    for line in log.read_text(encoding="utf-8").splitlines():
-        try:
-            event = json.loads(line)
-        except ValueError:
-            continue  # a line being written by another process right now
-        if event.get("event") == name and all(event.get(k) == v for k, v in match.items()):
-            found.append(event)
-    return found
-
+    return read_events(tmp_path / "events.jsonl", name, **match)
 
 def wait_events(tmp_path: Path, name: str, count: int = 1, timeout: float = 30.0,
                 **match: object) -> list[dict]:

@@ -25,6 +25,7 @@ from clinic_gateway.pacs import make_sender
 from sim.fleet import _sample_image
 from sim.orthanc import PrivateOrthanc
 from sim.pki import TestCA
+from tests.jsonlog import read_events
 from tests.orthanc import (
     Running,
     TlsFront,
@@ -248,19 +249,7 @@ def service_config(tmp_path: Path, orthanc: PrivateOrthanc, transport: str) -> P
 
 
 def logged(tmp_path: Path, name: str) -> list[dict]:
-    log = tmp_path / "events.jsonl"
-    if not log.exists():
-        return []
-    found = []
-    for line in log.read_text(encoding="utf-8").splitlines():
-        try:
-            event = json.loads(line)
-        except ValueError:
-            continue  # a line being written right now
-        if event.get("event") == name:
-            found.append(event)
-    return found
-
+    return read_events(tmp_path / "events.jsonl", name)
 
 def wait_logged(tmp_path: Path, name: str, count: int, timeout: float = 60.0) -> list[dict]:
     deadline = time.monotonic() + timeout

@@ -4,7 +4,6 @@ and stops with the service."""
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import ssl
@@ -19,24 +18,14 @@ import pytest
 from clinic_gateway.web.auth import hash_password, hash_token
 from sim.device import SimDevice, sim_config
 from sim.pki import TestCA
+from tests.jsonlog import read_events
 
 USER, PASSWORD = "dr.hansen", "correct horse battery"
 API_TOKEN = "service-test-token-0123456789abcdef"
 
 
 def events(log: Path, name: str) -> list[dict]:
-    if not log.exists():
-        return []
-    found = []
-    for line in log.read_text(encoding="utf-8").splitlines():
-        try:
-            event = json.loads(line)
-        except ValueError:
-            continue  # a line being written by another process right now
-        if event.get("event") == name:
-            found.append(event)
-    return found
-
+    return read_events(log, name)
 
 def wait_events(log: Path, name: str, count: int = 1, timeout: float = 30.0) -> list[dict]:
     """Until ``count`` such events are in the service's log (written by other processes:

@@ -382,25 +382,20 @@ class Outbox:
     def read_verified(self, entry: OutboxEntry) -> tuple[bytes, bytes]:
         """Like :meth:`read`, and also the payload's (just verified) SHA-256 digest, so the
         uplink need not hash a large capture a second time."""
-        try:
-            data = entry.path.read_bytes()
-        except FileNotFoundError:
-            raise
-        except OSError as err:
-            self._quarantine_entry(entry.capture_id, f"unreadable: {err.strerror}")
-            raise CorruptEntry(f"{entry.capture_id}: unreadable: {err.strerror}") from None
-        problem = self._check(data, entry.capture_id)
-        if problem:
-            self._quarantine_entry(entry.capture_id, problem)
-            raise CorruptEntry(f"{entry.capture_id}: {problem}")
-        _magic, _created, _size, digest, id_len = _HEAD.unpack_from(data)
-        return data[_HEAD.size + id_len:], digest
+        data, start, digest = self._read_checked(entry, hashed=True)
+        return data[start:], digest
 
     def read_for_sending(self, entry: OutboxEntry) -> tuple[memoryview, bytes]:
         """The payload (a view: no copy) and the SHA-256 its header recorded, with the
         header and the length checked but not the hash: the uplink checks the hash as the
         chunks go out (``transfer.Transfer.chunk``), one pass over a large capture instead
         of two. A bad header quarantines the entry and raises CorruptEntry, as ``read``."""
+        data, start, digest = self._read_checked(entry, hashed=False)
+        return memoryview(data)[start:], digest
+
+    def _read_checked(self, entry: OutboxEntry, hashed: bool) -> tuple[bytes, int, bytes]:
+        """The entry's bytes, where its payload starts and its recorded SHA-256, checked
+        (the hash too if ``hashed``); a bad entry is quarantined and raises CorruptEntry."""
         try:
             data = entry.path.read_bytes()
         except FileNotFoundError:
@@ -408,12 +403,12 @@ class Outbox:
         except OSError as err:
             self._quarantine_entry(entry.capture_id, f"unreadable: {err.strerror}")
             raise CorruptEntry(f"{entry.capture_id}: unreadable: {err.strerror}") from None
-        problem = self._check(data, entry.capture_id, hashed=False)
+        problem = self._check(data, entry.capture_id, hashed=hashed)
         if problem:
             self._quarantine_entry(entry.capture_id, problem)
             raise CorruptEntry(f"{entry.capture_id}: {problem}")
         _magic, _created, _size, digest, id_len = _HEAD.unpack_from(data)
-        return memoryview(data)[_HEAD.size + id_len:], digest
+        return data, _HEAD.size + id_len, digest
 
     @staticmethod
     def _check(data: bytes, capture_id: str, hashed: bool = True) -> str | None:
