@@ -422,7 +422,9 @@ def test_gateway_killed_mid_transfer_resumes_and_stores_once(
             assert up.wait_idle(60)
         finally:
             second.terminate()
-            out, _ = second.communicate(timeout=10)
+            # Its stop joins threads and its exporter with 5 s bounds each: a loaded machine
+            # (CI on 2 cores) may need most of them.
+            out, _ = second.communicate(timeout=30)
         first.kill()
     logged = _json_lines(out)
     # The restarted gateway resumed from the staged chunks (whether the device learnt what
