@@ -775,9 +775,22 @@ def _glare_fraction(work: np.ndarray, gray: np.ndarray, mask: np.ndarray) -> flo
 # Skin colour in log-chromaticity u = ln(R/G), v = ln(B/G): exposure cancels out, and a wrong
 # white balance (channel gains) is a plain shift. Skin, lesions included, has red above green
 # and well above blue; no skin is green, cyan or blue. The gamut is the convex region
-#   u >= 0.04,  u - v >= 0.12,  v <= 0.15,  u <= 1.3,  v >= -1.4
+#   u >= 0.04,  u - v >= 0.12,  v <= 0.15,  u <= 1.3,  v >= -1.4,  u + v >= -0.25
 # drawn generously around skin tones from very fair to very dark, with erythema and pigment.
-_GAMUT = ((0.04, -0.08), (0.27, 0.15), (0.4, 0.15), (1.3, -0.1), (1.3, -1.4), (0.04, -1.4))
+# The last edge is the skin locus: melanin and haemoglobin take blue out of skin and leave red,
+# so the less blue a skin holds (the darker it is) the redder it is; skin lies along
+# u + v ~ 0 from type I to type VI (pristine frames -0.10..0.35). Without that edge a cast
+# towards green on dark skin (R/G and B/G both down) stopped in the empty corner of low u and
+# low v (about (0.0, -0.6)), inside an absolute range yet far from any skin of that blueness.
+_GAMUT = (
+    (0.04, -0.08),
+    (0.27, 0.15),
+    (0.4, 0.15),
+    (1.3, -0.1),
+    (1.3, -1.4),
+    (1.15, -1.4),
+    (0.04, -0.29),
+)
 
 
 def _clipped_channels(work: np.ndarray) -> np.ndarray:
