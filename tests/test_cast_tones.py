@@ -41,3 +41,13 @@ def test_the_skin_locus_bounds_the_gamut() -> None:
     # Fair skin stays inside; so does a deep lesion's red-brown.
     assert skin_gamut_distance(0.17, -0.09) == 0.0
     assert skin_gamut_distance(0.7, -0.6) == 0.0
+
+
+@pytest.mark.parametrize(("seed", "tone"), [(17, 4), (21, 5), (9, 5)])
+def test_too_much_light_on_dark_skin_is_not_a_cast(seed: int, tone: int) -> None:
+    # Red clips first: the red median reads low, which on dark skin (little blue) would put
+    # the colour off the skin locus. A clipped channel is a lower bound, not a cast.
+    spec = SceneSpec(seed=seed, tone=tone, width=640, height=480, defect="overexposed",
+                     severity=1.5)
+    report = assess(render(spec))
+    assert report.reasons == ["overexposed"], report.to_dict()

@@ -793,6 +793,13 @@ _GAMUT = (
 )
 
 
+# Where a colour can really lie when one channel's median reads clipped (B, G, R order): the
+# true B/G is higher than a clipped blue reads, both ratios lower under a clipped green, the
+# true R/G higher under a clipped red.
+_CLIPPED_RAYS = ((0.0, 1.0), (-1.0, -1.0), (1.0, 0.0))
+_RAY_STEPS = np.linspace(0.0, 1.5, 61)
+
+
 def _clipped_channels(work: np.ndarray) -> np.ndarray:
     """Per pixel, how many of the three channels are clipped (>= 250)."""
     return np.count_nonzero(work >= 250, axis=2).astype(np.uint8)
@@ -813,8 +820,20 @@ def _cast_distance(work: np.ndarray, mask: np.ndarray) -> float:
         m = cv2.bitwise_and(mask, (n_clipped <= 1).astype(np.uint8) * 255)
         if cv2.countNonZero(m) < 0.05 * field_px:
             return 0.0  # nearly all clipped: nothing to judge; the overexposed check says so
-    b, g, r = (_percentile(_histogram(work[..., c], m), 50) + 0.5 for c in range(3))
-    return 100.0 * skin_gamut_distance(math.log(r / g), math.log(b / g))
+    medians = [_percentile(_histogram(work[..., c], m), 50) for c in range(3)]
+    b, g, r = (x + 0.5 for x in medians)
+    u, v = math.log(r / g), math.log(b / g)
+    # A median that reads clipped is only a lower bound on that channel: the true colour lies
+    # somewhere along a ray from (u, v). Red clipped on skin under too much light lowers R/G
+    # alone, which on dark skin (low B/G) would cross the skin locus and read as a green cast.
+    # The cast is judged at the point of the ray nearest the gamut.
+    rays = [ray for ray, x in zip(_CLIPPED_RAYS, medians, strict=True) if x >= 250]
+    if not rays:
+        return 100.0 * skin_gamut_distance(u, v)
+    if len(rays) > 1:
+        return 0.0  # two channels' colour lost: the overexposed check judges it
+    du, dv = rays[0]
+    return 100.0 * min(skin_gamut_distance(u + t * du, v + t * dv) for t in _RAY_STEPS)
 
 
 def skin_gamut_distance(u: float, v: float) -> float:
