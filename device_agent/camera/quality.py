@@ -775,9 +775,29 @@ def _glare_fraction(work: np.ndarray, gray: np.ndarray, mask: np.ndarray) -> flo
 # Skin colour in log-chromaticity u = ln(R/G), v = ln(B/G): exposure cancels out, and a wrong
 # white balance (channel gains) is a plain shift. Skin, lesions included, has red above green
 # and well above blue; no skin is green, cyan or blue. The gamut is the convex region
-#   u >= 0.04,  u - v >= 0.12,  v <= 0.15,  u <= 1.3,  v >= -1.4
+#   u >= 0.04,  u - v >= 0.12,  v <= 0.15,  u <= 1.3,  v >= -1.4,  u + v >= -0.25
 # drawn generously around skin tones from very fair to very dark, with erythema and pigment.
-_GAMUT = ((0.04, -0.08), (0.27, 0.15), (0.4, 0.15), (1.3, -0.1), (1.3, -1.4), (0.04, -1.4))
+# The last edge is the skin locus: melanin and haemoglobin take blue out of skin and leave red,
+# so the less blue a skin holds (the darker it is) the redder it is; skin lies along
+# u + v ~ 0 from type I to type VI (pristine frames -0.10..0.35). Without that edge a cast
+# towards green on dark skin (R/G and B/G both down) stopped in the empty corner of low u and
+# low v (about (0.0, -0.6)), inside an absolute range yet far from any skin of that blueness.
+_GAMUT = (
+    (0.04, -0.08),
+    (0.27, 0.15),
+    (0.4, 0.15),
+    (1.3, -0.1),
+    (1.3, -1.4),
+    (1.15, -1.4),
+    (0.04, -0.29),
+)
+
+
+# Where a colour can really lie when one channel's median reads clipped (B, G, R order): the
+# true B/G is higher than a clipped blue reads, both ratios lower under a clipped green, the
+# true R/G higher under a clipped red.
+_CLIPPED_RAYS = ((0.0, 1.0), (-1.0, -1.0), (1.0, 0.0))
+_RAY_STEPS = np.linspace(0.0, 1.5, 61)
 
 
 def _clipped_channels(work: np.ndarray) -> np.ndarray:
@@ -800,8 +820,20 @@ def _cast_distance(work: np.ndarray, mask: np.ndarray) -> float:
         m = cv2.bitwise_and(mask, (n_clipped <= 1).astype(np.uint8) * 255)
         if cv2.countNonZero(m) < 0.05 * field_px:
             return 0.0  # nearly all clipped: nothing to judge; the overexposed check says so
-    b, g, r = (_percentile(_histogram(work[..., c], m), 50) + 0.5 for c in range(3))
-    return 100.0 * skin_gamut_distance(math.log(r / g), math.log(b / g))
+    medians = [_percentile(_histogram(work[..., c], m), 50) for c in range(3)]
+    b, g, r = (x + 0.5 for x in medians)
+    u, v = math.log(r / g), math.log(b / g)
+    # A median that reads clipped is only a lower bound on that channel: the true colour lies
+    # somewhere along a ray from (u, v). Red clipped on skin under too much light lowers R/G
+    # alone, which on dark skin (low B/G) would cross the skin locus and read as a green cast.
+    # The cast is judged at the point of the ray nearest the gamut.
+    rays = [ray for ray, x in zip(_CLIPPED_RAYS, medians, strict=True) if x >= 250]
+    if not rays:
+        return 100.0 * skin_gamut_distance(u, v)
+    if len(rays) > 1:
+        return 0.0  # two channels' colour lost: the overexposed check judges it
+    du, dv = rays[0]
+    return 100.0 * min(skin_gamut_distance(u + t * du, v + t * dv) for t in _RAY_STEPS)
 
 
 def skin_gamut_distance(u: float, v: float) -> float:
