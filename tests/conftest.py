@@ -94,3 +94,21 @@ def events() -> Iterator[EventLog]:
     for lg, level in zip(loggers, saved, strict=True):
         lg.removeHandler(handler)
         lg.setLevel(level)
+
+
+@pytest.fixture
+def rig() -> Iterator[tuple[Any, Any]]:
+    """A simulated board (gpiozero's MockFactory) and the Lights on it, from a lit "ready":
+    the feedback thread lights it once it runs."""
+    from device_agent.config import PinsConfig
+    from device_agent.feedback.lights import Lights
+    from sim.board import SimBoard
+
+    board = SimBoard(PinsConfig())
+    lights = Lights(board.pins.status_led, board.pins.ring_polarised, board.pins.ring_plain,
+                    pin_factory=board.factory)
+    assert board.wait_for(board.pins.status_led, lambda t: bool(t) and t[-1].value == 1.0,
+                          5.0)
+    yield board, lights
+    lights.close()
+    board.close()

@@ -10,24 +10,10 @@ import time
 
 import pytest
 
-from device_agent.config import PinsConfig
-from device_agent.feedback.lights import Lights, Signal
-from sim.board import Change, SimBoard
+from device_agent.feedback.lights import Signal
+from sim.board import Change
 
 TIMEOUT = 5.0  # generous: the patterns below take at most a few seconds
-
-
-@pytest.fixture
-def rig():
-    board = SimBoard(PinsConfig())
-    lights = Lights(board.pins.status_led, board.pins.ring_polarised, board.pins.ring_plain,
-                    pin_factory=board.factory)
-    # Start every test from a lit "ready": the feedback thread lights it once it runs.
-    assert board.wait_for(board.pins.status_led, lambda t: bool(t) and t[-1].value == 1.0,
-                          TIMEOUT)
-    yield board, lights
-    lights.close()
-    board.close()
 
 
 def since(start: float, timeline: list[Change]) -> list[Change]:

@@ -7,23 +7,9 @@ import time
 import pytest
 
 from device_agent.camera.quality import CHECK_NAMES
-from device_agent.config import PinsConfig
-from device_agent.feedback.lights import PATTERNS, Lights, Signal, retake_signal
-from sim.board import SimBoard
+from device_agent.feedback.lights import PATTERNS, Signal, retake_signal
 
 TIMEOUT = 8.0
-
-
-@pytest.fixture
-def rig():
-    board = SimBoard(PinsConfig())
-    lights = Lights(board.pins.status_led, board.pins.ring_polarised, board.pins.ring_plain,
-                    pin_factory=board.factory)
-    assert board.wait_for(board.pins.status_led, lambda t: bool(t) and t[-1].value == 1.0,
-                          TIMEOUT)
-    yield board, lights
-    lights.close()
-    board.close()
 
 
 def test_every_check_has_a_retake_pattern_and_others_get_the_plain_one():
