@@ -231,17 +231,18 @@ def uplink_via(proxy: FaultProxy, broker, outbox_, **over: object) -> Uplink:
 
 
 def strike_mid_transfer(events, fault) -> threading.Event:
-    """Once the gateway has answered cap-1's manifest and its chunks start to go out, run
-    ``fault`` (on the uplink's sender thread, at exactly that step)."""
+    """As cap-1's manifest goes out, its chunks right behind it (they no longer wait for
+    its answer), run ``fault`` (on the uplink's sender thread, at exactly that step): a
+    fault armed for some bytes later then lands among the chunks, whatever the machine's
+    speed (armed at the manifest's answer, a fast machine had sent every chunk by then)."""
     struck = threading.Event()
 
     def strike(record: dict) -> None:
-        if record.get("capture_id") == "cap-1" and record.get("state") == "incomplete" \
-                and not struck.is_set():
+        if record.get("capture_id") == "cap-1" and not struck.is_set():
             struck.set()
             fault()
 
-    events.on("uplink.ack", strike)
+    events.on("uplink.manifest_sent", strike)
     return struck
 
 
