@@ -417,15 +417,23 @@ def test_gateway_killed_mid_transfer_resumes_and_stores_once(
             time.sleep(0.005)
         first.kill()  # SIGKILL mid-transfer: no goodbye, staging left as it is
         first.communicate(timeout=10)
-        second = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
-        try:
-            assert up.wait_idle(60)
-        finally:
-            second.terminate()
-            # Its stop joins threads and its exporter with 5 s bounds each: a loaded machine
-            # (CI on 2 cores) may need most of them.
-            out, _ = second.communicate(timeout=30)
+        # Its log to a file: what it said is read whether or not it stops in time.
+        second_log = store.parent / "second-gateway.jsonl"
+        with second_log.open("w") as log_file:
+            second = subprocess.Popen(command, stdout=log_file, text=True)
+            try:
+                assert up.wait_idle(60)
+            finally:
+                second.terminate()
+                try:
+                    second.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    # Seen once in a full run on 2 cores: its stop outlasting 30 s after this
+                    # kill-and-restart (issue 14's note). What it stored is the point here.
+                    second.kill()
+                    second.wait(timeout=10)
         first.kill()
+    out = second_log.read_text()
     logged = _json_lines(out)
     # The restarted gateway resumed from the staged chunks (whether the device learnt what
     # was missing from a manifest or from a final), it never started over.
