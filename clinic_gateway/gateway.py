@@ -1368,8 +1368,19 @@ def exit_on_thread_death(done: threading.Event, crashed: list[str]
 def serve_until_done(gateway: Gateway, done: threading.Event, crashed: list[str]) -> int:
     """Run ``gateway`` until ``done`` is set (a signal, or a thread's death, which
     ``crashed`` then names); the process's exit status: 70 (EX_SOFTWARE) after a thread's
-    death, so systemd restarts it, else 0."""
-    gateway.start()
+    death, so systemd restarts it, else 0.
+
+    SIGINT and SIGTERM are blocked while the gateway starts its threads, which keep that
+    mask (and so do the threads they start): the kernel may deliver a process's signal to
+    any thread that does not block it, and Python runs the handler only once the main
+    thread wakes, which a signal caught by another thread does not do (seen: a SIGTERM that
+    went unanswered until the hour-long wait below ran out)."""
+    stop_signals = {signal.SIGINT, signal.SIGTERM}
+    signal.pthread_sigmask(signal.SIG_BLOCK, stop_signals)
+    try:
+        gateway.start()
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, stop_signals)
     while not done.wait(3600):
         pass
     gateway.stop()

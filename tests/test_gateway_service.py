@@ -5,6 +5,7 @@ nothing stored twice), the metrics endpoint scraped over HTTP, and the checks.""
 from __future__ import annotations
 
 import datetime as dt
+import json
 import os
 import re
 import shutil
@@ -443,3 +444,35 @@ def test_check_fails_on_an_expired_worker_certificate(tmp_path):
     assert re.search(r"(?m)^FAIL\s+tls\s+worker 2 \(CN gateway-2\): expired 9 days ago",
                      result.stdout), result.stdout
     assert re.search(r"(?m)^ok\s+tls\s+worker 1 \(CN gateway\)", result.stdout)
+
+
+def _blocked_signals(pid: int, tid: str) -> int:
+    status = Path(f"/proc/{pid}/task/{tid}/status").read_text()
+    return int(re.search(r"^SigBlk:\s+([0-9a-f]+)$", status, re.M).group(1), 16)
+
+
+def test_only_the_main_thread_of_a_gateway_takes_sigterm(tmp_path):
+    """A SIGTERM the kernel hands to one of the gateway's other threads never wakes the main
+    thread, where Python runs the handler: the gateway then did not stop (seen in a full
+    run). Every thread but the main one blocks SIGTERM and SIGINT."""
+    with MosquittoBroker(tmp_path / "broker") as broker:
+        proc = subprocess.Popen([sys.executable, "-m", "clinic_gateway", "run", "--host",
+                                 broker.host, "--port", str(broker.port), "--store",
+                                 str(tmp_path / "store"), "--insecure-dev-mode"],
+                                stdout=subprocess.PIPE, text=True)
+        try:
+            assert json.loads(proc.stdout.readline())  # it logs once it runs
+            deadline = time.monotonic() + 30
+            while len(os.listdir(f"/proc/{proc.pid}/task")) < 4:  # paho, after-ack, audit
+                assert time.monotonic() < deadline, "the gateway never started its threads"
+                threading.Event().wait(0.05)
+            wanted = (1 << (signal.SIGTERM - 1)) | (1 << (signal.SIGINT - 1))
+            for tid in os.listdir(f"/proc/{proc.pid}/task"):
+                blocked = _blocked_signals(proc.pid, tid) & wanted
+                assert blocked == (0 if int(tid) == proc.pid else wanted), tid
+            proc.terminate()
+            assert proc.wait(timeout=30) == 0
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(timeout=10)
