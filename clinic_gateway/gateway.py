@@ -533,17 +533,32 @@ class Gateway:
             entry.unlink(missing_ok=True)
             return
         ledger = self._ledger_path(device_id, capture_id)
-        if record is not None and not ledger.exists():
-            record = {k: record.get(k) for k in _JOURNALED}
-            # The journal is written before the image's SHA-256 is known (an image moved on
-            # to the archive already leaves it out).
-            with contextlib.suppress(OSError):
-                record["image_sha256"] = _sha256(
-                    self._image_path(device_id, capture_id).read_bytes())
-            make_dirs(ledger.parent)
-            write_atomic(ledger, json.dumps(record).encode(), mode=FILE_MODE, durable=False)
+        if not ledger.exists():
+            self._recover_ledger(device_id, capture_id, record, ledger)
         self._drop_staging(device_id, capture_id)
         self._queue((device_id, capture_id, dicom))
+
+    def _recover_ledger(self, device_id: str, capture_id: str, record: dict | None,
+                        ledger: Path) -> None:
+        """The ledger record of a capture committed without one, and its ``capture.stored``
+        event, which the crash may have cut off (``_store`` logs it just before the ledger)."""
+        image_path = self._image_path(device_id, capture_id)
+        try:
+            image = image_path.read_bytes()
+        except OSError:
+            image = None  # moved on to the archive already: logged before it went
+        image_sha = None if image is None else _sha256(image)
+        if record is not None:
+            record = {k: record.get(k) for k in _JOURNALED}
+            # The journal is written before the image's SHA-256 is known.
+            if image_sha is not None:
+                record["image_sha256"] = image_sha
+            make_dirs(ledger.parent)
+            write_atomic(ledger, json.dumps(record).encode(), mode=FILE_MODE, durable=False)
+        if image is not None:
+            log_event(log, "capture.stored", capture_id=capture_id, device_id=device_id,
+                      path=str(image_path), sha256=image_sha, size=len(image),
+                      recovered=True)
 
     def _remove_temp_files(self, directory: Path, captures: list[str]) -> None:
         """Temp files of these captures' interrupted writes in ``directory`` (one listing)."""
@@ -1223,12 +1238,18 @@ class Gateway:
             return
         tmp.unlink(missing_ok=True)
         fsync_dir(device_dir)
+        record["image_sha256"] = image_sha.result()
+        # Logged before the ledger is written: a capture committed without its ledger is
+        # one whose event may be missing (a kill right after the link), and _recover logs
+        # it then. So every stored capture has its event; a kill in the microseconds
+        # between this line and the ledger's write repeats it (with ``recovered``).
+        log_event(log, "capture.stored", capture_id=capture_id, device_id=device_id,
+                  path=str(image_path), sha256=record["image_sha256"], size=len(image))
         # After the commit: the ledger answers duplicates (and tells other content apart)
         # even once the image has been moved away. A crash before it is harmless: the image
         # itself still says "committed", and _recover writes it from the journal. Not
         # fsynced: losing it needs a power cut right now AND the image archived away before
         # a replay; the image is what must be durable.
-        record["image_sha256"] = image_sha.result()
         write_atomic(self._ledger_path(device_id, capture_id), json.dumps(record).encode(),
                      mode=FILE_MODE, durable=False)
         self.stored_count += 1
@@ -1236,8 +1257,6 @@ class Gateway:
         # is the transfer's time.
         self.metrics.stored(self._staging_dir(device_id, capture_id))
         self._after_ack((device_id, capture_id, dicom))
-        log_event(log, "capture.stored", capture_id=capture_id, device_id=device_id,
-                  path=str(image_path), sha256=record["image_sha256"], size=len(image))
 
     def _store_threads(self) -> concurrent.futures.ThreadPoolExecutor:
         if self._io is None:

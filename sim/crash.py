@@ -13,8 +13,9 @@ for a single capture, 1 is after the durable write and before "accepted" was sai
 ``python -m sim.crash gateway --store DIR --port N --kill-at stored`` runs the reference
 gateway (development mode: unsealed captures accepted) and SIGKILLs it at a moment of its
 first store: ``commit`` just before the image is linked into place (temp files written,
-nothing committed), ``stored`` right after the commit and before the ack and the after-ack
-work, ``dicom`` in the middle of the DICOM export (its temp file written: the exporter
+nothing committed), ``linked`` right after the link (committed, before its event is
+logged), ``stored`` as its ``capture.stored`` event is logged (before the ack and the
+after-ack work), ``dicom`` in the middle of the DICOM export (its temp file written: the exporter
 process SIGKILLs the gateway, then itself, as a power cut would). It prints ``ready`` once it
 is subscribed.
 
@@ -44,7 +45,7 @@ from sim.device import SimDevice, sim_config
 log = logging.getLogger("sim.crash")
 
 
-GATEWAY_MOMENTS = ("commit", "stored", "dicom")
+GATEWAY_MOMENTS = ("commit", "linked", "stored", "dicom")
 
 
 def _die(*_args: Any, **_kwargs: Any) -> None:
@@ -106,6 +107,14 @@ def gateway_main(argv: list[str]) -> int:
         add_json_handler("clinic_gateway", path=args.log)
     if args.kill_at == "commit":
         os.link = _die  # the gateway's commit point
+    elif args.kill_at == "linked":
+        link = os.link
+
+        def link_and_die(*link_args: Any, **link_kwargs: Any) -> None:
+            link(*link_args, **link_kwargs)  # committed, then killed before anything else
+            _die()
+
+        os.link = link_and_die
     elif args.kill_at == "stored":
         logger = logging.getLogger("clinic_gateway.gateway")
         logger.addHandler(_DieOnEvent("capture.stored"))

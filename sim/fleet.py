@@ -84,10 +84,17 @@ def _wait_connected(logs: list[Path], timeout: float) -> None:
 
 
 def _stored_events(logs: list[Path]) -> Counter:
+    """Stores per capture id: a ``recovered`` event (logged again at a restart, in case the
+    kill cut the first off) counts only for a capture that has no other."""
     counts: Counter = Counter()
+    recovered: set[str] = set()
     for log in logs:
         for event in _events(log, "capture.stored"):
-            counts[event["capture_id"]] += 1
+            if event.get("recovered"):
+                recovered.add(event["capture_id"])
+            else:
+                counts[event["capture_id"]] += 1
+    counts.update(recovered - set(counts))
     return counts
 
 

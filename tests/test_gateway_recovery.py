@@ -75,7 +75,7 @@ def _leftovers(store: Path) -> list[str]:
     return sorted(str(p.relative_to(store)) for p in left)
 
 
-@pytest.mark.parametrize("moment", ["commit", "stored", "dicom"])
+@pytest.mark.parametrize("moment", ["commit", "linked", "stored", "dicom"])
 def test_a_gateway_killed_mid_store_finishes_the_work_when_it_starts_again(
         broker, store, events, moment) -> None:
     capture_id = f"k-{moment}"
@@ -131,6 +131,16 @@ def test_a_gateway_killed_mid_store_finishes_the_work_when_it_starts_again(
     assert dicom.SOPClassUID == DERMOSCOPIC_PHOTOGRAPHY
     assert _leftovers(store) == []
     assert [e["capture_id"] for e in events.named("gateway.recovering")] == [capture_id]
+    # Every stored capture has its capture.stored event: logged here (by the device's retry,
+    # or by recovery when the kill may have cut it off) unless the killed gateway logged it
+    # and wrote its ledger.
+    stored = events.named("capture.stored")
+    if moment == "dicom":
+        assert stored == []
+    else:
+        assert [(e["capture_id"], e["sha256"], e.get("recovered", False)) for e in stored] \
+            == [(capture_id, hashlib.sha256(image).hexdigest(), moment != "commit")]
+        assert Path(stored[0]["path"]) == store / DEVICE / f"{capture_id}.jpg"
 
 
 def test_recovery_reads_only_the_journal_not_the_store(broker, store, events) -> None:
