@@ -28,6 +28,8 @@ class Observer:
 
     def __init__(self, broker) -> None:
         self.seen: queue.Queue[tuple[str, int | None]] = queue.Queue()
+        #: Each message's kind and the MQTT 5 properties it carried (name -> value).
+        self.properties: list[tuple[str, dict]] = []
         self.client = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
         subscribed = threading.Event()
         self.client.on_message = self._on_message
@@ -41,6 +43,8 @@ class Observer:
                     message: mqtt.MQTTMessage) -> None:
         kind = message.topic.rsplit("/", 1)[1]
         index = decode_chunk(message.payload).index if kind == "chunk" else None
+        props = message.properties.json() if message.properties is not None else {}
+        self.properties.append((kind, props))
         self.seen.put((kind, index))
 
     def take(self, count: int, timeout: float = 20) -> list[tuple[str, int | None]]:
@@ -74,6 +78,26 @@ def test_chunks_go_out_before_the_manifest_is_answered(broker, outbox, observer)
     assert got[0] == ("manifest", None)
     assert sorted(got[1:]) == [("chunk", i) for i in range(5)]
     assert outbox.depth() == 1  # and nothing is taken for delivered without an answer
+
+
+def test_chunks_carry_no_mqtt5_properties_and_manifest_and_final_their_hints(
+    broker, gateway, outbox, store, events, observer
+) -> None:
+    """Properties cost paho a copy of the payload each on the way in: chunks carry none
+    (docs/protocol.md 3.5); manifest and final keep their hints and correlation."""
+    items = [put(outbox, 1, size=40_000)]
+    up = Uplink(uplink_config(broker, chunk_size=8192), DEVICE, outbox, "test-1.0")
+    with up:
+        assert up.wait_idle(30)
+    assert_each_stored_once(store, events, items)
+    seen = observer.properties
+    assert [kind for kind, _ in seen].count("chunk") == 5
+    assert all(props == {} for kind, props in seen if kind == "chunk"), seen
+    for kind in ("manifest", "final"):
+        (props,) = [props for k, props in seen if k == kind]
+        assert [tuple(pair) for pair in props["UserProperty"]] == [("v", "1"), ("kind", kind)]
+        assert props["MessageExpiryInterval"] >= 60
+        assert bytes.fromhex(props["CorrelationData"]).startswith(b"cap-1:")  # json() hexes it
 
 
 def test_chunks_sent_before_the_answer_are_stored_by_the_gateway(

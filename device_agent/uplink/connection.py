@@ -134,6 +134,9 @@ class Connection:
         self._early: OrderedDict[int, None] = OrderedDict()
         #: Most QoS 1 messages ever awaiting PUBACK at once (the window, checked by tests).
         self.peak_in_flight = 0
+        # While the sender waits for the window to drain: the count it waits for. PUBACKs
+        # above it wake nobody (a wake-up per PUBACK is a thread switch per chunk).
+        self._window_low: int | None = None
         self._close = threading.Event()  # end the connection (after stop's goodbye)
         self._connect_timeout = connect_timeout
         self._client: mqtt.Client | None = None
@@ -466,19 +469,23 @@ class Connection:
                 self._early[mid] = None
                 while len(self._early) > 1024:
                     self._early.popitem(last=False)
-            self.cond.notify_all()
+            if self._window_low is None or len(self._inflight) <= self._window_low:
+                self.cond.notify_all()
 
     # ------------------------------------------------------------------------- publishing
 
     def publish(self, topic: str, payload: bytes, *, retain: bool = False,
                 kind: str = "", correlation: bytes | None = None) -> mqtt.MQTTMessageInfo | None:
         props = None
-        if self.mqtt5:
+        # Chunks carry no MQTT 5 properties: at ~80 chunks a capture, paho building and
+        # parsing them (and copying the payload once per property it strips) was the
+        # largest cost per chunk on both sides. They are hints only (docs/protocol.md 3.5),
+        # and neither side keeps a broker session that could hold stale chunks.
+        if self.mqtt5 and kind != "chunk":
             props = Properties(PacketTypes.PUBLISH)
             if kind:
                 props.UserProperty = [("v", "1"), ("kind", kind)]
-                # Stale chunks are worthless once the device has moved on; let the broker
-                # drop them rather than flood a gateway that comes back after days.
+                # A stale manifest or final is worthless once the device has moved on.
                 props.MessageExpiryInterval = int(max(60, self.config.ack_timeout * 10))
             if correlation is not None:
                 props.CorrelationData = correlation
@@ -539,9 +546,15 @@ class Connection:
             if len(self._inflight) < window:
                 return True
         low = window // 2
-        return self.wait(lambda: len(self._inflight) <= low
-                         or (interrupt is not None and interrupt()),
-                         self.config.ack_timeout, generation)
+        with self.cond:
+            self._window_low = low
+        try:
+            return self.wait(lambda: len(self._inflight) <= low
+                             or (interrupt is not None and interrupt()),
+                             self.config.ack_timeout, generation)
+        finally:
+            with self.cond:
+                self._window_low = None
 
     def expect_acks(self, capture_id: str | None, sha256: str = "") -> None:
         """Acks about this transfer (capture id, SHA-256 hex) are taken from now on; None:

@@ -53,6 +53,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from dermascope_wire import threads
 from dermascope_wire.durable import fsync_dir, write_atomic
 from dermascope_wire.logs import log_event
 
@@ -118,8 +119,12 @@ class Outbox:
         self._unannounced: set[str] = set()
         self._held: set[str] = set()
         self._next_seq = 1
-        # Removals of delivered entries still freeing their files (``remove``).
-        self._unlinking: list[threading.Thread] = []
+        # Files of delivered entries still to be freed (``remove``), by one thread that
+        # lives while there is work: a thread started per removal waits to be scheduled
+        # in Thread.start, which on a busy device held up the next transfer by milliseconds.
+        self._to_unlink: list[tuple[Path, str]] = []
+        self._unlinked = threading.Condition(self._lock)
+        self._unlinker: threading.Thread | None = None
         for d in (self.root, self._tmp, self._groups, self._announced, self._quarantine):
             d.mkdir(parents=True, exist_ok=True)
         self._recover()
@@ -445,21 +450,30 @@ class Outbox:
                 entry.path.unlink(missing_ok=True)
                 fsync_dir(self.root)
                 return
-            self._unlinking = [t for t in self._unlinking if t.is_alive()]
-            unlink = threading.Thread(target=_unlink, args=(entry.path, capture_id),
-                                      name="outbox-unlink")
-            self._unlinking.append(unlink)
-            unlink.start()
+            self._to_unlink.append((entry.path, capture_id))
+            if self._unlinker is None or not self._unlinker.is_alive():
+                self._unlinker = threads.start("outbox-unlink", self._unlink_loop, log)
+            self._unlinked.notify_all()
+
+    def _unlink_loop(self) -> None:
+        """Free the files of delivered entries; ends after a while with nothing to do
+        (``remove`` starts it again), so an idle outbox holds no thread."""
+        while True:
+            with self._lock:
+                if not self._unlinked.wait_for(lambda: self._to_unlink, _UNLINKER_IDLE_S):
+                    self._unlinker = None
+                    return
+                path, capture_id = self._to_unlink[0]
+            _unlink(path, capture_id)
+            with self._lock:
+                self._to_unlink.pop(0)
+                self._unlinked.notify_all()
 
     def settle(self, timeout: float) -> bool:
         """Wait (bounded) until the files of removed entries are unlinked; False if some
         still are not after ``timeout`` seconds."""
-        deadline = time.monotonic() + timeout
         with self._lock:
-            pending = list(self._unlinking)
-        for unlink in pending:
-            unlink.join(max(0.0, deadline - time.monotonic()))
-        return not any(t.is_alive() for t in pending)
+            return self._unlinked.wait_for(lambda: not self._to_unlink, timeout)
 
     def _forget(self, capture_id: str) -> OutboxEntry | None:
         self._seq.pop(capture_id, None)
@@ -514,6 +528,10 @@ class Outbox:
             return
         log_event(log, "outbox.quarantined", level=logging.ERROR, capture_id=capture_id,
                   reason=reason, path=str(target))
+
+
+#: How long the unlinking thread waits for more work before it ends.
+_UNLINKER_IDLE_S = 10.0
 
 
 def _unlink(path: Path, capture_id: str) -> None:
