@@ -75,7 +75,7 @@ import traceback
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import paho.mqtt.client as mqtt
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
@@ -290,6 +290,14 @@ class _Staging:
         self._data_fd = self._log_fd = None
 
 
+class _Journaled(NamedTuple):
+    """A journal entry as written: its transfer's SHA-256 and the file's inode (the same
+    inode at the final means no other receiver replaced it meanwhile)."""
+
+    sha256: str
+    inode: int
+
+
 class Gateway:
     #: The exporter process's command line (``--store DIR`` follows; see exporter.py).
     exporter_command: tuple[str, ...] = (sys.executable, "-m", "clinic_gateway.exporter")
@@ -352,7 +360,7 @@ class Gateway:
         self._io: concurrent.futures.ThreadPoolExecutor | None = None
         # Journal entries being written for transfers that started (``_journal``): the
         # transfer's SHA-256 once the entry is durable. Touched only from paho's thread.
-        self._journaling: dict[tuple[str, str], concurrent.futures.Future[str]] = {}
+        self._journaling: dict[tuple[str, str], concurrent.futures.Future[_Journaled | None]] = {}
         self._later_thread: threading.Thread | None = None
         # Audit lines of the message path, written in order on a thread of their own
         # (``_audit_later``): the ack does not wait for the audit log's fsync.
@@ -877,18 +885,18 @@ class Gateway:
             self._write_journal, device_id, capture_id, m.sha256, m.size, True)
 
     def _write_journal(self, device_id: str, capture_id: str, sha256: str, size: int,
-                       at_manifest: bool = False) -> str:
+                       at_manifest: bool = False) -> _Journaled | None:
         pending = self._pending_path(device_id, capture_id)
         if at_manifest and self._image_path(device_id, capture_id).exists():
             # Committed meanwhile by another receiver of the group, which journaled its own
             # work (an entry now would outlive that work until the next start).
-            return ""
+            return None
         make_dirs(pending.parent)
         record = {"capture_id": capture_id, "device_id": device_id, "transfer_sha256": sha256,
                   "size": size, "image": self._image_path(device_id, capture_id).name,
                   "host": _HOST, "pid": os.getpid()}
         write_atomic(pending, json.dumps(record).encode(), mode=FILE_MODE)
-        return sha256
+        return _Journaled(sha256, os.stat(pending).st_ino)
 
     def _journal_durable(self, device_id: str, capture_id: str, m: Manifest) -> Path:
         """The journal entry of this transfer, durable, before the capture is committed:
@@ -899,10 +907,16 @@ class Gateway:
         wrote = False
         if journaling is not None:
             try:
-                wrote = journaling.result() == m.sha256
+                ours = journaling.result()
             except OSError as err:
                 log_event(log, "gateway.journal_failed", level=logging.WARNING,
                           device_id=device_id, capture_id=capture_id, error=str(err))
+                ours = None
+            if ours is not None and ours.sha256 == m.sha256:
+                wrote = True
+                with contextlib.suppress(OSError):
+                    if os.stat(pending).st_ino == ours.inode:
+                        return pending  # the very file we wrote and synced: no need to read it
         try:
             entry = json.loads(pending.read_bytes())
             same = isinstance(entry, dict) and entry.get("transfer_sha256") == m.sha256

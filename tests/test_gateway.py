@@ -8,6 +8,7 @@ import os
 import queue
 import signal
 import stat
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -206,6 +207,30 @@ def test_a_transfer_is_journaled_before_its_commit_and_its_entry_goes_with_its_w
     assert ledger["transfer_sha256"] == hashlib.sha256(data).hexdigest()
     image = (store / DEVICE / "j1.jpg").read_bytes()
     assert ledger["image_sha256"] == hashlib.sha256(image).hexdigest()
+
+
+def test_a_journal_entry_replaced_after_the_manifest_is_written_again_at_the_final(
+        gateway, device, store, events) -> None:
+    """The final trusts the entry its manifest wrote only while it is that very file (the
+    same inode): one another receiver wrote over meanwhile, for another transfer of the
+    same id, is written again for this one before the commit. (Guards the final's shortcut
+    past reading the entry; the read it replaces checked the same.)"""
+    _, _, data = payload(3000)
+    entry = store / ".gateway" / "pending" / DEVICE / "j2.json"
+    at_store: list[dict] = []
+    events.on("capture.stored", lambda _: at_store.append(json.loads(entry.read_text())))
+    assert device.manifest("j2", data).state == "incomplete"
+    deadline = time.monotonic() + 10
+    while not entry.exists():
+        assert time.monotonic() < deadline, "the manifest's journal entry was not written"
+        time.sleep(0.01)
+    other = {**json.loads(entry.read_text()), "transfer_sha256": "0" * 64}
+    replacement = entry.with_name(".j2.json.other.tmp")
+    replacement.write_text(json.dumps(other))
+    replacement.replace(entry)  # another receiver's atomic write: a new inode
+    device.chunks("j2", data)
+    assert device.final("j2", data).state == "committed"
+    assert [e["transfer_sha256"] for e in at_store] == [hashlib.sha256(data).hexdigest()]
 
 
 def test_bundle_naming_another_capture_is_rejected(gateway, device, store) -> None:
