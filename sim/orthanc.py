@@ -55,6 +55,15 @@ def find_orthanc() -> tuple[str, str] | None:
     return binary, plugin
 
 
+def reap(proc: subprocess.Popen, timeout: float = 20.0) -> None:
+    """Wait (at most ``timeout``, then SIGKILL) until a stopping Orthanc has exited."""
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(10)
+
+
 class PrivateOrthanc:
     def __init__(self, workdir: Path, lua: str | None = None, reopen: bool = False,
                  tls: TestCA | None = None) -> None:
@@ -165,18 +174,22 @@ class PrivateOrthanc:
                                        f"{self.workdir / 'orthanc.log'}") from None
                 time.sleep(0.05)
 
-    def stop(self, timeout: float = 20.0) -> None:
+    def stop(self, timeout: float = 20.0, *, wait: bool = True) -> subprocess.Popen | None:
+        """SIGTERM, then wait (at most ``timeout``, then SIGKILL) until Orthanc has exited:
+        about 3.5 s, its HTTP and DICOM servers poll for the stop. ``wait=False`` returns the
+        exiting process instead, for a caller that reaps it later (``reap``)."""
         proc, self.proc = self.proc, None
+        exiting = None
         if proc is not None and proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(10)
+            if wait:
+                reap(proc, timeout)
+            else:
+                exiting = proc
         if self._log is not None:
-            self._log.close()
+            self._log.close()  # Orthanc writes on through its own copy
             self._log = None
+        return exiting
 
     def __enter__(self) -> PrivateOrthanc:
         self.start()
