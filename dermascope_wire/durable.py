@@ -7,12 +7,43 @@ that must survive a crash (provisioning, calibration) and by the clinic's gatewa
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any, TypeVar
+
+T = TypeVar("T")
 
 #: Every temporary file of ``write_atomic`` ends so.
 TEMP_SUFFIX = ".tmp"
+
+
+class StateFileError(ValueError):
+    """A state file that is there but cannot be used (the message names the file)."""
+
+    def __init__(self, message: str, *, malformed: bool) -> None:
+        super().__init__(message)
+        #: Readable, but not what it should hold (as opposed to unreadable).
+        self.malformed = malformed
+
+
+def read_state(path: Path, parse: Callable[[Any], T]) -> T | None:
+    """A JSON state file (as ``write_atomic`` leaves it) made into what ``parse`` builds
+    from its JSON; None when there is no such file yet. StateFileError, naming the file,
+    when it cannot be read, is not JSON, or ``parse`` refuses it (KeyError, TypeError or
+    ValueError)."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return None
+    except OSError as err:
+        raise StateFileError(f"{path}: cannot read: {err.strerror}", malformed=False) from None
+    try:
+        return parse(json.loads(text))
+    except (KeyError, TypeError, ValueError) as err:
+        raise StateFileError(f"{path}: malformed ({err})", malformed=True) from None
 
 
 def fsync_dir(path: Path) -> None:

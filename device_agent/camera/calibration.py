@@ -33,7 +33,7 @@ from typing import Any
 import cv2
 import numpy as np
 
-from dermascope_wire.durable import write_atomic
+from dermascope_wire.durable import StateFileError, read_state, write_atomic
 from device_agent.camera.colour import (
     chart_patch_centres,
     chart_patch_size,
@@ -460,15 +460,9 @@ def calibration_path(state_dir: Path) -> Path:
 def load_calibration(path: Path) -> Calibration | None:
     """The stored calibration, None if the device was never calibrated."""
     try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        return None
-    except OSError as err:
-        raise CalibrationError(f"{path}: cannot read: {err.strerror}") from None
-    try:
-        return Calibration.from_dict(json.loads(text))
-    except ValueError as err:
-        raise CalibrationError(f"{path}: {err}") from None
+        return read_state(path, Calibration.from_dict)
+    except StateFileError as err:
+        raise CalibrationError(str(err)) from None
 
 
 def save_calibration(calibration: Calibration, path: Path) -> None:

@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from dermascope_wire.durable import write_atomic
+from dermascope_wire.durable import StateFileError, read_state, write_atomic
 from dermascope_wire.logs import log_event
 from device_agent.camera.base import Camera, CameraError, Frame, FrameTimeout
 
@@ -86,16 +86,11 @@ class ExposureLock:
 def load_lock(path: Path) -> ExposureLock | None:
     """The stored lock, None when there is none yet."""
     try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        return None
-    except OSError as err:
-        raise CameraError(f"camera.lock_file {path}: cannot read: {err.strerror}") from None
-    try:
-        return ExposureLock.from_dict(json.loads(text))
-    except (KeyError, TypeError, ValueError) as err:
-        raise CameraError(f"camera.lock_file {path}: malformed ({err}); delete it to settle "
-                          "and store a new lock, then recalibrate both modes") from None
+        return read_state(path, ExposureLock.from_dict)
+    except StateFileError as err:
+        advice = ("; delete it to settle and store a new lock, then recalibrate both modes"
+                  if err.malformed else "")
+        raise CameraError(f"camera.lock_file {err}{advice}") from None
 
 
 def save_lock(lock: ExposureLock, path: Path) -> None:
