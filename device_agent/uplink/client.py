@@ -170,6 +170,9 @@ class Uplink:
         deadline = time.monotonic() + timeout
         if self._sender is not None:
             self._sender.join(max(0.1, deadline - time.monotonic()))
+        # Delivered entries' files are freed on a daemon thread: done before the process
+        # may exit, or they come back at the next start and go again (answered "committed").
+        self.outbox.settle(max(0.1, deadline - time.monotonic()))
         conn.close(deadline)
         self._sender = None
         log_event(log, "uplink.stopped", device_id=self.device_id)
