@@ -18,7 +18,7 @@ from device_agent.config import Config, parse_config
 from device_agent.uplink.client import Uplink
 from device_agent.uplink.outbox import Outbox
 from sim.board import SimBoard
-from sim.camera import SimCamera
+from sim.camera import open_backend
 
 
 def sim_config(state_dir: Path, port: int, device_id: str = "sim-0001", **sections: dict) -> Config:
@@ -51,10 +51,9 @@ class SimDevice:
     def __init__(self, config: Config, *, with_uplink: bool = True) -> None:
         self.config = config
         self.board = SimBoard(config.pins)
-        cam = config.camera
-        self.camera = SimCamera(cam.width, cam.height, cam.fps, seed=config.sim.seed,
-                                defect=config.sim.defect, severity=config.sim.severity,
-                                autofocus=config.sim.autofocus)
+        # The camera the config describes, as `device-agent run` opens it (its [camera] and
+        # [sim] settings: streams, format, start delay, render width).
+        self.camera = open_backend(config.camera, config.sim)
         self.outbox = Outbox(config.outbox_dir, int(config.outbox.quota_mb * 1024 * 1024))
         self.uplink = (
             Uplink(config.uplink, config.device.id, self.outbox, __version__)

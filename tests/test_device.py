@@ -244,3 +244,17 @@ def test_an_idle_device_sleeps_and_the_next_press_only_wakes_it(tmp_path, events
         assert board.pin(board.pins.ring_polarised).state > 0
         device.show(None)
         assert device.press().verdict == "accept"
+
+
+def test_the_simulated_device_opens_the_camera_its_config_describes(tmp_path: Path) -> None:
+    """SimDevice opens its camera as `device-agent run` does, so a test or the demo that
+    sets [camera] or [sim] (streams, format, start delay) gets that camera."""
+    config = sim_config(tmp_path / "state", 1, camera={"lores_width": 320,
+                                                       "main_format": "YUV420"},
+                        sim={"start_delay_s": 0.2})
+    device = SimDevice(config, with_uplink=False)
+    camera = device.camera
+    assert camera.lores_size is not None
+    assert camera.lores_size[0] == 320
+    assert camera.main_format == "YUV420"
+    assert camera.start_delay == 0.2

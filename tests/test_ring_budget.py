@@ -207,9 +207,7 @@ def test_an_agent_with_a_compact_ring_gives_the_verdicts_of_a_bgr_one(tmp_path, 
         config = sim_config(tmp_path / fmt, free_port(),
                             camera={"main_format": fmt, "lores_width": 508})
         device = SimDevice(config, with_uplink=False)
-        # SimDevice makes its camera without these two (sim.camera.open_backend passes them).
-        device.camera.main_format = fmt
-        device.camera.lores_size = lores_size(1014, 760, 508)
+        assert device.camera.lores_size == lores_size(1014, 760, 508)  # as configured
         with device:
             device.show(defect)
             outcome = device.press()
