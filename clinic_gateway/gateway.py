@@ -895,8 +895,8 @@ class Gateway:
         record = {"capture_id": capture_id, "device_id": device_id, "transfer_sha256": sha256,
                   "size": size, "image": self._image_path(device_id, capture_id).name,
                   "host": _HOST, "pid": os.getpid()}
-        write_atomic(pending, json.dumps(record).encode(), mode=FILE_MODE)
-        return _Journaled(sha256, os.stat(pending).st_ino)
+        return _Journaled(sha256, write_atomic(pending, json.dumps(record).encode(),
+                                               mode=FILE_MODE))
 
     def _journal_durable(self, device_id: str, capture_id: str, m: Manifest) -> Path:
         """The journal entry of this transfer, durable, before the capture is committed:

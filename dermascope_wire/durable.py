@@ -73,17 +73,20 @@ def make_dirs(path: Path, mode: int = 0o750) -> None:
 
 
 def write_atomic(path: Path, data: bytes, *, mode: int = 0o600, durable: bool = True,
-                 sync_dir: bool | None = None) -> None:
+                 sync_dir: bool | None = None) -> int:
     """Replace ``path`` with ``data`` atomically; ``mode`` applies from the first byte, so
     the file is never readable by others, not even for a moment. ``durable=False`` skips
     the fsyncs for files that are worthless after a power cut anyway; ``sync_dir=False``
     leaves the folder's fsync to the caller, who may make several files durable with one.
+    Returns the new file's inode (taken before it is in place: a later ``stat`` of ``path``
+    with the same inode is this very file, not one that replaced it meanwhile).
 
     The temporary file is ``.<name>.<random>.tmp`` (the random part has no dot), so what a
     crash left behind is recognisable by name, and told apart from other files' leftovers."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TEMP_SUFFIX)
     try:
         os.fchmod(fd, mode)
+        inode = os.fstat(fd).st_ino
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             if durable:
@@ -95,3 +98,4 @@ def write_atomic(path: Path, data: bytes, *, mode: int = 0o600, durable: bool = 
         raise
     if durable if sync_dir is None else sync_dir:
         fsync_dir(path.parent)
+    return inode

@@ -91,13 +91,18 @@ def test_chunks_carry_no_mqtt5_properties_and_manifest_and_final_their_hints(
         assert up.wait_idle(30)
     assert_each_stored_once(store, events, items)
     seen = observer.properties
-    assert [kind for kind, _ in seen].count("chunk") == 5
+    # (At least 5 chunks: one taken before the manifest's staging opened goes again.)
+    assert [kind for kind, _ in seen].count("chunk") >= 5
     assert all(props == {} for kind, props in seen if kind == "chunk"), seen
     for kind in ("manifest", "final"):
-        (props,) = [props for k, props in seen if k == kind]
-        assert [tuple(pair) for pair in props["UserProperty"]] == [("v", "1"), ("kind", kind)]
-        assert props["MessageExpiryInterval"] >= 60
-        assert bytes.fromhex(props["CorrelationData"]).startswith(b"cap-1:")  # json() hexes it
+        sent = [props for k, props in seen if k == kind]
+        assert sent
+        for props in sent:
+            pairs = [tuple(pair) for pair in props["UserProperty"]]
+            assert pairs == [("v", "1"), ("kind", kind)]
+            assert props["MessageExpiryInterval"] >= 60
+            # json() gives the correlation data in hex
+            assert bytes.fromhex(props["CorrelationData"]).startswith(b"cap-1:")
 
 
 def test_chunks_sent_before_the_answer_are_stored_by_the_gateway(

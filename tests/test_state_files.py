@@ -19,8 +19,9 @@ def _pair(data: object) -> tuple[int, int]:
 def test_a_state_file_reads_back_what_was_written(tmp_path: Path) -> None:
     path = tmp_path / "state.json"
     assert read_state(path, _pair) is None  # none yet
-    write_atomic(path, b'{"pair": [1, 2]}')
+    inode = write_atomic(path, b'{"pair": [1, 2]}')
     assert read_state(path, _pair) == (1, 2)
+    assert path.stat().st_ino == inode  # the file it wrote (the gateway's journal checks so)
 
 
 @pytest.mark.parametrize(("content", "malformed", "says"), [
